@@ -1,0 +1,136 @@
+"""The seam that makes edgellm heterogeneous: every device answers these ops for a flat batch.
+
+Model code calls only these methods and never asks which device it runs on. A new device is a new
+``Backend`` subclass (plus its kernels) registered in ``registry.py``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Capabilities:
+    name: str
+    device: str
+    dtypes: tuple[torch.dtype, ...]
+    default_dtype: torch.dtype
+    kv_cache_bytes_available: int  # memory the KV cache may take without starving the rest
+    supports_graphs: bool = False
+    native_quant_formats: tuple[str, ...] = ()
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit in the paged KV cache; built once per step by the model runner.
+
+    Tokens of all sequences are laid out flat: sequence ``i`` owns query rows
+    ``query_start_loc[i]:query_start_loc[i+1]``; those are its *last* tokens, so its context after this
+    step is ``seq_lens[i]`` tokens long, found in the blocks listed in ``block_tables[i]``.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    block_size: int
+    max_query_len: int
+    max_seq_len: int
+    # host copies for kernels and loops that want Python ints
+    query_start_loc_list: list[int] = field(default_factory=list)
+    seq_lens_list: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class Backend(ABC):
+    """A torch device plus the ops the models need. Subclasses override what they do faster."""
+
+    name = "base"
+
+    def __init__(self, device: str | torch.device = "cpu", threads: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.threads = threads
+
+    # -- identity and capability --------------------------------------------------------------
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    def resolve_dtype(self, dtype: str | torch.dtype) -> torch.dtype:
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        if dtype in (None, "auto"):
+            return self.capabilities().default_dtype
+        table = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+        if dtype not in table:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(sorted(table))}")
+        return table[dtype]
+
+    # -- weights ------------------------------------------------------------------------------
+    def prepare_weight(self, weight: Any, dtype: torch.dtype) -> Any:
+        """Place a weight on the device once at load, in the layout this backend's kernels want."""
+        if isinstance(weight, torch.Tensor):
+            return weight.to(self.device, dtype)
+        return weight
+
+    # -- ops ----------------------------------------------------------------------------------
+    @abstractmethod
+    def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    @abstractmethod
+    def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor: ...
+
+    @abstractmethod
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(norm(x + residual), x + residual)``; with no residual, ``(norm(x), x)``."""
+
+    @abstractmethod
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` (half-split/NeoX layout) by ``cos_sin[pos]``."""
+
+    @abstractmethod
+    def act_and_mul(self, x: torch.Tensor, act: str = "silu") -> torch.Tensor:
+        """``act(x[..., :d]) * x[..., d:]`` for ``x[..., 2d]``."""
+
+    @abstractmethod
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                  meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                  soft_cap: float | None = None) -> torch.Tensor:
+        """Write this step's ``k, v [T, Hkv, D]`` into ``kv_cache`` and attend ``q [T, H, D]`` over
+        each sequence's whole context, read in place through its block table. Returns ``[T, H, D]``."""
+
+    # -- KV cache -----------------------------------------------------------------------------
+    def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                          head_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """One tensor per layer, ``[2, num_blocks, num_kv_heads, block_size, head_dim]``."""
+        return [torch.zeros(2, num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype,
+                            device=self.device) for _ in range(num_layers)]
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: copy block ``src`` to ``dst`` in every layer."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for cache in kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype
+
+    def synchronize(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Compute kernels: pure functions on tensors, no engine types."""

@@ -1,0 +1,1 @@
+"""CPU kernels (Numba and torch ops)."""

@@ -1,0 +1,108 @@
+"""Plain configuration data: the model's shape and the engine's knobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """The architecture facts the model code needs, independent of the file format they came from."""
+
+    architecture: str  # family key in edgellm.models.MODEL_REGISTRY, e.g. "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> "ModelConfig":
+        """Build from a transformers ``PretrainedConfig`` (LlamaConfig, MistralConfig, Qwen2Config...)."""
+        arch = (getattr(hf, "architectures", None) or [hf.model_type])[0]
+        num_heads = hf.num_attention_heads
+        eos = hf.eos_token_id
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        model_type = hf.model_type
+        attention_bias = bool(getattr(hf, "attention_bias", False)) or model_type == "qwen2"
+        sliding = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+        rope_scaling = getattr(hf, "rope_scaling", None)
+        rope_theta = getattr(hf, "rope_theta", None)
+        rope_params = getattr(hf, "rope_parameters", None)  # transformers >= 5 folds theta in here
+        if isinstance(rope_params, dict):
+            rope_theta = rope_params.get("rope_theta", rope_theta)
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = dict(rope_params)
+        if isinstance(rope_scaling, dict) and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
+            None,
+            "default",
+        ):
+            rope_scaling = None
+        return cls(
+            architecture=_family_of(arch, model_type),
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+            rms_norm_eps=getattr(hf, "rms_norm_eps", 1e-5),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=getattr(hf, "max_position_embeddings", 4096),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            hidden_act=getattr(hf, "hidden_act", "silu"),
+            sliding_window=sliding,
+            bos_token_id=getattr(hf, "bos_token_id", None),
+            eos_token_ids=eos_ids,
+        )
+
+
+_FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "smollm": "llama",
+}
+
+
+def _family_of(arch: str, model_type: str) -> str:
+    family = _FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"unsupported architecture {arch!r} (model_type {model_type!r}); "
+            f"supported model types: {', '.join(sorted(_FAMILIES))}"
+        )
+    return family
+
+
+@dataclass
+class EngineConfig:
+    """Knobs for one engine instance; every field has a default a laptop user can live with."""
+
+    model: str = "smollm2-135m-instruct"
+    device: str = "auto"  # auto | cpu | cuda | rocm | xpu | torch (generic reference)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    weights: str = "auto"  # auto (as stored) | dequantize (GGUF tensors to dense)
+    block_size: int = 16
+    kv_cache_memory: int | float | None = None  # bytes, or a fraction of free memory
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    threads: int | None = None
+    seed: int = 0

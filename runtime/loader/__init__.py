@@ -1,0 +1,1 @@
+"""Weight and tokenizer loading: safetensors folders and GGUF files."""

@@ -1,0 +1,1 @@
+"""OpenAI- and Ollama-compatible HTTP server on AsyncLLM."""
