@@ -1,0 +1,150 @@
+"""``AsyncLLM``: the engine on a background thread, served to asyncio code.
+
+The engine steps on its own thread (torch releases the GIL inside kernels), so the event loop stays
+free for HTTP and streaming. Requests and aborts are handed over through a queue drained before every
+step; outputs come back to each request's ``asyncio.Queue``.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from edgellm.engine import LLMEngine
+from edgellm.llm import engine_config
+from edgellm.outputs import RequestOutput
+from edgellm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLM:
+    """Serve many concurrent requests from asyncio.
+
+    >>> engine = AsyncLLM("smollm2-135m-instruct")                       # doctest: +SKIP
+    >>> async for out in engine.generate("Hello", SamplingParams(max_tokens=8), request_id="r1"):
+    ...     print(out.outputs[0].delta_text, end="")                      # doctest: +SKIP
+    """
+
+    def __init__(self, model: str = "smollm2-135m-instruct", engine: LLMEngine | None = None,
+                 **engine_options: Any) -> None:
+        self.engine = engine or LLMEngine(engine_config(model, **engine_options))
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="edgellm-engine", daemon=True)
+        self._thread.start()
+
+    # -- facts for the server ----------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self):
+        return self.engine.stats()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # -- requests ----------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative ``RequestOutput``s (with this step's deltas) until the request finishes.
+
+        Invalid input raises ``ValueError`` before anything is queued. Leaving the loop early (a
+        client that went away, a cancelled task) aborts the request and frees its KV blocks.
+        """
+        if self._stopped:
+            raise EngineDeadError("the engine is shut down")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = self.engine.make_request(rid, prompt, params or SamplingParams(), priority)
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
+        self._inbox.put(("add", req))
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self._inbox.put(("abort", rid))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopped = True
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _deliver(self, rid: str, item: Any) -> None:
+        target = self._streams.get(rid)
+        if target is None:
+            return
+        loop, q = target
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._inbox.put(("abort", rid))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        while True:
+            try:
+                kind, arg = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                try:
+                    self.engine.add_request(arg.request_id, arg)
+                except Exception as exc:  # noqa: BLE001 - reported to that request alone
+                    self._deliver(arg.request_id, exc)
+            elif kind == "abort":
+                out = self.engine.abort_request(arg)
+                if out is not None:
+                    self._deliver(arg, out)
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self.engine.has_unfinished_requests()):
+                break
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - a bug must not take the server down silently
+                logger.exception("engine step failed; aborting the requests in flight")
+                for rid in list(self.engine.requests):
+                    self.engine.abort_request(rid)
+                    self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)

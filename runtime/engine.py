@@ -1,0 +1,304 @@
+"""The step loop: schedule -> run the model -> sample -> detokenize -> emit outputs.
+
+Owns no device code: the backend, model and runner do the tensor work. Not thread-safe; ``AsyncLLM``
+drives it from one thread.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from edgellm.backends import get_backend
+from edgellm.config import EngineConfig
+from edgellm.detokenizer import IncrementalDetokenizer
+from edgellm.kv_cache import BlockManager
+from edgellm.model_runner import ModelRunner
+from edgellm.models import MODEL_REGISTRY
+from edgellm.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob, Usage
+from edgellm.sampler import SampledToken, Sampler, SamplingRow
+from edgellm.sampling_params import SamplingParams
+from edgellm.scheduler import Scheduler, SchedulerOutput
+from edgellm.sequence import Request, Sequence
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 2 << 30
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the context; the message carries both numbers."""
+
+    def __init__(self, num_tokens: int, max_model_len: int) -> None:
+        self.num_tokens, self.max_model_len = num_tokens, max_model_len
+        super().__init__(
+            f"prompt is {num_tokens} tokens long, but this model's context is {max_model_len} tokens "
+            f"(and at least one token must be left to generate)"
+        )
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class LLMEngine:
+    """One model on one backend, serving many requests at once by continuous batching."""
+
+    def __init__(self, config: EngineConfig, loaded=None) -> None:
+        from edgellm.catalog import resolve_model
+        from edgellm.loader import load_model
+
+        self.config = config
+        t0 = time.perf_counter()
+        if loaded is None:
+            loaded = load_model(str(resolve_model(config.model)), dequantize=config.weights == "dequantize")
+        self.model_name = loaded.name
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.backend = get_backend(config.device, config.threads)
+        self.dtype = self.backend.resolve_dtype(config.dtype)
+        torch.manual_seed(config.seed)
+        self.model = MODEL_REGISTRY[mc.architecture](mc, self.backend, self.dtype)
+        self.model.load_weights(dict(loaded.weights))
+        loaded.weights.clear()
+        self.eos_token_ids = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.vocab_size = mc.vocab_size
+
+        bs = config.block_size
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        kv_dtype = self.backend.kv_cache_dtype(self.dtype)
+        bytes_per_block = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bs * kv_dtype.itemsize
+        num_blocks = self._kv_budget() // bytes_per_block
+        useful = config.max_num_seqs * -(-self.max_model_len // bs)
+        num_blocks = int(min(num_blocks, useful))
+        if num_blocks * bs < self.max_model_len:
+            logger.warning("KV cache holds %d tokens; limiting max_model_len from %d", num_blocks * bs,
+                           self.max_model_len)
+            self.max_model_len = num_blocks * bs
+        if num_blocks < 1:
+            raise ValueError("kv_cache_memory is too small for even one KV block")
+        self.kv_caches = self.backend.allocate_kv_cache(mc.num_layers, num_blocks, bs, mc.num_kv_heads,
+                                                        mc.head_dim, kv_dtype)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.backend, self.kv_caches, bs)
+        self.sampler = Sampler(self.vocab_size, sorted(self.eos_token_ids))
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("engine ready in %.2fs: %s on %s/%s, %d KV blocks of %d tokens (%.0f MiB)",
+                    time.perf_counter() - t0, self.model_name, self.backend.name, self.dtype, num_blocks,
+                    bs, num_blocks * bytes_per_block / 2**20)
+
+    def _kv_budget(self) -> int:
+        want = self.config.kv_cache_memory
+        avail = self.backend.capabilities().kv_cache_bytes_available
+        if want is None:
+            return int(min(0.3 * avail, DEFAULT_CPU_KV_BYTES)) if self.backend.device.type == "cpu" else int(
+                0.8 * avail)
+        if isinstance(want, float) and want <= 1.0:
+            return int(want * avail)
+        return int(want)
+
+    # -- requests ----------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                     priority: int = 0, arrival_time: float | None = None) -> Request:
+        """Validate and tokenize; raises ``ValueError`` (naming the problem) for bad input.
+
+        Thread-safe: touches no engine state, so callers may run it outside the engine thread.
+        """
+        from edgellm.tokenizer import encode_prompt
+
+        params = params or SamplingParams()
+        params.validate()
+        if isinstance(prompt, str):
+            text, ids = prompt, encode_prompt(self.tokenizer, prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(len(ids), self.max_model_len)
+        for tok in list(params.logit_bias or {}) + list(params.stop_token_ids):
+            if not 0 <= int(tok) < self.vocab_size:
+                raise ValueError(f"token id {tok} in logit_bias/stop_token_ids is outside [0, {self.vocab_size})")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return Request(request_id, text, ids, params,
+                       RequestMetrics(arrival_time or time.time()), priority=priority, max_tokens=max_tokens)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | Request,
+                    params: SamplingParams | None = None, priority: int = 0) -> Request:
+        req = prompt if isinstance(prompt, Request) else self.make_request(request_id, prompt, params, priority)
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        seq = self._new_seq(req, 0, list(req.prompt_token_ids))
+        req.seqs.append(seq)
+        self.requests[req.request_id] = req
+        self.scheduler.add(seq)
+        return req
+
+    def _new_seq(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        p = req.params
+        seq = Sequence(req, index, token_ids, len(req.prompt_token_ids))
+        if p.seed is not None:
+            seq.generator = torch.Generator().manual_seed(p.seed + index)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.skip_special_tokens,
+                                                 p.stop, p.include_stop_str_in_output)
+        if p.logprobs is not None:
+            seq.logprobs = []
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+                seq.delta_text, seq.delta_token_ids, seq.delta_logprobs = "", [], []
+        req.forked = True
+        req.metrics.finished_time = time.time()
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.time()
+        for s in sched.scheduled:
+            m = s.seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+            s.seq.delta_text, s.seq.delta_token_ids, s.seq.delta_logprobs = "", [], []
+        logits = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        touched = self._sample_and_append(sched, logits)
+        outputs = []
+        for req in touched:
+            if req.finished:
+                req.metrics.finished_time = time.time()
+                self.requests.pop(req.request_id, None)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _sample_and_append(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
+        seqs, rows, row_logits = [], [], []
+        for i, s in enumerate(x for x in sched.scheduled if x.samples):
+            seq, req = s.seq, s.seq.request
+            targets = [seq]
+            if req.params.n > 1 and not req.forked:
+                targets += self._fork(seq)
+            for t in targets:
+                seqs.append(t)
+                rows.append(SamplingRow(req.params, req.prompt_token_ids, t.output_token_ids, t.generator))
+                row_logits.append(i)
+        touched: dict[str, Request] = {}
+        if seqs:
+            if len(row_logits) != logits.shape[0]:  # n > 1 forks sample several rows from one
+                logits = logits[torch.tensor(row_logits)]
+            now = time.time()
+            for seq, tok in zip(seqs, self.sampler(logits, rows)):
+                self._append(seq, tok, now)
+                touched[seq.request.request_id] = seq.request
+        return list(touched.values())
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        req = parent.request
+        req.forked = True
+        children = []
+        for i in range(1, req.params.n):
+            child = self._new_seq(req, i, list(parent.token_ids))
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.block_manager.fork(parent, child)
+            self.scheduler.add_running(child)
+            req.seqs.append(child)
+            children.append(child)
+        return children
+
+    def _append(self, seq: Sequence, tok: SampledToken, now: float) -> None:
+        req, p = seq.request, seq.request.params
+        token = tok.token_id
+        seq.token_ids.append(token)
+        seq.delta_token_ids.append(token)
+        self.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+                self.prompt_tokens_total += len(req.prompt_token_ids)
+        seq.last_token_time = req.metrics.last_token_time = now
+        if seq.logprobs is not None and tok.logprob is not None:
+            text = seq.detokenizer.token_text
+            lp = TokenLogprob(token, text(token), tok.logprob, [(t, text(t), v) for t, v in tok.top])
+            seq.logprobs.append(lp)
+            seq.delta_logprobs.append(lp)
+
+        n_out = seq.num_output_tokens
+        reason, stop_reason = None, None
+        is_stop_token = n_out > p.min_tokens - 1 and (
+            (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids)
+        if is_stop_token:
+            reason, stop_reason = "stop", (token if token in p.stop_token_ids else None)
+        else:
+            delta, stop_str = seq.detokenizer.add_tokens([token])
+            seq.delta_text += delta
+            if stop_str is not None:
+                reason, stop_reason = "stop", stop_str
+        if reason is None and (n_out >= req.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if stop_reason is None or isinstance(stop_reason, int):
+                seq.delta_text += seq.detokenizer.flush()
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+        seq.text = seq.detokenizer.output_text
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index, text=s.detokenizer.output_text, token_ids=s.output_token_ids,
+                delta_text=s.delta_text, delta_token_ids=list(s.delta_token_ids),
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason, logprobs=s.logprobs,
+                delta_logprobs=list(s.delta_logprobs) if s.logprobs is not None else None,
+                first_token_time=s.first_token_time, last_token_time=s.last_token_time,
+            )
+            for s in sorted(req.seqs, key=lambda s: s.index)
+        ]
+        usage = Usage(len(req.prompt_token_ids), sum(s.num_output_tokens for s in req.seqs),
+                      req.num_cached_tokens)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, usage,
+                             replace(req.metrics))
+
+    def stats(self) -> EngineStats:
+        bm, sch = self.block_manager, self.scheduler
+        return EngineStats(
+            num_running=len(sch.running), num_waiting=len(sch.waiting), kv_cache_usage=bm.usage,
+            num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
+            num_preemptions=sch.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )

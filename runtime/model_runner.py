@@ -1,0 +1,82 @@
+"""Turns a scheduled batch into flat tensors, runs the model, and returns logits for the samplers."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgellm.backends.base import AttentionMetadata, Backend
+from edgellm.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
+
+
+class ModelRunner:
+    def __init__(self, model, backend: Backend, kv_caches: list[torch.Tensor], block_size: int) -> None:
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+
+    def prepare(self, sched: SchedulerOutput) -> ModelInput:
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts, slot_parts = [], []
+        qsl, seq_lens, logits_idx = [0], [], []
+        max_blocks = 0
+        for s in sched.scheduled:
+            seq, start = s.seq, s.seq.num_computed_tokens
+            end = start + s.num_tokens
+            ids.extend(seq.token_ids[start:end])
+            pos = np.arange(start, end, dtype=np.int64)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            qsl.append(qsl[-1] + s.num_tokens)
+            seq_lens.append(end)
+            max_blocks = max(max_blocks, len(seq.block_table))
+            if s.samples:
+                logits_idx.append(qsl[-1] - 1)
+        tables = np.zeros((len(seq_lens), max(max_blocks, 1)), dtype=np.int32)
+        for i, s in enumerate(sched.scheduled):
+            tables[i, : len(s.seq.block_table)] = s.seq.block_table
+        dev = self.backend.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(tables).to(dev),
+            block_size=bs,
+            max_query_len=max(s.num_tokens for s in sched.scheduled),
+            max_seq_len=max(seq_lens),
+            query_start_loc_list=qsl,
+            seq_lens_list=seq_lens,
+        )
+        return ModelInput(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.from_numpy(np.concatenate(pos_parts)).to(dev),
+            meta=meta,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=dev),
+        )
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run one step; return float32 logits ``[num_sampling_seqs, vocab]`` on the CPU."""
+        if sched.copies:
+            self.backend.copy_blocks(self.kv_caches, sched.copies)
+        inp = self.prepare(sched)
+        hidden = self.model.forward(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        if inp.logits_indices.numel() == 0:
+            return torch.empty(0, 0)
+        logits = self.model.compute_logits(hidden[inp.logits_indices])
+        return logits.float().cpu()

@@ -1,0 +1,103 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2, SmolLM2 (GQA, tied or untied embeddings, qkv bias).
+
+Written only against backend ops; the same code runs on every device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgellm.backends.base import AttentionMetadata, Backend
+from edgellm.config import ModelConfig
+from edgellm.models.rope import cos_sin_table
+from edgellm.quant import cat_rows
+
+
+@dataclass
+class LlamaLayer:
+    input_norm: torch.Tensor
+    qkv: Any
+    qkv_bias: torch.Tensor | None
+    o_proj: Any
+    post_norm: torch.Tensor
+    gate_up: Any
+    down: Any
+
+
+class LlamaForCausalLM:
+    def __init__(self, config: ModelConfig, backend: Backend, dtype: torch.dtype) -> None:
+        self.config = config
+        self.backend = backend
+        self.dtype = dtype
+        self.layers: list[LlamaLayer] = []
+        c = config
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+        self.scale = c.head_dim ** -0.5
+        self.cos_sin = cos_sin_table(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling,
+                                     backend.device)
+
+    def load_weights(self, weights: dict[str, Any]) -> None:
+        """Take HF-named weights, fuse q/k/v and gate/up, and let the backend place/repack them."""
+        c, b, dt = self.config, self.backend, self.dtype
+        take = weights.pop
+
+        def prep(w: Any) -> Any:
+            return b.prepare_weight(w, dt)
+
+        def norm(name: str) -> torch.Tensor:
+            return take(name).to(b.device, torch.float32)
+
+        embed = take("model.embed_tokens.weight")
+        lm_head = weights.pop("lm_head.weight", None)
+        if lm_head is None or c.tie_word_embeddings:
+            self.embed = self.lm_head = prep(embed)
+        else:
+            self.embed, self.lm_head = prep(embed), prep(lm_head)
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            bias = None
+            if c.attention_bias:
+                bias = torch.cat([take(a + f"{x}_proj.bias") for x in "qkv"]).to(b.device, dt)
+            self.layers.append(LlamaLayer(
+                input_norm=norm(p + "input_layernorm.weight"),
+                qkv=prep(cat_rows([take(a + f"{x}_proj.weight") for x in "qkv"])),
+                qkv_bias=bias,
+                o_proj=prep(take(a + "o_proj.weight")),
+                post_norm=norm(p + "post_attention_layernorm.weight"),
+                gate_up=prep(cat_rows([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])),
+                down=prep(take(p + "mlp.down_proj.weight")),
+            ))
+        self.norm = norm("model.norm.weight")
+        leftover = [k for k in weights if "rotary_emb" not in k]
+        if leftover:
+            raise ValueError(f"unexpected weights for a {c.architecture} model: {leftover[:5]}")
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        c, b = self.config, self.backend
+        t = input_ids.shape[0]
+        h = b.embedding(input_ids, self.embed, self.dtype)
+        residual = None
+        for layer, cache in zip(self.layers, kv_caches):
+            x, residual = b.rms_norm(h, layer.input_norm, c.rms_norm_eps, residual)
+            qkv = b.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.reshape(t, c.num_heads, c.head_dim)
+            k = k.reshape(t, c.num_kv_heads, c.head_dim)
+            v = v.reshape(t, c.num_kv_heads, c.head_dim)
+            q, k = b.rotary(q, k, positions, self.cos_sin)
+            o = b.attention(q, k, v, cache, meta, self.scale, c.sliding_window)
+            h = b.linear(o.reshape(t, self.q_size), layer.o_proj)
+            x, residual = b.rms_norm(h, layer.post_norm, c.rms_norm_eps, residual)
+            h = b.linear(b.act_and_mul(b.linear(x, layer.gate_up), c.hidden_act), layer.down)
+        h, _ = b.rms_norm(h, self.norm, c.rms_norm_eps, residual)
+        return h
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.backend.linear(hidden, self.lm_head).float()
