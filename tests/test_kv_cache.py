@@ -1,0 +1,84 @@
+from edgellm.kv_cache import BlockManager
+
+from tests.fakes import make_seq
+
+
+def test_allocate_and_free_returns_every_block():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = make_seq(10)
+    assert bm.allocate_cached_prefix(seq) == 0
+    assert bm.allocate_slots(seq, 10) == []
+    assert len(seq.block_table) == 3 and bm.num_free_blocks == 5
+    seq.num_computed_tokens = 10
+    assert bm.allocate_slots(seq, 1) == []  # fits in the third block
+    assert len(seq.block_table) == 3
+    bm.free_seq(seq)
+    assert bm.num_free_blocks == 8 and bm.usage == 0.0
+
+
+def test_allocation_failure_changes_nothing():
+    bm = BlockManager(num_blocks=2, block_size=4)
+    seq = make_seq(12)
+    assert bm.allocate_slots(seq, 12) is None
+    assert seq.block_table == [] and bm.num_free_blocks == 2
+
+
+def _compute(bm, seq):
+    bm.allocate_slots(seq, seq.num_tokens - seq.num_computed_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    bm.register_computed(seq)
+
+
+def test_prefix_reuse_after_free_and_lru_eviction():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a = make_seq(list(range(100, 110)))  # 2 full blocks + 2 tokens
+    _compute(bm, a)
+    bm.free_seq(a)
+    b = make_seq(list(range(100, 110)) + [7, 7])
+    hit = bm.allocate_cached_prefix(b)
+    assert hit == 8 and b.num_computed_tokens == 8
+    bm.record_prefix_lookup(b.num_tokens, hit)
+    assert bm.prefix_hits == 8
+    # a prompt that is entirely cached still leaves its last token to compute
+    c = make_seq(list(range(100, 108)))
+    assert bm.allocate_cached_prefix(c) == 4
+
+
+def test_hash_depends_on_everything_before_the_block():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    a = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    _compute(bm, a)
+    b = make_seq([0, 2, 3, 4, 5, 6, 7, 8, 9])  # same second block, different first
+    assert bm.allocate_cached_prefix(b) == 0
+
+
+def test_cached_blocks_are_evicted_only_when_needed():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    a = make_seq(list(range(9)))
+    _compute(bm, a)
+    bm.free_seq(a)
+    big = make_seq(list(range(50, 62)))  # needs all 3 blocks: evicts the cache
+    assert bm.allocate_cached_prefix(big) == 0
+    assert bm.allocate_slots(big, 12) == []
+    bm.free_seq(big)
+    again = make_seq(list(range(9)))
+    assert bm.allocate_cached_prefix(again) == 0
+
+
+def test_fork_shares_blocks_and_copies_on_write():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent = make_seq(6)
+    _compute(bm, parent)
+    child = make_seq(6)
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table
+    assert all(bm.blocks[b].ref_count == 2 for b in parent.block_table)
+    shared_last = parent.block_table[-1]
+    copies = bm.allocate_slots(child, 1)  # child writes into the shared, partly full block
+    assert copies == [(shared_last, child.block_table[-1])] and child.block_table[-1] != shared_last
+    assert bm.blocks[shared_last].ref_count == 1
+    assert bm.allocate_slots(parent, 1) == []  # parent now owns it alone: no copy
+    assert child.block_table[0] == parent.block_table[0]  # full blocks stay shared
+    bm.free_seq(parent)
+    bm.free_seq(child)
+    assert bm.num_free_blocks == 8

@@ -1,0 +1,118 @@
+import pytest
+
+from edgellm.kv_cache import BlockManager
+from edgellm.scheduler import Scheduler
+
+from tests.fakes import make_seq
+
+
+def run_step(sched: Scheduler):
+    out = sched.schedule()
+    sched.update_after_step(out)
+    for s in out.scheduled:
+        if s.samples:
+            s.seq.token_ids.append(1)  # the "model" samples token 1
+    return out
+
+
+def test_token_budget_chunks_long_prompts_and_mixes_decodes():
+    sched = Scheduler(BlockManager(64, 16), max_num_seqs=8, max_num_batched_tokens=100)
+    short = make_seq(10)
+    long = make_seq(250)
+    sched.add(short)
+    sched.add(long)
+    out = run_step(sched)
+    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(short, 10), (long, 90)]
+    assert [s.samples for s in out.scheduled] == [True, False]
+    out = run_step(sched)  # the short one decodes while the long one keeps prefilling
+    assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(short, 1), (long, 99)]
+    out = run_step(sched)
+    assert [(s.seq, s.num_tokens, s.samples) for s in out.scheduled] == [(short, 1, True), (long, 61, True)]
+    assert long.num_computed_tokens == 250 and long.num_output_tokens == 1
+
+
+def test_max_num_seqs_limits_running():
+    sched = Scheduler(BlockManager(64, 16), max_num_seqs=2, max_num_batched_tokens=1000)
+    seqs = [make_seq(5) for _ in range(4)]
+    for s in seqs:
+        sched.add(s)
+    out = run_step(sched)
+    assert len(out.scheduled) == 2 and len(sched.waiting) == 2
+
+
+def test_priority_orders_admission():
+    sched = Scheduler(BlockManager(64, 16), max_num_seqs=1, max_num_batched_tokens=1000)
+    low, high = make_seq(5, priority=5), make_seq(5, priority=-1)
+    sched.add(low)
+    sched.add(high)
+    out = run_step(sched)
+    assert out.scheduled[0].seq is high
+
+
+def test_preemption_by_recompute_loses_nothing():
+    # 6 blocks of 4 tokens; three sequences that each grow to 12 tokens cannot all fit at once
+    bm = BlockManager(6, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    seqs = [make_seq(6) for _ in range(3)]
+    for s in seqs:
+        sched.add(s)
+    preempted = 0
+    for _ in range(200):
+        if not sched.num_unfinished:
+            break
+        out = run_step(sched)
+        preempted += len(out.preempted)
+        for s in out.scheduled:
+            if s.seq.num_output_tokens >= 6 and s.seq.num_computed_tokens == s.seq.num_tokens - 1:
+                sched.finish(s.seq)
+        assert bm.num_free_blocks + sum(len(s.block_table) for s in sched.running) >= bm.num_free_blocks
+    assert sched.num_unfinished == 0
+    assert preempted > 0
+    assert all(s.num_output_tokens == 6 for s in seqs)
+    assert bm.num_free_blocks == 6
+
+
+def test_abort_frees_blocks_at_once():
+    bm = BlockManager(8, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    seq = make_seq(10)
+    sched.add(seq)
+    run_step(sched)
+    assert bm.num_free_blocks == 5
+    sched.finish(seq)
+    assert bm.num_free_blocks == 8 and not sched.running
+
+
+def test_waiting_sequence_that_cannot_fit_waits_without_leaking():
+    bm = BlockManager(4, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    a, b = make_seq(12), make_seq(12)
+    sched.add(a)
+    sched.add(b)
+    out = run_step(sched)
+    assert [s.seq for s in out.scheduled] == [a]
+    assert b.block_table == [] and b in sched.waiting
+    assert bm.num_free_blocks == 1
+
+
+@pytest.mark.parametrize("budget", [1, 7, 64])
+def test_every_token_is_computed_exactly_once(budget):
+    bm = BlockManager(32, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=budget)
+    seqs = [make_seq(n) for n in (3, 17, 30)]
+    for s in seqs:
+        sched.add(s)
+    computed = {s.seq_id: 0 for s in seqs}
+    while any(s.num_output_tokens == 0 for s in seqs):
+        out = sched.schedule()
+        assert out.num_tokens <= budget
+        for s in out.scheduled:
+            computed[s.seq.seq_id] += s.num_tokens
+        sched.update_after_step(out)
+        for s in out.scheduled:
+            if s.samples:
+                s.seq.token_ids.append(1)
+                sched.finish(s.seq)
+    # the 17- and 30-token prompts share their first 16 tokens: later ones reuse cached blocks
+    assert computed == {s.seq_id: s.num_prompt_tokens - s.num_cached_tokens for s in seqs}
+    assert sum(s.num_cached_tokens for s in seqs) > 0 or budget == 64
