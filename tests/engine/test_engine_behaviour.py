@@ -1,0 +1,96 @@
+"""Continuous batching, prefix caching, chunked prefill and preemption on the real model."""
+from __future__ import annotations
+
+import pytest
+
+from edgellm import LLM, SamplingParams
+from edgellm.engine import PromptTooLongError
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def _text(n: int) -> str:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    return " ".join(words[i % len(words)] + str(i) for i in range(n))
+
+
+def _run_staggered(engine, target_prompt: str, others: list[str], params):
+    """Start the target, then let 15 others arrive at different steps; return the target's tokens."""
+    engine.add_request("target", target_prompt, params)
+    pending = list(enumerate(others))
+    done = {}
+    step = 0
+    while engine.has_unfinished_requests() or pending:
+        if pending and step % 2 == 0:
+            i, p = pending.pop(0)
+            engine.add_request(f"other-{i}", p, SamplingParams(temperature=0, max_tokens=8 + 3 * i,
+                                                               ignore_eos=True))
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+    return done["target"].token_ids
+
+
+def test_batch_invariance_greedy(q4_llm):
+    prompt = "Write a short story about a robot learning to paint."
+    alone = q4_llm.generate([prompt], GREEDY)[0].token_ids
+    others = [_text(3 + 17 * i) for i in range(15)]
+    assert _run_staggered(q4_llm.engine, prompt, others, GREEDY) == alone
+
+
+def test_prefix_cache_hits_on_repeated_long_prompt(q4_llm):
+    prompt = "Summarise this: " + _text(300)
+    first = q4_llm.generate([prompt], GREEDY)[0]
+    hits_before = q4_llm.engine.stats().prefix_cache_hits
+    second = q4_llm.generate([prompt], GREEDY)[0]
+    assert second.usage.cached_tokens > 0
+    assert q4_llm.engine.stats().prefix_cache_hits > hits_before
+    assert second.token_ids == first.token_ids
+
+
+def test_chunked_prefill_equals_unchunked(smollm2_gguf):
+    prompt = _text(1000)
+    chunked = LLM(str(smollm2_gguf), max_num_batched_tokens=256, enable_prefix_caching=False)
+    ids = chunked.tokenizer(prompt).input_ids[:2000]
+    assert len(ids) >= 2000
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    a = chunked.generate([ids], params)[0]
+    whole = LLM(str(smollm2_gguf), max_num_batched_tokens=4096, enable_prefix_caching=False)
+    b = whole.generate([ids], params)[0]
+    assert a.token_ids == b.token_ids
+
+
+def test_small_kv_pool_completes_everything_with_large_pool_outputs(smollm2_gguf, q4_llm):
+    prompts = [_text(20 + 13 * i) for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    big = q4_llm.generate(prompts, params)
+    engine = q4_llm.engine
+    per_block = sum(c.nbytes for c in engine.kv_caches) // engine.block_manager.num_blocks
+    small = LLM(str(smollm2_gguf), kv_cache_memory=per_block * 30, enable_prefix_caching=False)
+    assert small.engine.block_manager.num_blocks == 30
+    outs = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in big]
+    assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+
+
+def test_prompt_longer_than_context_is_rejected_with_both_numbers(q4_llm):
+    with pytest.raises(PromptTooLongError) as e:
+        q4_llm.generate([list(range(5, 5 + q4_llm.engine.max_model_len + 3))], GREEDY)
+    assert str(q4_llm.engine.max_model_len) in str(e.value)
+    assert str(q4_llm.engine.max_model_len + 3) in str(e.value)
+    assert not q4_llm.engine.has_unfinished_requests()
+
+
+def test_abort_frees_blocks_at_once(q4_llm):
+    engine = q4_llm.engine
+    free = engine.block_manager.num_free_blocks
+    engine.add_request("to-abort", _text(100), SamplingParams(max_tokens=500, ignore_eos=True))
+    engine.step()
+    assert engine.block_manager.num_free_blocks < free
+    out = engine.abort_request("to-abort")
+    assert out.finished and out.finish_reason == "abort"
+    assert engine.block_manager.num_free_blocks == free

@@ -1,0 +1,75 @@
+"""The real default model against Hugging Face transformers on the same GGUF weights."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from edgellm import SamplingParams
+from edgellm.tokenizer import apply_chat_template
+
+from tests.engine.util import full_logits, hf_greedy
+
+pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
+
+RAW_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 4, 5,",
+]
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the ocean.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+]
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(fp32_llm):
+    tok = fp32_llm.tokenizer
+    ids = [tok(p, add_special_tokens=False).input_ids for p in RAW_PROMPTS]
+    ids += [apply_chat_template(tok, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    return ids
+
+
+@pytest.fixture(scope="session")
+def hf_reference(smollm2_hf_dir, prompt_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+    return [hf_greedy(model, ids, NEW_TOKENS) for ids in prompt_ids]
+
+
+def test_fp32_greedy_is_token_identical_to_transformers(fp32_llm, prompt_ids, hf_reference):
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = fp32_llm.generate(prompt_ids, params)
+    for ids, out, ref in zip(prompt_ids, outs, hf_reference):
+        assert out.token_ids == ref, f"diverged for prompt {fp32_llm.tokenizer.decode(ids)!r}"
+
+
+def test_q4_1_packed_weights_agree_with_fp32_reference(q4_llm, prompt_ids, hf_reference):
+    agree = total = 0
+    for ids, ref in zip(prompt_ids, hf_reference):
+        logits = full_logits(q4_llm.engine, ids + ref)
+        pred = logits[len(ids) - 1: len(ids) - 1 + len(ref)].argmax(-1).tolist()
+        agree += sum(p == r for p, r in zip(pred, ref))
+        total += len(ref)
+    rate = agree / total
+    log.warning("Q4_1 packed teacher-forced top-1 agreement with the fp32 reference: %.2f%% (%d/%d)",
+                100 * rate, agree, total)
+    assert rate >= 0.97
+
+
+def test_q4_1_weights_stay_packed(q4_llm, smollm2_gguf):
+    from edgellm.quant import QuantizedTensor
+
+    model = q4_llm.engine.model
+    layer = model.layers[0]
+    for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+        assert not isinstance(w, torch.Tensor) or w.dtype not in (torch.float32, torch.bfloat16)
+    assert not isinstance(model.embed, torch.Tensor) or isinstance(model.embed, QuantizedTensor)

@@ -1,0 +1,36 @@
+"""Helpers that look inside an engine: teacher-forced logits and a plain greedy HF reference."""
+from __future__ import annotations
+
+import torch
+
+from edgellm.engine import LLMEngine
+from edgellm.scheduler import ScheduledSeq, SchedulerOutput
+from edgellm.sequence import Sequence
+
+
+def full_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
+    """Logits at every position of ``token_ids`` (one prefill through the paged cache)."""
+    req = engine.make_request("teacher-forced", token_ids)
+    seq = Sequence(req, 0, list(token_ids), len(token_ids))
+    assert engine.block_manager.allocate_slots(seq, len(token_ids)) is not None
+    try:
+        sched = SchedulerOutput([ScheduledSeq(seq, len(token_ids), True)])
+        inp = engine.runner.prepare(sched)
+        hidden = engine.model.forward(inp.input_ids, inp.positions, engine.kv_caches, inp.meta)
+        return engine.model.compute_logits(hidden).float()
+    finally:
+        engine.block_manager.free_seq(seq)
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding with transformers' model and KV cache, never stopping early."""
+    ids = torch.tensor([prompt_ids])
+    out = model(input_ids=ids, use_cache=True)
+    past, generated = out.past_key_values, []
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        generated.append(nxt)
+        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return generated
