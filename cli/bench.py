@@ -1,0 +1,131 @@
+"""``edgellm bench``: latency (like llama-bench), offline throughput, and serving load."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import click
+
+
+def _engine(model: str, **opts):
+    from edgellm.config import EngineConfig
+    from edgellm.engine import LLMEngine
+
+    opts = {k: v for k, v in opts.items() if v is not None}
+    return LLMEngine(EngineConfig(model=model, enable_prefix_caching=False, **opts))
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+_engine_options = [
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, rocm, xpu or torch."),
+    click.option("--dtype", default="auto", show_default=True, help="Activation dtype."),
+    click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
+]
+
+
+def engine_options(f):
+    for opt in reversed(_engine_options):
+        f = opt(f)
+    return f
+
+
+@click.group("bench")
+def bench_group() -> None:
+    """Measure speed: latency, throughput, or a running server under load."""
+
+
+@bench_group.command("latency")
+@click.argument("model", default="smollm2-135m-instruct")
+@click.option("-p", "--prompt-tokens", default=512, show_default=True)
+@click.option("-n", "--output-tokens", default=128, show_default=True)
+@click.option("-r", "--repetitions", default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@engine_options
+def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, device, dtype, threads):
+    """Prefill and decode tokens/s for one stream (like llama-bench's pp/tg)."""
+    from edgellm.benchmark import latency
+
+    engine = _engine(model, device=device, dtype=dtype, threads=threads,
+                     max_num_batched_tokens=max(2048, prompt_tokens), max_num_seqs=4)
+    r = latency(engine, prompt_tokens, output_tokens, repetitions)
+    if as_json:
+        click.echo(json.dumps({"model": engine.model_name, "backend": engine.backend.name,
+                               "threads": engine.backend.threads, **asdict(r)}, indent=2))
+        return
+    click.echo(_table([
+        ("model", f"{engine.model_name} ({engine.backend.name}, {engine.backend.threads} threads)"),
+        (f"prefill pp{prompt_tokens}", f"{r.prefill_tok_s:8.1f} tok/s ± {r.prefill_tok_s_sd:.1f}"),
+        (f"decode tg{output_tokens}", f"{r.decode_tok_s:8.1f} tok/s ± {r.decode_tok_s_sd:.1f}"),
+        ("TTFT / TPOT", f"{r.ttft_ms:.1f} ms / {r.tpot_ms:.2f} ms"),
+    ]))
+
+
+@bench_group.command("throughput")
+@click.argument("model", default="smollm2-135m-instruct")
+@click.option("--prompts", "prompts_path", type=click.Path(exists=True), default=None,
+              help="loadgen JSONL (default: random 256-token prompts).")
+@click.option("--num-prompts", default=64, show_default=True)
+@click.option("--offset", default=0, show_default=True)
+@click.option("-n", "--output-tokens", default=128, show_default=True)
+@click.option("--max-num-seqs", default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@engine_options
+def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_num_seqs, as_json, device, dtype,
+                   threads):
+    """Offline batch: every prompt submitted at once, tokens/s until all finish."""
+    from edgellm.benchmark import load_prompts, random_prompt, throughput
+
+    engine = _engine(model, device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs)
+    if prompts_path:
+        prompts = load_prompts(prompts_path, engine, num_prompts, offset)
+    else:
+        prompts = [random_prompt(engine, 256, i) for i in range(num_prompts)]
+    r = throughput(engine, prompts, output_tokens)
+    if as_json:
+        click.echo(json.dumps(asdict(r), indent=2))
+        return
+    click.echo(_table([
+        ("requests", f"{r.requests} ({r.prompt_tokens} prompt + {r.output_tokens} output tokens)"),
+        ("elapsed", f"{r.elapsed_s:.2f} s"),
+        ("throughput", f"{r.requests_per_s:.2f} req/s, {r.output_tok_s:.1f} output tok/s, "
+                       f"{r.total_tok_s:.1f} total tok/s"),
+    ]))
+
+
+@bench_group.command("serve")
+@click.option("--url", required=True, help="Base URL of an OpenAI-compatible server.")
+@click.option("--model", default="default", show_default=True)
+@click.option("--prompts", "prompts_path", type=click.Path(exists=True), required=True,
+              help="loadgen JSONL (e.g. shared/bench/prompts.jsonl).")
+@click.option("--concurrency", "-c", default=8, show_default=True)
+@click.option("--requests", default=64, show_default=True)
+@click.option("--offset", default=0, show_default=True, help="First prompt (fresh ones avoid prefix hits).")
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--ignore-eos", is_flag=True)
+@click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True)
+@click.option("--api-key", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def serve_cmd(url, model, prompts_path, concurrency, requests, offset, max_tokens, temperature, ignore_eos,
+              endpoint, api_key, as_json):
+    """Load a running server the way loadgen does: TTFT, TPOT, ITL, output tokens/s."""
+    from edgellm.benchmark_serve import serve_benchmark
+
+    s = serve_benchmark(url, prompts_path, model, concurrency, requests, offset, max_tokens, temperature,
+                        ignore_eos, api_key, endpoint == "chat")
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(_table([
+        ("requests", f"{s['completed']}/{s['requests']} ok, concurrency {s['concurrency']}"),
+        ("output", f"{s['output_tok_per_s']} tok/s ({s['output_tokens']} tokens in {s['wall_s']} s)"),
+        ("TTFT p50/p90/p99", "{p50} / {p90} / {p99} ms".format(**s["ttft_ms"])),
+        ("TPOT p50/p90/p99", "{p50} / {p90} / {p99} ms".format(**s["tpot_ms"])),
+        ("errors", "; ".join(s["errors"]) or "none"),
+    ]))
+    if s["failed"]:
+        raise SystemExit(1)
