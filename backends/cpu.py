@@ -1,21 +1,38 @@
-"""The CPU backend: packed int4 weights through ATen's CPU int4 kernel, Numba kernels for the rest."""
+"""The CPU backend: packed int4 weights through ATen's CPU int4 kernel, Numba kernels for the rest.
+
+Paged attention reads K/V in place through block tables (``kernels/cpu/paged_attention.py``); Q8_0
+weights stay int8 and are multiplied by a Numba kernel (``kernels/cpu/q8_0.py``). Kernels are
+compiled with ``cache=True`` and warmed at init, so a second process only loads them.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import numba
+import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
-
-from edgellm.backends.base import Capabilities
+from edgellm.backends.base import AttentionMetadata, Capabilities
 from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
+from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rows, q8_0_rows_raw, repack_q8_0
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import split_blocks
 
 logger = logging.getLogger(__name__)
+
+# Below this many (query row x key) pairs a step's attention runs on the calling thread: waking the
+# pool costs a few microseconds idle and a whole time slice when another process holds a core.
+SERIAL_ATTENTION_WORK = 8192
+# From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
+# blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
+Q8_0_GEMM_MIN_ROWS = 32
+Q8_0_GEMM_TILE_ROWS = 4096
 
 
 @dataclass
@@ -31,7 +48,7 @@ class Int4PackedWeight:
     shape: tuple[int, int]
 
     @classmethod
-    def from_quantized(cls, w: QuantizedTensor, dtype: torch.dtype) -> "Int4PackedWeight":
+    def from_quantized(cls, w: QuantizedTensor, dtype: torch.dtype) -> Int4PackedWeight:
         n, k = w.shape
         f = split_blocks(w.fmt, w.data.reshape(n, k // 32, -1))
         q = f["q"].reshape(n, k).to(torch.int32)
@@ -46,14 +63,60 @@ class Int4PackedWeight:
         return self.packed.numel() * self.packed.element_size() + self.scale_zeros.numel() * 4
 
 
+@dataclass
+class Q8_0Weight:
+    """Q8_0 repacked once into ``qs int8 [N, K]`` + ``d float32 [N, K/32]`` for the Numba kernels.
+
+    Kept as numpy arrays so a call costs no tensor-to-array conversion. Exact: ``w = d * q``.
+    """
+
+    qs: np.ndarray
+    d: np.ndarray
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_quantized(cls, w: QuantizedTensor) -> Q8_0Weight:
+        assert w.fmt == "Q8_0", w.fmt
+        qs, d = repack_q8_0(w.data.contiguous().numpy())
+        return cls(qs, d, w.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes
+
+
 class CPUBackend(TorchBackend):
     name = "cpu"
 
-    def __init__(self, device="cpu", threads: int | None = None) -> None:
+    def __init__(self, device="cpu", threads: int | None = None, warmup: bool = True) -> None:
         super().__init__(device, threads)
-        threads = threads or int(os.environ.get("EDGELLM_THREADS", 0)) or default_threads()
+        threads = threads or int(os.environ.get("EDGELLM_THREADS", "0")) or default_threads()
         torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         self.threads = threads
+        self._kv_views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+        self._meta_key: tuple = ()
+        self._meta_np: tuple[np.ndarray, ...] = ()
+        if warmup:
+            self.warmup()
+
+    def warmup(self) -> float:
+        """Compile (first process) or load from Numba's cache (later ones) the float32 kernels."""
+        t0 = time.perf_counter()
+        w = QuantizedTensor("Q8_0", torch.zeros(2, 34, dtype=torch.uint8), (2, 32))
+        self.linear(torch.zeros(1, 32), Q8_0Weight.from_quantized(w))
+        self.embedding(torch.zeros(1, dtype=torch.long), w, torch.float32)
+        self.embedding(torch.zeros(1, dtype=torch.long), Q8_0Weight.from_quantized(w), torch.float32)
+        kv = torch.zeros(2, 1, 1, 1, 32)
+        meta = AttentionMetadata(torch.zeros(1, dtype=torch.long), torch.tensor([0, 1], dtype=torch.int32),
+                                 torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                                 1, 1, 1, [0, 1], [1])
+        x = torch.zeros(1, 1, 32)
+        self.attention(x, x, x, kv, meta, 1.0)
+        self._kv_views.clear()
+        elapsed = time.perf_counter() - t0
+        logger.debug("CPU kernels ready in %.2f s", elapsed)
+        return elapsed
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -69,6 +132,8 @@ class CPUBackend(TorchBackend):
     def prepare_weight(self, weight: Any, dtype: torch.dtype) -> Any:
         if isinstance(weight, QuantizedTensor) and weight.fmt in ("Q4_0", "Q4_1"):
             return Int4PackedWeight.from_quantized(weight, dtype)
+        if isinstance(weight, QuantizedTensor) and weight.fmt == "Q8_0":
+            return Q8_0Weight.from_quantized(weight)
         return super().prepare_weight(weight, dtype)
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,7 +145,81 @@ class CPUBackend(TorchBackend):
             ).to(x.dtype)
             y = y.reshape(*lead, -1)
             return y if bias is None else y + bias
+        if isinstance(weight, Q8_0Weight):
+            y = self._q8_0_linear(x.reshape(-1, x.shape[-1]), weight).to(x.dtype)
+            y = y.reshape(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
         return super().linear(x, weight, bias)
+
+    def _q8_0_linear(self, x: torch.Tensor, w: Q8_0Weight) -> torch.Tensor:
+        xf = x.float().contiguous()
+        m, n = xf.shape[0], w.shape[0]
+        if m < Q8_0_GEMM_MIN_ROWS:
+            y = torch.empty(m, n, dtype=torch.float32)
+            q8_0_matmul(xf.numpy(), w.qs, w.d, y.numpy(), self.threads)
+            return y
+        y = torch.empty(m, n, dtype=torch.float32)
+        tile = torch.empty(min(Q8_0_GEMM_TILE_ROWS, n), w.shape[1], dtype=torch.float32)
+        for n0 in range(0, n, Q8_0_GEMM_TILE_ROWS):
+            rows = tile[: min(Q8_0_GEMM_TILE_ROWS, n - n0)]
+            q8_0_dequantize(w.qs, w.d, n0, rows.numpy())
+            torch.mm(xf, rows.t(), out=y[:, n0:n0 + rows.shape[0]])
+        return y
+
+    def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(weight, Q8_0Weight) or (isinstance(weight, QuantizedTensor) and weight.fmt == "Q8_0"):
+            flat = ids.reshape(-1).to(torch.int64).contiguous().numpy()
+            out = torch.empty(flat.shape[0], weight.shape[1], dtype=torch.float32)
+            if isinstance(weight, Q8_0Weight):
+                q8_0_rows(weight.qs, weight.d, flat, out.numpy())
+            else:
+                q8_0_rows_raw(weight.data.numpy(), flat, out.numpy())
+            return out.reshape(*ids.shape, -1).to(dtype)
+        return super().embedding(ids, weight, dtype)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                  meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                  soft_cap: float | None = None) -> torch.Tensor:
+        """Numba paged attention over a float32 or bfloat16 cache; float32 math, ``q``'s dtype out."""
+        qf = q.float().contiguous()
+        out = torch.empty_like(qf)
+        slots, starts, lens, tables = self._meta_arrays(meta)
+        work = q.shape[0] * q.shape[1] * meta.max_seq_len
+        paged_attention_step(
+            out.numpy(), qf.numpy(), k.float().contiguous().numpy(), v.float().contiguous().numpy(),
+            self._kv_view(kv_cache), slots, starts, lens, tables, float(scale), int(sliding_window or 0),
+            float(soft_cap or 0.0), DEFAULT_Q_TILE, self.threads if work >= SERIAL_ATTENTION_WORK else 1,
+        )
+        return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+    def _kv_view(self, kv_cache: torch.Tensor) -> np.ndarray:
+        """The cache as a numpy array (bf16 as its uint16 bits), made once per cache tensor."""
+        hit = self._kv_views.get(id(kv_cache))
+        if hit is not None and hit[0] is kv_cache:
+            return hit[1]
+        if kv_cache.dtype == torch.float32:
+            view = kv_cache.numpy()
+        elif kv_cache.dtype == torch.bfloat16:
+            view = kv_cache.view(torch.uint16).numpy()
+        else:
+            raise TypeError(f"CPU paged attention supports float32 and bfloat16 caches, not {kv_cache.dtype}")
+        assert view.flags.c_contiguous, "KV cache must be contiguous"
+        self._kv_views[id(kv_cache)] = (kv_cache, view)
+        return view
+
+    def _meta_arrays(self, meta: AttentionMetadata) -> tuple[np.ndarray, ...]:
+        """Numpy views of the step's metadata, converted once per step and reused by every layer."""
+        key = (meta, meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables)
+        if len(self._meta_key) == len(key) and all(a is b for a, b in zip(self._meta_key, key)):
+            return self._meta_np
+        self._meta_np = (
+            meta.slot_mapping.to(torch.int64).contiguous().numpy(),
+            meta.query_start_loc.to(torch.int32).contiguous().numpy(),
+            meta.seq_lens.to(torch.int32).contiguous().numpy(),
+            meta.block_tables.to(torch.int32).contiguous().numpy(),
+        )
+        self._meta_key = key
+        return self._meta_np
 
 
 def default_threads() -> int:
@@ -93,4 +232,4 @@ def default_threads() -> int:
     return max(1, min(usable, physical))
 
 
-__all__ = ["CPUBackend", "Int4PackedWeight", "F"]
+__all__ = ["CPUBackend", "F", "Int4PackedWeight", "Q8_0Weight"]

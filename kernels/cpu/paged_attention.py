@@ -1,0 +1,277 @@
+"""Paged attention on the CPU in Numba: prefill chunks and decodes of a ragged batch in one call.
+
+K/V are read in place from the block pool ``kv [2, num_blocks, Hkv, block_size, D]`` through each
+sequence's block table; nothing is gathered. The cache may be float32 or bfloat16 stored as uint16
+(widened per block by a 16-bit shift, which is exact). Work items are (sequence, kv head, query tile):
+each K/V block is read once per tile and shared by the tile's queries and the group's query heads
+(GQA), and a long prefill splits into many tiles so every thread has work even for one sequence.
+Softmax is online (flash style) in float32.
+
+Example::
+
+    out = np.empty_like(q)
+    paged_attention_step(out, q, k, v, kv, slot_mapping, query_start_loc, seq_lens, block_tables,
+                         scale=0.125, window=0, soft_cap=0.0, q_tile=16, n_threads=2)
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+# 'reassoc' lets LLVM vectorize the q.k dot product and 'contract' fuse multiply-adds; both only
+# change rounding. No 'nnan'/'ninf': masked scores and the running max start at -inf.
+FASTMATH = {"reassoc", "contract"}
+DEFAULT_Q_TILE = 16
+
+
+def _block_f32(src: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """A ``[block_size, D]`` K or V block as float32: the block itself, or widened into scratch."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_block_f32, jit_options={"fastmath": FASTMATH})
+def _block_f32_impl(src, scratch):
+    if src.dtype == types.float32:
+        return lambda src, scratch: src
+    if src.dtype == types.uint16:
+        def widen(src, scratch):
+            for j in range(src.shape[0]):
+                for d in range(src.shape[1]):
+                    scratch[j, d] = np.uint32(src[j, d]) << np.uint32(16)
+            return scratch.view(np.float32)
+        return widen
+    return None
+
+
+def _store_row(dst: np.ndarray, src: np.ndarray) -> None:
+    """Write a float32 row into a float32 or bf16-as-uint16 cache row."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_store_row)
+def _store_row_impl(dst, src):
+    if dst.dtype == types.float32:
+        def copy(dst, src):
+            for d in range(src.shape[0]):
+                dst[d] = src[d]
+        return copy
+    if dst.dtype == types.uint16:
+        def round_to_bf16(dst, src):
+            bits = src.view(np.uint32)
+            for d in range(src.shape[0]):
+                b = bits[d]
+                if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a quiet NaN
+                    dst[d] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
+                else:  # round to nearest even, as torch's .to(torch.bfloat16) does
+                    r = np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
+                    dst[d] = np.uint16((b + r) >> np.uint32(16))
+        return round_to_bf16
+    return None
+
+
+@njit(cache=True)
+def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
+    """Store this step's ``k, v [T, Hkv, D]`` (float32) at their cache slots; negative slots skip."""
+    block_size = kv.shape[3]
+    for t in range(k.shape[0]):
+        slot = slot_mapping[t]
+        if slot < 0:
+            continue
+        blk = slot // block_size
+        off = slot % block_size
+        for h in range(k.shape[1]):
+            _store_row(kv[0, blk, h, off], k[t, h])
+            _store_row(kv[1, blk, h, off], v[t, h])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _exp_shifted(s: np.ndarray, j0: int, j1: int, shift: np.float32, bits: np.ndarray) -> np.float32:
+    """``s[j] = exp(s[j] - shift)`` for ``j0 <= j < j1`` (all arguments <= 0); returns their sum.
+
+    libm's expf is a scalar call per score and dominated the kernel; this Cephes-style expf
+    (range reduction by ln 2, degree-6 polynomial, 2^n built in the exponent bits) vectorizes and is
+    accurate to about 2 ulp. ``bits`` is int32 scratch as long as ``s``.
+    """
+    pow2 = bits.view(np.float32)
+    for j in range(j0, j1):
+        x = max(s[j] - shift, np.float32(-87.0))  # below this exp underflows
+        n = np.int32(x * np.float32(1.44269504) - np.float32(0.5))  # round(x / ln 2); x <= 0
+        nf = np.float32(n)
+        r = x - nf * np.float32(0.693359375) + nf * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        s[j] = p * r * r + r + np.float32(1.0)
+        bits[j] = (n + np.int32(127)) << np.int32(23)
+    total = np.float32(0.0)
+    for j in range(j0, j1):
+        s[j] *= pow2[j]
+        total += s[j]
+    return total
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, soft_cap):
+    """Attend queries ``t0:t1`` (flat rows of one sequence starting at ``seq_q0``) for kv head ``hk``.
+
+    Rows are (query, head-in-group) pairs, so each K/V block is read once for the whole tile.
+    """
+    head_dim = q.shape[2]
+    group = q.shape[1] // kv.shape[2]
+    block_size = kv.shape[3]
+    rows = (t1 - t0) * group
+    qt = np.empty((rows, head_dim), np.float32)
+    acc = np.zeros((rows, head_dim), np.float32)
+    row_max = np.full(rows, -np.inf, np.float32)
+    row_sum = np.zeros(rows, np.float32)
+    s = np.empty(block_size, np.float32)
+    exp_bits = np.empty(block_size, np.int32)
+    k_scratch = np.empty((block_size, head_dim), np.uint32)
+    v_scratch = np.empty((block_size, head_dim), np.uint32)
+    for i in range(t1 - t0):
+        for g in range(group):
+            for d in range(head_dim):
+                qt[i * group + g, d] = q[t0 + i, hk * group + g, d]
+
+    pos0 = ctx - nq + (t0 - seq_q0)  # position of the tile's first query
+    pos1 = pos0 + (t1 - t0) - 1
+    k_lo = 0 if window <= 0 else max(0, pos0 - window + 1)
+    for bi in range(k_lo // block_size, pos1 // block_size + 1):
+        blk = table[bi]
+        kb = _block_f32(kv[0, blk, hk], k_scratch)
+        vb = _block_f32(kv[1, blk, hk], v_scratch)
+        base = bi * block_size
+        for r in range(rows):
+            pos = pos0 + r // group
+            lo = 0 if window <= 0 else pos - window + 1
+            j0 = max(lo - base, 0)
+            j1 = min(pos + 1 - base, block_size)
+            if j1 <= j0:
+                continue
+            m_new = row_max[r]
+            for j in range(j0, j1):
+                dot = np.float32(0.0)
+                for d in range(head_dim):
+                    dot += qt[r, d] * kb[j, d]
+                x = dot * scale
+                if soft_cap > 0:
+                    x = soft_cap * np.tanh(x / soft_cap)
+                s[j] = x
+                m_new = max(m_new, x)
+            if m_new > row_max[r]:
+                corr = np.exp(row_max[r] - m_new)
+                row_sum[r] *= corr
+                for d in range(head_dim):
+                    acc[r, d] *= corr
+                row_max[r] = m_new
+            total = row_sum[r] + _exp_shifted(s, j0, j1, m_new, exp_bits)
+            for j in range(j0, j1):
+                p = s[j]
+                for d in range(head_dim):
+                    acc[r, d] += p * vb[j, d]
+            row_sum[r] = total
+
+    for i in range(t1 - t0):
+        for g in range(group):
+            r = i * group + g
+            inv = np.float32(1.0) / row_sum[r]
+            for d in range(head_dim):
+                out[t0 + i, hk * group + g, d] = acc[r, d] * inv
+
+
+@njit(cache=True)
+def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: int):
+    """Work items ``[sequence, kv head, first row, end row]`` and the order to deal them out in.
+
+    The order is costliest first (a causal tile's cost grows with its last query's position), so the
+    snake-order deal in ``_run_items`` balances threads without dynamic scheduling.
+    """
+    n_seqs = seq_lens.shape[0]
+    n_items = 0
+    for b in range(n_seqs):
+        nq = query_start_loc[b + 1] - query_start_loc[b]
+        n_items += n_kv * ((nq + q_tile - 1) // q_tile)
+    items = np.empty((n_items, 4), np.int64)
+    cost = np.empty(n_items, np.int64)
+    it = 0
+    for b in range(n_seqs):
+        end = query_start_loc[b + 1]
+        while end > query_start_loc[b]:
+            start = max(end - q_tile, query_start_loc[b])
+            reach = seq_lens[b] - (query_start_loc[b + 1] - end)  # keys seen by the tile's last query
+            for hk in range(n_kv):
+                items[it, 0] = b
+                items[it, 1] = hk
+                items[it, 2] = start
+                items[it, 3] = end
+                cost[it] = -(end - start) * reach
+                it += 1
+            end = start
+    return items, np.argsort(cost, kind="mergesort")
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
+               order, worker, n_workers):
+    """Run the items dealt to ``worker``: snake order (0 1 .. P-1 P-1 .. 0 0 1 ..) over ``order``."""
+    scale32 = np.float32(scale)
+    cap32 = np.float32(soft_cap)
+    for i in range(order.shape[0]):
+        lap, k = divmod(i, n_workers)
+        if (k if lap % 2 == 0 else n_workers - 1 - k) != worker:
+            continue
+        item = order[i]
+        b = items[item, 0]
+        seq_q0 = query_start_loc[b]
+        nq = query_start_loc[b + 1] - seq_q0
+        _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
+                     items[item, 3], items[item, 1], scale32, window, cap32)
+
+
+@njit(cache=True, parallel=True)
+def paged_attention(out: np.ndarray, q: np.ndarray, kv: np.ndarray, query_start_loc: np.ndarray,
+                    seq_lens: np.ndarray, block_tables: np.ndarray, scale: float, window: int,
+                    soft_cap: float, q_tile: int, n_threads: int) -> None:
+    """``out[T, H, D] = softmax(q k^T * scale, causal [, window] [, soft cap]) v`` over the paged cache.
+
+    ``window <= 0`` and ``soft_cap <= 0`` switch those off; ``n_threads`` is Numba's thread count.
+    """
+    items, order = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile)
+    n_workers = max(1, min(n_threads, order.shape[0]))
+    for w in prange(n_workers):
+        _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
+                   order, w, n_workers)
+
+
+@njit(cache=True)
+def paged_attention_serial(out: np.ndarray, q: np.ndarray, kv: np.ndarray, query_start_loc: np.ndarray,
+                           seq_lens: np.ndarray, block_tables: np.ndarray, scale: float, window: int,
+                           soft_cap: float, q_tile: int) -> None:
+    """``paged_attention`` on the calling thread: for steps too small to repay waking a thread pool
+    (a few microseconds when idle, a scheduler time slice when another process holds the cores)."""
+    items, order = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile)
+    _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
+               order, 0, 1)
+
+
+@njit(cache=True)
+def paged_attention_step(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: np.ndarray,
+                         slot_mapping: np.ndarray, query_start_loc: np.ndarray, seq_lens: np.ndarray,
+                         block_tables: np.ndarray, scale: float, window: int, soft_cap: float,
+                         q_tile: int, n_threads: int) -> None:
+    """One layer's attention for one engine step: write ``k, v`` into their slots, then attend.
+
+    A single Numba dispatch per layer keeps the Python overhead of a decode step low.
+    ``n_threads == 1`` runs on the calling thread without touching the thread pool.
+    """
+    write_kv(kv, k, v, slot_mapping)
+    if n_threads > 1:
+        paged_attention(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap,
+                        q_tile, n_threads)
+    else:
+        paged_attention_serial(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window,
+                               soft_cap, q_tile)

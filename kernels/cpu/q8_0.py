@@ -1,0 +1,129 @@
+"""Q8_0 weights on the CPU in Numba: matmul and embedding gather without dequantizing the matrix.
+
+GGML's 34-byte blocks are repacked once into ``qs int8 [N, K]`` and ``d float32 [N, K/32]``, so a row
+is contiguous int8 (1 byte per weight read from memory, the cost that bounds decode). Each weight row
+is widened to float32 once into an L1-resident buffer and then dotted with up to four activation rows
+at a time, so the row is read from memory once per call for any M. Products are the reference's
+``(d * q) * x`` exactly; only the order of the float32 sums differs.
+
+Example::
+
+    qs, d = repack_q8_0(raw_blocks)          # uint8 [N, K/32*34] -> int8 [N, K], float32 [N, K/32]
+    y = np.empty((x.shape[0], qs.shape[0]), np.float32)
+    q8_0_matmul(x, qs, d, y, 2)              # y = x @ dequant(W)^T
+"""
+from __future__ import annotations
+
+import numpy as np
+from edgellm.kernels.cpu.paged_attention import FASTMATH
+from numba import njit, prange
+
+QK = 32  # weights per GGML block
+ROWS_PER_TASK = 64  # output features per parallel task: 36 KiB of int8 at K=576, enough to amortize
+
+
+def repack_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGML Q8_0 bytes ``uint8 [N, K/32*34]`` -> ``(qs int8 [N, K], d float32 [N, K/32])``."""
+    n = raw.shape[0]
+    blocks = raw.reshape(n, -1, QK + 2)
+    d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[:, :, 0].astype(np.float32)
+    qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(n, -1)
+    return qs, d
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _dequant_row(qs: np.ndarray, d: np.ndarray, n: int, w: np.ndarray) -> None:
+    for b in range(d.shape[1]):
+        scale = d[n, b]
+        for i in range(b * QK, b * QK + QK):
+            w[i] = scale * np.float32(qs[n, i])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _rows_times_w(x: np.ndarray, w: np.ndarray, out: np.ndarray, n: int) -> None:
+    """``out[:, n] = x @ w``, four rows per pass so each loaded ``w`` vector feeds four FMAs."""
+    m_all, k = x.shape
+    m = 0
+    while m + 4 <= m_all:
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for i in range(k):
+            wi = w[i]
+            a0 += x[m, i] * wi
+            a1 += x[m + 1, i] * wi
+            a2 += x[m + 2, i] * wi
+            a3 += x[m + 3, i] * wi
+        out[m, n] = a0
+        out[m + 1, n] = a1
+        out[m + 2, n] = a2
+        out[m + 3, n] = a3
+        m += 4
+    while m < m_all:
+        a = np.float32(0.0)
+        for i in range(k):
+            a += x[m, i] * w[i]
+        out[m, n] = a
+        m += 1
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def q8_0_matmul(x: np.ndarray, qs: np.ndarray, d: np.ndarray, out: np.ndarray, n_tasks_hint: int) -> None:
+    """``out[M, N] = x[M, K] @ (d * qs)^T`` in float32, parallel over blocks of output features.
+
+    ``n_tasks_hint`` is the thread count; rows are split into at least that many tasks.
+    """
+    n_rows, k = qs.shape
+    rows_per_task = min(ROWS_PER_TASK, max(1, (n_rows + n_tasks_hint - 1) // n_tasks_hint))
+    n_tasks = (n_rows + rows_per_task - 1) // rows_per_task
+    for t in prange(n_tasks):
+        w = np.empty(k, np.float32)
+        for n in range(t * rows_per_task, min((t + 1) * rows_per_task, n_rows)):
+            _dequant_row(qs, d, n, w)
+            _rows_times_w(x, w, out, n)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def q8_0_rows(qs: np.ndarray, d: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    """Embedding lookup on the packed layout: ``out[t] = d[ids[t]] * qs[ids[t]]``."""
+    for t in range(ids.shape[0]):
+        _dequant_row(qs, d, ids[t], out[t])
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def q8_0_rows_raw(raw: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    """Embedding lookup straight from GGML Q8_0 bytes ``uint8 [N, K/32*34]``, no repacked copy.
+
+    The block scale is an IEEE half; it is widened to float32 bit by bit (exact) because Numba has no
+    float16 arithmetic on the CPU.
+    """
+    nb = raw.shape[1] // (QK + 2)
+    bits = np.empty(1, np.uint32)
+    as_f32 = bits.view(np.float32)
+    for t in range(ids.shape[0]):
+        row = ids[t]
+        for b in range(nb):
+            o = b * (QK + 2)
+            h = np.uint32(raw[row, o]) | (np.uint32(raw[row, o + 1]) << np.uint32(8))
+            sign = (h & np.uint32(0x8000)) << np.uint32(16)
+            exp = (h >> np.uint32(10)) & np.uint32(0x1F)
+            mant = h & np.uint32(0x3FF)
+            if exp == 0:  # zero or subnormal: mant * 2^-24
+                scale = np.float32(mant) * np.float32(5.9604644775390625e-08)
+                if sign:
+                    scale = -scale
+            else:
+                exp32 = np.uint32(0xFF) if exp == 31 else exp + np.uint32(112)
+                bits[0] = sign | (exp32 << np.uint32(23)) | (mant << np.uint32(13))
+                scale = as_f32[0]
+            for i in range(QK):
+                q = np.int8(raw[row, o + 2 + i])
+                out[t, b * QK + i] = scale * np.float32(q)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def q8_0_dequantize(qs: np.ndarray, d: np.ndarray, n0: int, out: np.ndarray) -> None:
+    """``out[i] = d[n0 + i] * qs[n0 + i]``: rows of the float32 weight, for tiled large-M matmuls."""
+    for i in prange(out.shape[0]):
+        _dequant_row(qs, d, n0 + i, out[i])

@@ -1,0 +1,70 @@
+"""CPUBackend ops against TorchBackend: quantized linears, embeddings, prepared weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from edgellm.backends.cpu import CPUBackend, Int4PackedWeight, Q8_0Weight
+from edgellm.backends.torch_ref import TorchBackend
+from edgellm.quant import QuantizedTensor
+from edgellm.quant.formats import quantize_rows
+
+REF = TorchBackend()
+CPU = CPUBackend(threads=2)
+
+
+def quantized(fmt: str, n: int, k: int, seed: int = 0) -> QuantizedTensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return QuantizedTensor(fmt, quantize_rows(fmt, w), (n, k))
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("n, k", [(576, 1536), (1536, 576)])
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+def test_quantized_linear_matches_reference(fmt, n, k, m):
+    w = quantized(fmt, n, k)
+    prepared = CPU.prepare_weight(w, torch.float32)
+    assert isinstance(prepared, Q8_0Weight if fmt == "Q8_0" else Int4PackedWeight)
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    want = REF.linear(x, w, bias)
+    got = CPU.linear(x, prepared, bias)
+    # Q8_0 keeps float32 products; ATen's int4 kernel rounds its own way, so give it more room
+    tol = 1e-5 if fmt == "Q8_0" else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_q8_0_linear_keeps_leading_dims_and_dtype():
+    w = quantized("Q8_0", 96, 64)
+    prepared = CPU.prepare_weight(w, torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    got = CPU.linear(x, prepared)
+    assert got.shape == (2, 5, 96) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), REF.linear(x.float(), w).bfloat16().float(), rtol=1e-2, atol=1e-2)
+
+
+def test_q8_0_lm_head_shape_quick_subset():
+    w = quantized("Q8_0", 49152, 576, seed=1)
+    x = torch.randn(1, 576)
+    got = CPU.linear(x, CPU.prepare_weight(w, torch.float32))
+    rows = torch.arange(0, 49152, 61)
+    torch.testing.assert_close(got[:, rows], x @ w.rows(rows).t(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_from_original_and_prepared_weights(fmt, dtype):
+    """A tied embedding may arrive as the original QuantizedTensor or as the lm_head's prepared one."""
+    w = quantized(fmt, 300, 96, seed=2)
+    ids = torch.tensor([[3, 299, 0], [3, 150, 17]])
+    want = REF.embedding(ids, w, dtype)
+    assert torch.equal(CPU.embedding(ids, w, dtype), want)
+    if fmt == "Q8_0":
+        assert torch.equal(CPU.embedding(ids, CPU.prepare_weight(w, dtype), dtype), want)
+
+
+def test_dense_weights_fall_through_to_aten():
+    w = torch.randn(40, 64)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(CPU.linear(x, CPU.prepare_weight(w, torch.float32)), REF.linear(x, w))
+    ids = torch.tensor([1, 39])
+    assert torch.equal(CPU.embedding(ids, w, torch.float32), REF.embedding(ids, w, torch.float32))

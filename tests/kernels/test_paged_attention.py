@@ -1,0 +1,79 @@
+"""Numba paged attention against the torch reference over shapes, block layouts, masks and KV dtypes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from edgellm.backends.cpu import CPUBackend
+from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.paged_attention import paged_attention_step, write_kv
+
+REF = TorchBackend()
+CPU = CPUBackend(threads=2, warmup=False)
+
+
+def ragged(block_size: int) -> list[tuple[int, int]]:
+    """A prefill from scratch, a chunk after cached context, and decodes (one ending on a block edge)."""
+    return [(37, 37), (3 * block_size + 9, 20), (2 * block_size, 1), (1, 1), (4 * block_size + 5, 1)]
+
+
+def check(q, k, v, kv, meta, scale=0.125, window=None, cap=None, q_dtype=torch.float32) -> None:
+    kv_ref, kv_cpu = kv.clone(), kv.clone()
+    want = REF.attention(q, k, v, kv_ref, meta, scale, window, cap)
+    got = CPU.attention(q.to(q_dtype), k.to(q_dtype), v.to(q_dtype), kv_cpu, meta, scale, window, cap)
+    assert got.dtype == q_dtype
+    if q_dtype == torch.float32:
+        assert torch.equal(kv_cpu, kv_ref), "K/V must land in exactly the reference's slots and bits"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_ragged_batch_matches_reference(paged_batch, head_dim, group, block_size):
+    n_kv = 2
+    check(*paged_batch(ragged(block_size), group * n_kv, n_kv, head_dim, block_size))
+
+
+@pytest.mark.parametrize("window, cap", [(7, None), (None, 30.0), (16, 5.0), (1, None)])
+def test_sliding_window_and_soft_cap(paged_batch, window, cap):
+    check(*paged_batch(ragged(16), 6, 2, 64, 16, seed=1), scale=0.3, window=window, cap=cap)
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_bf16_cache_matches_reference(paged_batch, block_size):
+    check(*paged_batch(ragged(block_size), 9, 3, 64, block_size, kv_dtype=torch.bfloat16, seed=2))
+
+
+def test_bf16_queries_are_converted_at_the_edge(paged_batch):
+    check(*paged_batch(ragged(16), 8, 2, 64, 16, seed=3), q_dtype=torch.bfloat16)
+
+
+def test_long_prefill_splits_into_tiles_and_threads_agree(paged_batch):
+    q, k, v, kv, meta = paged_batch([(150, 130), (40, 1)], 8, 2, 64, 16, seed=4)
+    outs = []
+    for threads, q_tile in [(1, 16), (2, 16), (2, 7)]:
+        out, cache = np.empty(q.shape, np.float32), kv.clone()
+        paged_attention_step(out, q.numpy(), k.numpy(), v.numpy(), cache.numpy(), meta.slot_mapping.numpy(),
+                             meta.query_start_loc.numpy(), meta.seq_lens.numpy(), meta.block_tables.numpy(),
+                             0.125, 0, 0.0, q_tile, threads)
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1]), "the thread count must not change the result"
+    want = REF.attention(q, k, v, kv.clone(), meta, 0.125)
+    torch.testing.assert_close(torch.from_numpy(outs[2]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_write_kv_rounds_to_bf16_like_torch_and_skips_padding():
+    k = torch.randn(5, 2, 32) * torch.logspace(-30, 30, 32)
+    k[0, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])
+    v = -k
+    cache = torch.zeros(2, 3, 2, 4, 32, dtype=torch.bfloat16)
+    slots = torch.tensor([0, 5, -1, 11, 2])
+    write_kv(cache.view(torch.uint16).numpy(), k.numpy(), v.numpy(), slots.numpy())
+    flat = cache.permute(0, 1, 3, 2, 4).reshape(2, 12, 2, 32)
+    keep = slots >= 0
+    torch.testing.assert_close(flat[0, slots[keep]], k[keep].bfloat16(), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(flat[1, slots[keep]], v[keep].bfloat16(), equal_nan=True, rtol=0, atol=0)
+    assert flat[:, [1, 3, 4, 6, 7, 8, 9, 10]].float().abs().sum() == 0

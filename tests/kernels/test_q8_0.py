@@ -1,0 +1,68 @@
+"""Numba Q8_0 kernels against the reference dequantize-then-matmul and row dequantization."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rows, q8_0_rows_raw, repack_q8_0
+from edgellm.quant import QuantizedTensor
+from edgellm.quant.formats import quantize_rows
+
+
+def q8_weight(n: int, k: int, seed: int = 0) -> QuantizedTensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[0, :32] = 0.0  # an all-zero block: scale 0
+    w[1, :32] *= 1e-4  # tiny weights: half-precision subnormal scales
+    return QuantizedTensor("Q8_0", quantize_rows("Q8_0", w), (n, k))
+
+
+@pytest.mark.parametrize("n, k", [(576, 1536), (1536, 576), (200, 96)])
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_matches_dequantize_then_linear(n, k, m, threads):
+    wq = q8_weight(n, k)
+    qs, d = repack_q8_0(wq.data.numpy())
+    x = torch.randn(m, k)
+    y = np.empty((m, n), np.float32)
+    q8_0_matmul(x.numpy(), qs, d, y, threads)
+    want = x @ wq.dequantize().t()
+    torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_matmul_lm_head_shape_quick_subset():
+    wq = q8_weight(49152, 576)
+    qs, d = repack_q8_0(wq.data.numpy())
+    x = torch.randn(2, 576)
+    y = np.empty((2, 49152), np.float32)
+    q8_0_matmul(x.numpy(), qs, d, y, 2)
+    rows = torch.arange(0, 49152, 97)
+    want = x @ wq.rows(rows).t()
+    torch.testing.assert_close(torch.from_numpy(y[:, rows.numpy()]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_repack_rows_and_dequantize_are_exact():
+    wq = q8_weight(300, 128, seed=1)
+    qs, d = repack_q8_0(wq.data.numpy())
+    full = wq.dequantize()
+    ids = torch.tensor([0, 1, 299, 7, 7, 150])
+    got, raw = np.empty((6, 128), np.float32), np.empty((6, 128), np.float32)
+    q8_0_rows(qs, d, ids.numpy(), got)
+    q8_0_rows_raw(wq.data.numpy(), ids.numpy(), raw)
+    assert torch.equal(torch.from_numpy(got), full[ids])
+    assert torch.equal(torch.from_numpy(raw), full[ids])
+    tile = np.empty((50, 128), np.float32)
+    q8_0_dequantize(qs, d, 100, tile)
+    assert torch.equal(torch.from_numpy(tile), full[100:150])
+
+
+def test_raw_rows_widen_every_half_scale_exactly():
+    """Every finite float16 as a block scale (with q = 1) must come back bit-exact."""
+    halves = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    halves = halves[torch.isfinite(halves)]
+    raw = torch.zeros(halves.numel(), 34, dtype=torch.uint8)
+    raw[:, :2] = halves.view(torch.uint8).reshape(-1, 2)
+    raw[:, 2] = 1
+    out = np.empty((halves.numel(), 32), np.float32)
+    q8_0_rows_raw(raw.numpy(), np.arange(halves.numel()), out)
+    assert torch.equal(torch.from_numpy(out[:, 0]), halves.float())
