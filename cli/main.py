@@ -57,4 +57,4 @@ def cli(ctx: click.Context, verbose: int) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    cli(prog_name="edgellm")

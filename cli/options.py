@@ -108,9 +108,9 @@ def engine_options(func: Callable) -> Callable:
 
 _SAMPLING = [
     click.option("--max-tokens", type=click.IntRange(min=1), default=None,
-                 help="Most tokens to generate (default: 256)."),
+                 help="Most tokens to generate."),
     click.option("--temperature", type=click.FloatRange(min=0), default=None,
-                 help="Sampling temperature; 0 is greedy (default: 1.0)."),
+                 help="Sampling temperature; 0 is greedy."),
     click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
                  help="Nucleus sampling: smallest set of tokens with this total probability."),
     click.option("--top-k", type=click.IntRange(min=-1), default=None,
@@ -125,3 +125,8 @@ SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 def sampling_options(func: Callable) -> Callable:
     """Add the sampling options; the command gets ``sampling: dict`` with those given."""
     return _collect(func, "sampling", SAMPLING_KEYS, _SAMPLING)
+
+
+def chat_sampling_options(func: Callable) -> Callable:
+    """The sampling options without ``--stop`` (a chat stops at the end of the model's turn)."""
+    return _collect(func, "sampling", SAMPLING_KEYS[:-1], _SAMPLING[:-1])
