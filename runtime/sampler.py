@@ -104,7 +104,8 @@ class Sampler:
                 picked = torch.tensor(greedy, device=raw.device)
                 token_ids[picked] = processed[picked].max(dim=-1).indices
             random = [i for i, row in enumerate(rows) if not row.params.greedy]
-            token_ids[torch.tensor(random, device=raw.device)] = self._sample(processed, rows, random)
+            sampled = self._sample(processed, rows, random, owned=processed is not raw)
+            token_ids[torch.tensor(random, device=raw.device)] = sampled
 
         chosen = token_ids.tolist()
         wants = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
@@ -179,14 +180,20 @@ class Sampler:
 
     # -- random sampling -------------------------------------------------------------------------------
 
-    def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow], which: list[int]) -> torch.Tensor:
-        """Token ids for the rows ``which`` (all non-greedy), in that order."""
+    def _sample(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], which: list[int], owned: bool
+    ) -> torch.Tensor:
+        """Token ids for the rows ``which`` (all non-greedy), in that order. ``owned``: ``logits`` is
+        this call's own copy and may be overwritten."""
         device = logits.device
-        sub = logits if len(which) == logits.shape[0] else logits[torch.tensor(which, device=device)]
+        if len(which) < logits.shape[0]:
+            sub, owned = logits[torch.tensor(which, device=device)], True
+        else:
+            sub = logits
         params = [rows[i].params for i in which]
         if any(p.temperature != 1.0 for p in params):
             temperature = torch.tensor([p.temperature for p in params], dtype=sub.dtype, device=device)
-            sub = sub / temperature.unsqueeze(1)
+            sub = sub.div_(temperature.unsqueeze(1)) if owned else sub / temperature.unsqueeze(1)
         probs = torch.softmax(sub, dim=-1)
         uniform = self._uniforms([rows[i] for i in which], device)
 
@@ -206,12 +213,11 @@ class Sampler:
     @staticmethod
     def _uniforms(rows: Sequence[SamplingRow], device: torch.device) -> torch.Tensor:
         """One number in (0, 1] per row: seeded rows from their own generator, the rest in one draw."""
-        seeded = [j for j, r in enumerate(rows) if r.generator is not None]
         uniform = torch.rand(len(rows), device=device)
-        for j in seeded:
-            generator = rows[j].generator
-            assert generator is not None
-            uniform[j] = torch.rand(1, generator=generator, device=generator.device).item()
+        seeded = [(j, r.generator) for j, r in enumerate(rows) if r.generator is not None]
+        if seeded:
+            own = [torch.rand(1, generator=g, device=g.device).item() for _, g in seeded]
+            uniform[torch.tensor([j for j, _ in seeded], device=device)] = torch.tensor(own, device=device)
         # 1 - u lies in (0, 1]: a zero would select a token of probability zero
         return 1.0 - uniform
 
