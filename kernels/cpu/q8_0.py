@@ -32,11 +32,16 @@ def repack_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _dequant_row(qs: np.ndarray, d: np.ndarray, n: int, w: np.ndarray) -> None:
+def _dequant_row(qs: np.ndarray, d: np.ndarray, n: int, w: np.ndarray, qk: int = QK) -> None:
+    """``w = d[n] * qs[n]`` as float32. Widen in one flat loop, then scale block by block; ``qk`` is
+    an argument so LLVM vectorizes the scale loop instead of unrolling 32 scalar multiplies."""
+    row = qs[n]
+    for i in range(row.shape[0]):
+        w[i] = np.float32(row[i])
     for b in range(d.shape[1]):
         scale = d[n, b]
-        for i in range(b * QK, b * QK + QK):
-            w[i] = scale * np.float32(qs[n, i])
+        for i in range(b * qk, b * qk + qk):
+            w[i] *= scale
 
 
 @njit(cache=True, fastmath=FASTMATH)

@@ -1,0 +1,138 @@
+"""Micro-benchmarks of the CPU kernels against the ATen paths they replace (not a test).
+
+Run ``python -m edgellm.kernels.cpu.bench_kernels``. Times are the best of several runs, because a
+shared machine's other processes only ever make a run slower. GB/s is weight (or KV) bytes read per
+second: the number that bounds decode.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numba
+import torch
+import torch.nn.functional as F
+from edgellm.backends.base import AttentionMetadata
+from edgellm.backends.cpu import CPUBackend, Int4PackedWeight, Q8_0Weight
+from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
+from edgellm.quant import QuantizedTensor
+from edgellm.quant.formats import quantize_rows
+
+SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # (K in, N out)
+ONE_B_SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
+ROWS = [1, 8, 32, 128]
+
+
+def best_seconds(fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 3) -> float:
+    fn()
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < min_runs or spent < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return best
+
+
+def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Callable, int]]:
+    """name -> (fn(x fp32) -> y, weight bytes read per call)."""
+    w = torch.randn(n, k) * 0.02
+    q8 = QuantizedTensor("Q8_0", quantize_rows("Q8_0", w), (n, k))
+    q4 = QuantizedTensor("Q4_0", quantize_rows("Q4_0", w), (n, k))
+    w32, w16 = q8.dequantize(), q8.dequantize(torch.bfloat16)
+    p8: Q8_0Weight = backend.prepare_weight(q8, torch.float32)
+    p4f: Int4PackedWeight = backend.prepare_weight(q4, torch.float32)
+    p4b: Int4PackedWeight = backend.prepare_weight(q4, torch.bfloat16)
+    scales = w.abs().amax(1).clamp_min(1e-8) / 127
+    wq = torch.quantize_per_channel(w, scales.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+    dyn = torch.ops.quantized.linear_prepack(wq, None)
+    return {
+        "fp32 F.linear": (lambda x: F.linear(x, w32), w32.numel() * 4),
+        "bf16 F.linear": (lambda x: F.linear(x.bfloat16(), w16), w16.numel() * 2),
+        "int4pack fp32": (lambda x: backend.linear(x, p4f), p4f.nbytes),
+        "int4pack bf16": (lambda x: backend.linear(x.bfloat16(), p4b), p4b.nbytes),
+        "int8 dynamic": (lambda x: torch.ops.quantized.linear_dynamic(x, dyn), n * k + n * 8),
+        "Q8_0 deq+mm": (lambda x: F.linear(x, q8.dequantize()), q8.nbytes),
+        "Q8_0 numba": (lambda x: backend.linear(x, p8), p8.nbytes),
+    }
+
+
+def bench_linear(backend: CPUBackend) -> list[str]:
+    lines = []
+    for label, shapes in (("SmolLM-135M", SMOL_SHAPES), ("1B-class", ONE_B_SHAPES)):
+        for k, n in shapes:
+            cands = linear_candidates(backend, k, n)
+            for m in ROWS:
+                x = torch.randn(m, k)
+                cells = []
+                for name, (fn, nbytes) in cands.items():
+                    if name == "Q8_0 deq+mm" and m > 8:
+                        continue
+                    dt = best_seconds(lambda fn=fn, x=x: fn(x))
+                    cells.append(f"{name} {dt * 1e6:8.0f}us {nbytes / dt / 1e9:5.1f}GB/s")
+                lines.append(f"{label:11s} {k:5d}->{n:<5d} M={m:<3d} | " + " | ".join(cells))
+    return lines
+
+
+def attention_batch(n_seqs: int, ctx: int, new: int, kv_dtype: torch.dtype, n_heads: int = 9, n_kv: int = 3,
+                    head_dim: int = 64, block_size: int = 16):
+    """``n_seqs`` sequences of ``ctx`` tokens, the last ``new`` of them this step's, over shuffled blocks."""
+    per_seq = (ctx + block_size - 1) // block_size
+    n_blocks = n_seqs * per_seq
+    kv = torch.randn(2, n_blocks, n_kv, block_size, head_dim).to(kv_dtype)
+    tables = torch.randperm(n_blocks).to(torch.int32).reshape(n_seqs, per_seq)
+    pos = torch.arange(ctx - new, ctx)
+    slots = (tables[:, pos // block_size].long() * block_size + pos % block_size).reshape(-1)
+    starts = [i * new for i in range(n_seqs + 1)]
+    meta = AttentionMetadata(slots, torch.tensor(starts, dtype=torch.int32),
+                             torch.full((n_seqs,), ctx, dtype=torch.int32), tables, block_size, new, ctx,
+                             starts, [ctx] * n_seqs)
+    t = n_seqs * new
+    return (torch.randn(t, n_heads, head_dim), torch.randn(t, n_kv, head_dim), torch.randn(t, n_kv, head_dim),
+            kv, meta)
+
+
+def bench_attention(backend: CPUBackend) -> list[str]:
+    ref = TorchBackend()
+    lines = []
+    cases = [(b, c, 1) for b in (1, 8, 32) for c in (512, 1024)] + [(1, 512, 512)]
+    for n_seqs, ctx, new in cases:
+        cells = []
+        for kv_dtype in (torch.float32, torch.bfloat16):
+            batch = attention_batch(n_seqs, ctx, new, kv_dtype)
+            kv = batch[3]
+            dt = best_seconds(lambda batch=batch: backend.attention(*batch, 0.125))
+            kv_bytes = n_seqs * ctx * kv.shape[2] * kv.shape[4] * 2 * kv.element_size()
+            cells.append(f"numba {str(kv_dtype)[6:]:8s} {dt * 1e6:8.0f}us {kv_bytes / dt / 1e9:5.1f}GB/s")
+        dt = best_seconds(lambda batch=batch: ref.attention(*batch, 0.125), budget_s=0.1, min_runs=1)
+        cells.append(f"torch reference (bf16 KV) {dt * 1e6:8.0f}us")
+        kind = "prefill" if new > 1 else "decode"
+        lines.append(f"attention {kind:7s} B={n_seqs:<2d} ctx={ctx:<4d} | " + " | ".join(cells))
+    return lines
+
+
+def bench_call_overhead(backend: CPUBackend) -> list[str]:
+    """One layer's 1-token decode over a 1-token context: what remains is the per-call cost."""
+    q, k, v, kv, meta = attention_batch(1, 1, 1, torch.float32)
+    dt = best_seconds(lambda: backend.attention(q, k, v, kv, meta, 0.125), budget_s=0.2, min_runs=200)
+    out = q.numpy().copy()
+    args = (out, q.numpy(), k.numpy(), v.numpy(), kv.numpy(), meta.slot_mapping.numpy(),
+            meta.query_start_loc.numpy(), meta.seq_lens.numpy(), meta.block_tables.numpy(), 0.125, 0, 0.0,
+            DEFAULT_Q_TILE)
+    raw1 = best_seconds(lambda: paged_attention_step(*args, 1), budget_s=0.2, min_runs=200)
+    raw2 = best_seconds(lambda: paged_attention_step(*args, 2), budget_s=0.2, min_runs=200)
+    return [(f"attention call overhead (1-token decode): backend.attention {dt * 1e6:.1f}us | "
+             f"kernel serial {raw1 * 1e6:.1f}us | kernel via thread pool {raw2 * 1e6:.1f}us")]
+
+
+def main() -> None:
+    backend = CPUBackend()
+    print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
+          f"({numba.threading_layer()}); isa {torch.backends.cpu.get_cpu_capability()}")
+    for line in bench_call_overhead(backend) + bench_attention(backend) + bench_linear(backend):
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
