@@ -1,0 +1,95 @@
+"""``edgellm serve``: an OpenAI- and Ollama-compatible HTTP server for one model."""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import click
+from edgellm.server.settings import ServerSettings
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+
+
+class MemorySize(click.ParamType):
+    """Bytes (``512MiB``, ``2G``, ``1073741824``) or a fraction of free memory (``0.3``)."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | float:
+        if isinstance(value, (int, float)):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            self.fail(f"{value!r} is not a size like 512MiB, 2G or a fraction like 0.3", param, ctx)
+        number = float(m.group(1))
+        if not unit and number <= 1.0:
+            return number
+        return int(number * _UNITS[unit])
+
+
+def _origins(text: str) -> list[str]:
+    return [o.strip().rstrip("/") for o in text.split(",") if o.strip()]
+
+
+@click.command("serve")
+@click.argument("model", default="smollm2-135m-instruct")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="EDGELLM_API_KEY", help="require 'Authorization: Bearer KEY' "
+              "(also from $EDGELLM_API_KEY); /health stays open")
+@click.option("--allowed-origins", default="", metavar="ORIGINS",
+              help="comma list of browser origins allowed by CORS, e.g. http://localhost:3000 (or *)")
+@click.option("--max-queue", type=click.IntRange(min=0), default=0, show_default=True,
+              help="most generation requests in flight; more get 429 with Retry-After (0: no limit)")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="seconds in-flight requests may take to finish after SIGTERM/SIGINT")
+@click.option("--served-model-name", help="the model name clients use (default: MODEL)")
+@click.option("--max-model-len", type=click.IntRange(min=1), help="context length (default: the model's)")
+@click.option("--kv-cache-memory", type=MemorySize(), help="KV cache size: bytes (2GiB) or fraction of free")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "rocm", "xpu", "torch"]), default="auto",
+              show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve_command(model: str, host: str, port: int, api_key: str | None, allowed_origins: str,
+                  max_queue: int, drain_timeout: float, served_model_name: str | None,
+                  max_model_len: int | None, kv_cache_memory: float | None, device: str, dtype: str,
+                  threads: int | None, log_level: str) -> None:
+    """Serve MODEL (a catalog name, a .gguf file or a Hugging Face folder) over HTTP.
+
+    OpenAI routes under /v1 (models, completions, chat/completions), Ollama routes under /api,
+    plus /health, /metrics, /tokenize, /detokenize, /version and /docs.
+
+        edgellm serve smollm2-135m-instruct --port 8000 --max-queue 64
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_options = {"max_model_len": max_model_len, "kv_cache_memory": kv_cache_memory, "device": device,
+                      "dtype": dtype, "threads": threads}
+    settings = ServerSettings(
+        model=model, host=host, port=port, served_model_name=served_model_name, api_key=api_key or None,
+        allowed_origins=_origins(allowed_origins), max_queue=max_queue or None, drain_timeout=drain_timeout,
+        log_level=log_level, engine_options={k: v for k, v in engine_options.items() if v is not None},
+    )
+    from edgellm.async_llm import AsyncLLM
+    from edgellm.server.run import serve_engine
+
+    click.echo(f"loading {model} ...", err=True)
+    try:
+        engine = AsyncLLM(model, **settings.engine_options)
+    except Exception as e:
+        logging.getLogger(__name__).debug("load failed", exc_info=True)
+        raise click.ClickException(f"cannot load {model}: {e}") from e
+    try:
+        code = serve_engine(engine, settings)
+    finally:
+        engine.shutdown()
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # python -m edgellm.cli.serve MODEL [OPTIONS]
+    serve_command()
