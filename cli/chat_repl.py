@@ -16,6 +16,7 @@ from edgellm.cli.chat_commands import is_command, run_command
 from edgellm.cli.chat_session import ChatSession
 from edgellm.cli.chat_turn import Answer, stream_answer
 from edgellm.cli.errors import one_line
+from edgellm.cli.terminal import no_echo
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def ask(client: ChatClient, session: ChatSession, text: str) -> Answer | None:
     """Send one user message and stream the answer; None if the request failed (the error is shown)."""
     messages = session.begin_turn(text)
     try:
-        answer = stream_answer(client, messages, session.settings, write_out)
+        with no_echo():
+            answer = stream_answer(client, messages, session.settings, write_out)
     except Exception as e:
         session.fail_turn()
         logger.debug("request failed", exc_info=True)

@@ -39,16 +39,21 @@ def spinner(message: str, stream: IO[str] | None = None, interval: float = 0.1) 
         out.flush()
 
 
+# chat and generate run one request at a time: a KV cache for one full context is enough, and
+# allocating the engine's server-sized default (up to 2 GiB zeroed) would only delay the first token
+SINGLE_USER = {"max_num_seqs": 1}
+
+
 def load_llm(model: str, engine: dict[str, Any]) -> Any:
-    """An ``LLM`` for ``model`` with engine options ``engine``: fetched first if not cached (with a
-    progress bar), then loaded behind a spinner. Errors propagate (one line each in the CLI)."""
+    """An ``LLM`` for ``model`` with engine options ``engine``, sized for one user: fetched first if
+    not cached (with a progress bar), then loaded behind a spinner. Errors propagate (one line each)."""
     from edgellm.catalog import resolve_model
 
     resolve_model(model)  # a download shows its own progress bar, so do it before the spinner starts
     with spinner(f"loading {model}"):
         from edgellm import LLM
 
-        return LLM(model, **engine)
+        return LLM(model, **{**SINGLE_USER, **engine})
 
 
 def has_chat_template(llm: Any) -> bool:

@@ -14,7 +14,7 @@ from edgellm.cli.group import LazyCommand, LazyGroup
 COMMANDS: dict[str, LazyCommand] = {
     "chat": LazyCommand("edgellm.cli.chat:chat_command", "Chat with a model in the terminal, or answer piped input."),
     "generate": LazyCommand("edgellm.cli.generate:generate_command", "Complete one prompt, streaming to stdout."),
-    "serve": LazyCommand("edgellm.cli.serve:serve_command", "Serve the OpenAI-compatible HTTP API.",
+    "serve": LazyCommand("edgellm.cli.serve:serve_command", "Serve the OpenAI- and Ollama-compatible HTTP API.",
                          optional=True),
     "bench": LazyCommand("edgellm.cli.bench:bench_group", "Measure throughput and latency.", optional=True),
     "pull": LazyCommand("edgellm.cli.models:pull_command", "Download a model into the cache."),
