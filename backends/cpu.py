@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from edgellm.backends.base import AttentionMetadata, Capabilities
 from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.int4_dequant import int4pack_to_bf16_t
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rows, q8_0_rows_raw, repack_q8_0
 from edgellm.quant import QuantizedTensor
@@ -32,6 +33,7 @@ SERIAL_ATTENTION_WORK = 8192
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
 Q8_0_GEMM_MIN_ROWS = 32
+INT4_GEMV_MAX_ROWS = 16  # above this, expanding to bf16 for oneDNN GEMM wins
 Q8_0_GEMM_TILE_ROWS = 4096
 
 
@@ -48,15 +50,25 @@ class Int4PackedWeight:
     shape: tuple[int, int]
 
     @classmethod
-    def from_quantized(cls, w: QuantizedTensor, dtype: torch.dtype) -> Int4PackedWeight:
+    def from_quantized(cls, w: QuantizedTensor) -> Int4PackedWeight:
         n, k = w.shape
         f = split_blocks(w.fmt, w.data.reshape(n, k // 32, -1))
         q = f["q"].reshape(n, k).to(torch.int32)
         d = f["d"].squeeze(-1)  # [N, K/32]
         zero = f["m"].squeeze(-1) + 8 * d if w.fmt == "Q4_1" else torch.zeros_like(d)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        sz = torch.stack([d.t(), zero.t()], dim=-1).to(dtype).contiguous()
+        # the kernel's fast path takes bf16 activations and bf16 scales; fp32 is ~50x slower
+        sz = torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return cls(packed, sz, (n, k))
+
+    def expand_bf16_t(self) -> torch.Tensor:
+        """``W^T`` as dense bf16 ``[K, N]`` in a scratch buffer shared by weights of one shape."""
+        n, k = self.shape
+        out = _scratch(k, n)
+        sz = self.scale_zeros.float()
+        int4pack_to_bf16_t(self.packed.view(n // 64, k, 32).numpy(), sz[..., 0].contiguous().numpy(),
+                           sz[..., 1].contiguous().numpy(), 32, out.view(torch.uint16).numpy())
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -131,19 +143,19 @@ class CPUBackend(TorchBackend):
 
     def prepare_weight(self, weight: Any, dtype: torch.dtype) -> Any:
         if isinstance(weight, QuantizedTensor) and weight.fmt in ("Q4_0", "Q4_1"):
-            return Int4PackedWeight.from_quantized(weight, dtype)
+            return Int4PackedWeight.from_quantized(weight)
         if isinstance(weight, QuantizedTensor) and weight.fmt == "Q8_0":
             return Q8_0Weight.from_quantized(weight)
         return super().prepare_weight(weight, dtype)
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(weight, Int4PackedWeight):
-            lead = x.shape[:-1]
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, x.shape[-1]).to(weight.scale_zeros.dtype).contiguous(),
-                weight.packed, 32, weight.scale_zeros,
-            ).to(x.dtype)
-            y = y.reshape(*lead, -1)
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+            if x2.shape[0] <= INT4_GEMV_MAX_ROWS or weight.shape[0] % 64:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight.packed, 32, weight.scale_zeros)
+            else:  # many rows: oneDNN's bf16 GEMM on the weight expanded into scratch
+                y = torch.mm(x2, weight.expand_bf16_t())
+            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         if isinstance(weight, Q8_0Weight):
             y = self._q8_0_linear(x.reshape(-1, x.shape[-1]), weight).to(x.dtype)
@@ -220,6 +232,16 @@ class CPUBackend(TorchBackend):
         )
         self._meta_key = key
         return self._meta_np
+
+
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _scratch(k: int, n: int) -> torch.Tensor:
+    buf = _SCRATCH.get((k, n))
+    if buf is None:
+        buf = _SCRATCH[(k, n)] = torch.empty(k, n, dtype=torch.bfloat16)
+    return buf
 
 
 def default_threads() -> int:
