@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.tmux_driver import TmuxDriver
+from .tmux_driver import TmuxDriver
 
 pytestmark = pytest.mark.slow
 
