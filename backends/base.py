@@ -116,8 +116,12 @@ class Backend(ABC):
     # -- KV cache -----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                           head_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """One tensor per layer, ``[2, num_blocks, num_kv_heads, block_size, head_dim]``."""
-        return [torch.zeros(2, num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype,
+        """One tensor per layer, ``[2, num_blocks, num_kv_heads, block_size, head_dim]``.
+
+        Left uninitialised: attention never reads a slot before writing it, and untouched pages of a
+        large pool then cost no resident memory (nor the time to zero them at start-up).
+        """
+        return [torch.empty(2, num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype,
                             device=self.device) for _ in range(num_layers)]
 
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
@@ -132,5 +136,5 @@ class Backend(ABC):
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype
 
-    def synchronize(self) -> None:
-        pass
+    def synchronize(self) -> None:  # noqa: B027 - a no-op unless the device runs asynchronously
+        """Wait for queued device work (a no-op on synchronous devices such as the CPU)."""

@@ -17,13 +17,13 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
+
 from edgellm.backends.base import AttentionMetadata, Capabilities
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_bf16_t
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rows, q8_0_rows_raw, repack_q8_0
 from edgellm.quant import QuantizedTensor
-from edgellm.quant.formats import split_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,18 @@ class Int4PackedWeight:
     @classmethod
     def from_quantized(cls, w: QuantizedTensor) -> Int4PackedWeight:
         n, k = w.shape
-        f = split_blocks(w.fmt, w.data.reshape(n, k // 32, -1))
-        q = f["q"].reshape(n, k).to(torch.int32)
-        d = f["d"].squeeze(-1)  # [N, K/32]
-        zero = f["m"].squeeze(-1) + 8 * d if w.fmt == "Q4_1" else torch.zeros_like(d)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        spec = 20 if w.fmt == "Q4_1" else 18
+        blocks = w.data.reshape(n, k // 32, spec)
+        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()  # [N, K/32]
+        zero = (blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() + 8 * d
+                if w.fmt == "Q4_1" else torch.zeros_like(d))
+        qs = blocks[..., spec - 16:]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)  # uint8 nibbles in element order
+        if n % 64 == 0:  # build ATen's layout directly: [N/64, K, 32], row j low, row j+32 high
+            q = q.reshape(n // 64, 2, 32, k)
+            packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous().reshape(n, k // 2)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         # the kernel's fast path takes bf16 activations and bf16 scales; fp32 is ~50x slower
         sz = torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return cls(packed, sz, (n, k))

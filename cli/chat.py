@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from edgellm.cli.options import DEFAULT_MODEL, MODEL, chat_sampling_options, engine_options
 
 

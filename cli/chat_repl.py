@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from edgellm.cli.chat_clients import ChatClient
 from edgellm.cli.chat_commands import is_command, run_command
 from edgellm.cli.chat_session import ChatSession

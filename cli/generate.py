@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import click
+
 from edgellm.cli.options import DEFAULT_MODEL, MODEL, engine_options, sampling_options
 
 

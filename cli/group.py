@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 import click
+
 from edgellm.cli.errors import VERBOSE_KEY, one_line
 
 logger = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 import click
+
 from edgellm.cli.models import human_size
 
 

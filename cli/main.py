@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import click
+
 from edgellm import __version__
 from edgellm.cli.errors import VERBOSE_KEY
 from edgellm.cli.group import LazyCommand, LazyGroup

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import click
+
 from edgellm.cli.options import MODEL
 
 

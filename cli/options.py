@@ -61,6 +61,7 @@ class ModelName(click.ParamType):
 
     def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
         from click.shell_completion import CompletionItem
+
         from edgellm.catalog import CATALOG
 
         names = [n for e in CATALOG.values() for n in (e.name, *e.aliases)]

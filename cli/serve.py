@@ -6,6 +6,7 @@ import re
 import sys
 
 import click
+
 from edgellm.server.settings import ServerSettings
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,

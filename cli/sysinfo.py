@@ -79,6 +79,7 @@ def package_version(name: str) -> str | None:
 def accelerator_info() -> dict[str, Any]:
     """torch's view: version, CPU capability, and CUDA / ROCm / XPU devices."""
     import torch
+
     from edgellm.backends.registry import available_devices
 
     avail = available_devices()

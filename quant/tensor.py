@@ -40,11 +40,11 @@ class QuantizedTensor:
         """Dequantize only the selected rows (an embedding lookup)."""
         return dequantize_blocks(self.fmt, self.data[index.reshape(-1)], dtype).reshape(*index.shape, -1)
 
-    def permute_rows(self, perm: torch.Tensor) -> "QuantizedTensor":
+    def permute_rows(self, perm: torch.Tensor) -> QuantizedTensor:
         return QuantizedTensor(self.fmt, self.data[perm].contiguous(), self.shape)
 
     @staticmethod
-    def cat_rows(parts: list["QuantizedTensor"]) -> "QuantizedTensor":
+    def cat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
         fmt, cols = parts[0].fmt, parts[0].shape[1]
         if any(p.fmt != fmt or p.shape[1] != cols for p in parts):
             raise ValueError("can only concatenate rows of one format and width")
@@ -52,12 +52,12 @@ class QuantizedTensor:
         return QuantizedTensor(fmt, data, (data.shape[0], cols))
 
 
-def cat_rows(parts: list) -> "torch.Tensor | QuantizedTensor":
+def cat_rows(parts: list) -> torch.Tensor | QuantizedTensor:
     """Concatenate weights along the output dimension, dense or quantized alike."""
     if all(isinstance(p, QuantizedTensor) for p in parts):
         return QuantizedTensor.cat_rows(parts)
     return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts], dim=0)
 
 
-def permute_rows(w: "torch.Tensor | QuantizedTensor", perm: torch.Tensor):
+def permute_rows(w: torch.Tensor | QuantizedTensor, perm: torch.Tensor):
     return w.permute_rows(perm) if isinstance(w, QuantizedTensor) else w[perm].contiguous()

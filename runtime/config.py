@@ -29,7 +29,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_hf(cls, hf: Any) -> "ModelConfig":
+    def from_hf(cls, hf: Any) -> ModelConfig:
         """Build from a transformers ``PretrainedConfig`` (LlamaConfig, MistralConfig, Qwen2Config...)."""
         arch = (getattr(hf, "architectures", None) or [hf.model_type])[0]
         num_heads = hf.num_attention_heads

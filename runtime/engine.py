@@ -290,8 +290,8 @@ class LLMEngine:
         ]
         usage = Usage(len(req.prompt_token_ids), sum(s.num_output_tokens for s in req.seqs),
                       req.num_cached_tokens)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, usage,
-                             replace(req.metrics))
+        metrics = replace(req.metrics, num_output_tokens=max((s.num_output_tokens for s in req.seqs), default=0))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, usage, metrics)
 
     def stats(self) -> EngineStats:
         bm, sch = self.block_manager, self.scheduler

@@ -39,6 +39,7 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m-instruct", **engine_options: Any) -> None:
         self.engine = LLMEngine(engine_config(model, **engine_options))
         self._ids = itertools.count()
+        self._parked: dict[str, list[RequestOutput]] = {}  # outputs for streams not being read now
 
     @property
     def tokenizer(self):
@@ -67,27 +68,39 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         while len(done) < len(reqs):
             for out in self.engine.step():
-                if out.finished:
+                if out.request_id in self._parked:  # a stream being read elsewhere
+                    self._parked[out.request_id].append(out)
+                elif out.finished:
                     done[out.request_id] = out
         return [done[r.request_id] for r in reqs]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield text deltas as they are generated; closing the iterator aborts the request."""
         rid = self._add(prompt, params)
+        self._parked[rid] = []
         finished = False
         try:
             while not finished:
-                for out in self.engine.step():
-                    if out.request_id != rid:
-                        continue
+                for out in self._outputs_for(rid):
                     finished = out.finished
                     for c in out.outputs:
                         if c.delta_text or c.delta_token_ids or c.finish_reason:
                             yield StreamDelta(rid, c.index, c.delta_text, c.delta_token_ids, c.finish_reason,
                                               c.delta_logprobs, out.usage if out.finished else None)
         finally:
+            self._parked.pop(rid, None)
             if not finished:
                 self.engine.abort_request(rid)
+
+    def _outputs_for(self, rid: str) -> list[RequestOutput]:
+        """This stream's outputs: parked ones first, else one engine step (parking the others')."""
+        mine = self._parked[rid]
+        if not mine:
+            for out in self.engine.step():
+                if out.request_id in self._parked:
+                    self._parked[out.request_id].append(out)
+        self._parked[rid] = []
+        return mine
 
     def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None,
              stream: bool = False, add_generation_prompt: bool = True):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from edgellm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -327,11 +328,13 @@ def _thresholds(
 def _sample_candidates(
     values: torch.Tensor, ids: torch.Tensor, threshold: torch.Tensor, uniform: torch.Tensor
 ) -> torch.Tensor:
-    """Inverse-CDF sample among candidates at or above ``threshold``, in (probability, id) order."""
-    # topk orders ties arbitrarily and differently for different widths: sort them by id
-    by_id, order = ids.sort(dim=-1)
+    """Inverse-CDF sample among candidates at or above ``threshold``, walked in token-id order.
+
+    Id order (not probability order) keeps a seeded draw stable when the logits move by rounding
+    noise (another kernel path for a bigger batch): a near-tie that swaps two candidates' ranks
+    would otherwise shift every later boundary of the running sum.
+    """
+    ids, order = ids.sort(dim=-1)
     values = values.gather(1, order)
-    values, order = values.sort(dim=-1, descending=True, stable=True)
-    ids = by_id.gather(1, order)
     kept = values * (values >= threshold.unsqueeze(1))
     return ids.gather(1, _inverse_cdf(kept, uniform).unsqueeze(1)).squeeze(1)

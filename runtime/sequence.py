@@ -26,7 +26,7 @@ class Sequence:
     per decode); when it does, the sequence samples its next token. Preemption resets it to 0.
     """
 
-    request: "Request"
+    request: Request
     index: int  # which of the request's n samples
     token_ids: list[int]
     num_prompt_tokens: int

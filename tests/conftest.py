@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from edgellm.loader.cache import cache_root
 
 logger = logging.getLogger(__name__)

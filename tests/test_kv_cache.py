@@ -1,5 +1,4 @@
 from edgellm.kv_cache import BlockManager
-
 from tests.fakes import make_seq
 
 

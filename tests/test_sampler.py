@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from edgellm.sampler import Sampler, SamplingRow
 from edgellm.sampling_params import SamplingParams
 

@@ -2,7 +2,6 @@ import pytest
 
 from edgellm.kv_cache import BlockManager
 from edgellm.scheduler import Scheduler
-
 from tests.fakes import make_seq
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
+
 from edgellm.loader import load_model
 from edgellm.loader.gguf_file import read_header
 from edgellm.loader.gguf_tokenizer import load_gguf_tokenizer, tokenizer_cache_dir
 from edgellm.tokenizer import apply_chat_template, decode, encode_prompt
-from transformers import AutoTokenizer
 
 TEXTS = ["Hello world", "The capital of France is", "  leading spaces\nand a newline, émoji 🚀", ""]
 CHATS = [

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numba
 import torch
 import torch.nn.functional as F
+
 from edgellm.backends.base import AttentionMetadata
 from edgellm.backends.cpu import CPUBackend, Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend

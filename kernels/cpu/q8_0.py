@@ -15,8 +15,9 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-from edgellm.kernels.cpu.paged_attention import FASTMATH
 from numba import njit, prange
+
+from edgellm.kernels.cpu.paged_attention import FASTMATH
 
 QK = 32  # weights per GGML block
 ROWS_PER_TASK = 64  # output features per parallel task: 36 KiB of int8 at K=576, enough to amortize

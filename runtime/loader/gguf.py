@@ -12,12 +12,13 @@ import re
 from typing import Any
 
 import torch
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
 from edgellm.config import ModelConfig
 from edgellm.loader.errors import ModelLoadError
 from edgellm.loader.gguf_file import GGUFHeader, GGUFTensorInfo, read_header, read_tensor_bytes
 from edgellm.quant import FORMATS, QuantizedTensor
-from gguf.constants import GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
 
 logger = logging.getLogger(__name__)
 

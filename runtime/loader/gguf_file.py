@@ -20,8 +20,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from edgellm.loader.errors import ModelLoadError
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from edgellm.loader.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from edgellm.config import ModelConfig
 from edgellm.loader.errors import ModelLoadError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from edgellm.config import ModelConfig
 from edgellm.loader.errors import ModelLoadError
 from edgellm.quant import QuantizedTensor

@@ -1,6 +1,9 @@
 """Service routes: ``/health``, ``/version``, ``/metrics``, and vLLM's ``/tokenize`` and ``/detokenize``."""
 from __future__ import annotations
 
+from fastapi import APIRouter
+from fastapi.responses import Response
+
 import edgellm
 from edgellm.server.context import Ctx
 from edgellm.server.errors import APIError
@@ -12,14 +15,12 @@ from edgellm.server.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
-from fastapi import APIRouter
-from fastapi.responses import Response
 
 router = APIRouter()
 
 
 @router.get("/health", tags=["service"], responses={503: {"description": "draining for shutdown"}})
-async def health(ctx: Ctx) -> Response:
+async def health() -> Response:
     """200 while the server takes requests (503 once it drains: the gate answers that)."""
     return Response(status_code=200)
 

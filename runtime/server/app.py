@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
 import edgellm
 from edgellm.server import admin_routes, ollama_routes, openai_routes
 from edgellm.server.context import ServerContext
@@ -12,8 +15,6 @@ from edgellm.server.gate import OPEN_PATHS, Gate, GateMiddleware
 from edgellm.server.metrics import ServerMetrics
 from edgellm.server.model_card import ModelCard
 from edgellm.server.settings import ServerSettings
-from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 logger = logging.getLogger(__name__)
 

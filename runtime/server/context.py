@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+from fastapi import Depends, Request
+
 from edgellm.server.gate import Gate
 from edgellm.server.metrics import ServerMetrics
 from edgellm.server.model_card import ModelCard
 from edgellm.server.settings import ServerSettings
-from fastapi import Depends, Request
 
 
 @dataclass

@@ -10,8 +10,9 @@ import hmac
 import logging
 import time
 
-from edgellm.server.errors import APIError
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edgellm.server.errors import APIError
 
 logger = logging.getLogger(__name__)
 

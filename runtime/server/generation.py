@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import TypeVar
 
+from starlette.requests import Request
+
 from edgellm.outputs import RequestOutput
 from edgellm.sampling_params import SamplingParams
 from edgellm.server.context import ServerContext
 from edgellm.server.errors import APIError
-from starlette.requests import Request
 
 logger = logging.getLogger(__name__)
 

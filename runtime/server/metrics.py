@@ -10,13 +10,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from edgellm.outputs import RequestOutput
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edgellm.outputs import RequestOutput
+
 logger = logging.getLogger(__name__)
 
+OUTCOMES = ("stop", "length", "abort", "rejected", "error")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
@@ -80,6 +82,10 @@ class ServerMetrics:
                               "after the first, per request.", labels, buckets=_TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("edgellm_e2e_request_latency_seconds", "Arrival to last output.", labels,
                              buckets=_LATENCY_BUCKETS, registry=r)
+        for outcome in OUTCOMES:  # every series exists (at 0) from the start, so rates work at once
+            self.requests.labels(model, outcome)
+        for series in (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e):
+            series.labels(model)
         r.register(EngineCollector(stats, model))
 
     def observe(self, out: RequestOutput | None, outcome: str) -> None:

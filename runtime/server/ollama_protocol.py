@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from edgellm.sampling_params import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field
+
+from edgellm.sampling_params import SamplingParams
 
 # Ollama's runner defaults when neither the request nor a Modelfile sets them
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1}

@@ -10,6 +10,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 import edgellm
 from edgellm.outputs import RequestOutput
 from edgellm.sampling_params import SamplingParams
@@ -36,9 +40,6 @@ from edgellm.server.ollama_protocol import (
 )
 from edgellm.server.prompts import chat_prompt_ids
 from edgellm.server.streaming import ndjson, ndjson_response
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 

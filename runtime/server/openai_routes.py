@@ -5,6 +5,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
 from edgellm.outputs import CompletionOutput, RequestOutput
 from edgellm.sampling_params import SamplingParams
 from edgellm.server.context import Ctx, ServerContext
@@ -29,8 +32,6 @@ from edgellm.server.protocol import (
     UsageInfo,
 )
 from edgellm.server.streaming import SSE_DONE, sse, sse_response
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from edgellm.sampling_params import SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+from edgellm.sampling_params import SamplingParams
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 

@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+
 from edgellm.server.app import build_app
 from edgellm.server.gate import Gate
 from edgellm.server.settings import ServerSettings

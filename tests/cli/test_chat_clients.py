@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from edgellm.cli.chat_clients import (
     ChatServerError,
     HttpClient,

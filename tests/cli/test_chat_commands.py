@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from edgellm.cli.chat_commands import COMMANDS, Command, is_command, parse_command, run_command
 from edgellm.cli.chat_session import ChatSession, TurnStats
 

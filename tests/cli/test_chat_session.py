@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from edgellm.cli.chat_session import (
     DEFAULT_SETTINGS,
     ChatSession,

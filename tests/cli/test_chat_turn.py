@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from edgellm.cli.chat_clients import Chunk
 from edgellm.cli.chat_turn import catch_sigint, stream_answer
 

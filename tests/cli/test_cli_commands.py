@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+
 from edgellm.cli.group import LazyCommand, LazyGroup
 from edgellm.cli.main import COMMANDS, cli
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 import pytest
+
 from edgellm.cli.errors import one_line
 from edgellm.cli.models import format_table, human_size
 from edgellm.cli.options import MemorySize

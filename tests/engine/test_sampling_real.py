@@ -81,3 +81,20 @@ def test_chat_stream_and_usage(q4_llm):
     assert deltas and deltas[-1].finish_reason in ("stop", "length")
     usage = deltas[-1].usage
     assert usage.prompt_tokens > 0 and usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
+
+
+def test_two_streams_read_in_turn_lose_nothing(q4_llm):
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+    prompts = ["Name a colour.", "Count to five:"]
+    streams = [q4_llm.stream(p, sp) for p, sp in zip(prompts, params)]
+    texts = ["", ""]
+    live = [True, True]
+    while any(live):
+        for i, s in enumerate(streams):
+            if live[i]:
+                try:
+                    texts[i] += next(s).text
+                except StopIteration:
+                    live[i] = False
+    assert texts == [o.text for o in q4_llm.generate(prompts, params)]

@@ -8,7 +8,6 @@ import torch
 
 from edgellm import SamplingParams
 from edgellm.tokenizer import apply_chat_template
-
 from tests.engine.util import full_logits, hf_greedy
 
 pytestmark = pytest.mark.slow

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from edgellm.backends.base import AttentionMetadata
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from edgellm.backends.cpu import CPUBackend, Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.quant import QuantizedTensor

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.paged_attention import paged_attention_step, write_kv

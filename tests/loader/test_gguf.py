@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, RopeScalingType
+
 from edgellm.loader import ModelLoadError, load_model
 from edgellm.loader.gguf import fast_permute_rows, load_gguf, reverse_permutation
 from edgellm.loader.gguf_file import read_header
 from edgellm.quant import QuantizedTensor, permute_rows, quantize_rows
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, RopeScalingType
 
 # ---------------------------------------------------------------- synthetic files
 
@@ -31,7 +32,10 @@ def write_tiny_gguf(
 ) -> dict[str, torch.Tensor]:
     """Write a one-layer model; return the dense weights (HF names) the loader must reproduce."""
     g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
     w = GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_context_length(256)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from edgellm.loader import LoadedModel, ModelLoadError, load_model
 from edgellm.loader.hf import INDEX_FILE
-from transformers import AutoConfig, AutoModelForCausalLM
 
 
 def _hf_state(folder: Path) -> dict[str, torch.Tensor]:

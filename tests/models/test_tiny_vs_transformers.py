@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from edgellm import LLM
-
 from tests.engine.util import full_logits
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
