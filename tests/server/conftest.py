@@ -43,7 +43,7 @@ class ServerProcess:
         self.log_path = log_dir / f"serve-{self.port}.log"
         args = [sys.executable, "-m", "edgellm.cli.serve", str(model), "--port", str(self.port),
                 "--served-model-name", SERVED_NAME, "--max-model-len", str(MAX_MODEL_LEN),
-                "--kv-cache-memory", "256MiB", "--log-level", "warning", *extra]
+                "--kv-cache-memory", "512MiB", "--log-level", "warning", *extra]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_ready()

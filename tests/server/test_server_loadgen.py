@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 CANDIDATES = [os.environ.get("EDGELLM_BENCH_DIR", ""), "/shared/bench", "/work/shared/bench",
               str(Path(__file__).resolve().parents[2] / "bench")]
 REQUESTS = 128
+MAX_TOKENS = 16
 
 
 def bench_dir() -> Path:
@@ -29,15 +30,27 @@ def bench_dir() -> Path:
     pytest.skip(f"loadgen.py and prompts.jsonl not found in any of {[c for c in CANDIDATES if c]}")
 
 
+def capped_prompts(src: Path, dst: Path) -> Path:
+    """The shared prompt set with each record's ``max_tokens`` (which beats ``--max-tokens``) capped."""
+    with src.open() as f, dst.open("w") as g:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                rec["max_tokens"] = min(int(rec.get("max_tokens", MAX_TOKENS)), MAX_TOKENS)
+                g.write(json.dumps(rec) + "\n")
+    return dst
+
+
 def test_loadgen_concurrency_32_has_no_failures(server: ServerProcess, tmp_path: Path) -> None:
     bench = bench_dir()
+    prompts = capped_prompts(bench / "prompts.jsonl", tmp_path / "prompts.jsonl")
     out = tmp_path / "loadgen.json"
     with httpx.Client(base_url=server.url, timeout=60) as h:
         before = finished_requests(h)
         prompt_before = metric(scrape(h), "edgellm_prompt_tokens_total")
     cmd = [sys.executable, str(bench / "loadgen.py"), "--url", server.url, "--model", SERVED_NAME,
-           "--prompts", str(bench / "prompts.jsonl"), "--concurrency", "32", "--requests", str(REQUESTS),
-           "--max-tokens", "16", "--max-seconds", "3000", "--request-timeout", "3000", "--out", str(out)]
+           "--prompts", str(prompts), "--concurrency", "32", "--requests", str(REQUESTS),
+           "--max-tokens", str(MAX_TOKENS), "--max-seconds", "3000", "--request-timeout", "3000", "--out", str(out)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
