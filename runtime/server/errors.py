@@ -6,6 +6,7 @@ traceback in the body (the traceback goes to the log).
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,8 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from edgellm.sampling_params import SamplingParams
+
 logger = logging.getLogger(__name__)
 
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} | {"top_logprobs"}
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -54,21 +58,23 @@ def is_ollama_path(path: str) -> bool:
     return path.startswith("/api/")
 
 
-def bad_input(exc: ValueError, param: str | None = None) -> APIError:
-    """A ``ValueError`` from request validation (SamplingParams, the engine) as a 400.
+def bad_input(exc: ValueError, prompt_param: str | None = None) -> APIError:
+    """A ``ValueError`` from request validation (SamplingParams, the engine) as a 400 naming the field.
 
-    ``SamplingParams.validate`` starts its messages with the field's name; use it when no better one
-    is known. A prompt that does not fit the context gets OpenAI's ``context_length_exceeded`` code.
+    ``SamplingParams.validate`` starts its messages with the field's name and the engine starts its
+    prompt complaints with "prompt"; ``prompt_param`` is what the caller's protocol calls the prompt
+    (``prompt``, ``messages``). A prompt longer than the context gets OpenAI's ``context_length_exceeded``.
     """
     from edgellm.engine import PromptTooLongError
 
     message = str(exc)
-    if isinstance(exc, PromptTooLongError):
-        return APIError(400, message, param=param, code="context_length_exceeded")
-    if param is None:
-        first = message.split(" ", 1)[0]
-        param = first if first.isidentifier() else None
-    return APIError(400, message, param=param)
+    first = message.split(" ", 1)[0]
+    if first == "prompt":
+        param = prompt_param
+    else:
+        param = first if first in _SAMPLING_FIELDS else None
+    code = "context_length_exceeded" if isinstance(exc, PromptTooLongError) else None
+    return APIError(400, message, param=param, code=code)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}

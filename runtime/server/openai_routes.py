@@ -54,13 +54,7 @@ async def _start(request: Request, ctx: ServerContext, prompts: list[str | list[
     try:
         return await until_disconnect(request, start(ctx, prompts, params, priority, rid))
     except ValueError as e:
-        raise bad_input(e, param if str(e).startswith("prompt") or _is_length(e) else None) from None
-
-
-def _is_length(e: ValueError) -> bool:
-    from edgellm.engine import PromptTooLongError
-
-    return isinstance(e, PromptTooLongError)
+        raise bad_input(e, param) from None
 
 
 async def _finals(request: Request, gens: Generations) -> list[RequestOutput]:
@@ -115,7 +109,7 @@ async def completions(body: CompletionRequest, request: Request,
     try:
         prompts, params = body.prompts(), body.to_sampling_params()
     except ValueError as e:
-        raise bad_input(e, "prompt" if str(e).startswith("prompt") else None) from None
+        raise bad_input(e, "prompt") from None
     rid = new_id("cmpl")
     gens = await _start(request, ctx, prompts, params, body.priority, rid, "prompt")
     if body.stream:
@@ -182,7 +176,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     try:
         params = body.to_sampling_params()
     except ValueError as e:
-        raise bad_input(e, "top_logprobs" if "top_logprobs" in str(e) else None) from None
+        raise bad_input(e) from None
     ids = chat_prompt_ids(ctx.engine.tokenizer, openai_messages(body.messages), body.add_generation_prompt)
     rid = new_id("chatcmpl")
     gens = await _start(request, ctx, [ids], params, body.priority, rid, "messages")
