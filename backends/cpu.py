@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata, Capabilities
 from edgellm.backends.torch_ref import TorchBackend
-from edgellm.kernels.cpu.int4_dequant import int4pack_to_bf16_t
+from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rows, q8_0_rows_raw, repack_q8_0
 from edgellm.quant import QuantizedTensor
@@ -33,7 +33,7 @@ SERIAL_ATTENTION_WORK = 8192
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
 Q8_0_GEMM_MIN_ROWS = 32
-INT4_GEMV_MAX_ROWS = 16  # above this, expanding to bf16 for oneDNN GEMM wins
+INT4_GEMV_MAX_ROWS = 16  # above this, expanding the weight for a BLAS GEMM wins
 Q8_0_GEMM_TILE_ROWS = 4096
 
 
@@ -68,13 +68,13 @@ class Int4PackedWeight:
         sz = torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return cls(packed, sz, (n, k))
 
-    def expand_bf16_t(self) -> torch.Tensor:
-        """``W^T`` as dense bf16 ``[K, N]`` in a scratch buffer shared by weights of one shape."""
+    def expand_f32_t(self) -> torch.Tensor:
+        """``W^T`` as exact float32 ``[K, N]`` in a scratch buffer shared by weights of one shape."""
         n, k = self.shape
         out = _scratch(k, n)
         sz = self.scale_zeros.float()
-        int4pack_to_bf16_t(self.packed.view(n // 64, k, 32).numpy(), sz[..., 0].contiguous().numpy(),
-                           sz[..., 1].contiguous().numpy(), 32, out.view(torch.uint16).numpy())
+        int4pack_to_f32_t(self.packed.view(n // 64, k, 32).numpy(), sz[..., 0].contiguous().numpy(),
+                          sz[..., 1].contiguous().numpy(), 32, out.numpy())
         return out
 
     @property
@@ -160,8 +160,8 @@ class CPUBackend(TorchBackend):
             x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
             if x2.shape[0] <= INT4_GEMV_MAX_ROWS or weight.shape[0] % 64:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight.packed, 32, weight.scale_zeros)
-            else:  # many rows: oneDNN's bf16 GEMM on the weight expanded into scratch
-                y = torch.mm(x2, weight.expand_bf16_t())
+            else:  # many rows: the same arithmetic through BLAS on the weight expanded into scratch
+                y = torch.mm(x2.float(), weight.expand_f32_t()).to(torch.bfloat16)
             y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         if isinstance(weight, Q8_0Weight):
@@ -247,7 +247,7 @@ _SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
 def _scratch(k: int, n: int) -> torch.Tensor:
     buf = _SCRATCH.get((k, n))
     if buf is None:
-        buf = _SCRATCH[(k, n)] = torch.empty(k, n, dtype=torch.bfloat16)
+        buf = _SCRATCH[(k, n)] = torch.empty(k, n, dtype=torch.float32)
     return buf
 
 
