@@ -58,9 +58,6 @@ class Generations:
         self._streams, self._firsts = streams, firsts
         self._tasks: list[asyncio.Task] = []
 
-    def __len__(self) -> int:
-        return len(self._streams)
-
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yield ``(prompt index, output)`` as outputs arrive, first outputs first."""
         for i, first in enumerate(self._firsts):
