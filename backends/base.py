@@ -40,6 +40,10 @@ class AttentionMetadata:
     block_size: int
     max_query_len: int
     max_seq_len: int
+    # the first rows are generated tokens fed back (decodes), the rest prompt tokens: kernels that have
+    # a small-batch and a large-batch path choose per row kind, so a token's arithmetic never depends
+    # on what else is in the batch
+    num_decode_tokens: int = 0
     # host copies for kernels and loops that want Python ints
     query_start_loc_list: list[int] = field(default_factory=list)
     seq_lens_list: list[int] = field(default_factory=list)
@@ -132,6 +136,9 @@ class Backend(ABC):
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         for cache in kv_caches:
             cache[:, dst] = cache[:, src]
+
+    def begin_step(self, meta: AttentionMetadata) -> None:
+        """Called by the runner before each forward pass; backends may keep per-step facts."""
 
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype

@@ -114,6 +114,7 @@ class CPUBackend(TorchBackend):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         self.threads = threads
         self._kv_views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+        self._step_rows = self._decode_rows = -1
         self._meta_key: tuple = ()
         self._meta_np: tuple[np.ndarray, ...] = ()
         if warmup:
@@ -158,17 +159,35 @@ class CPUBackend(TorchBackend):
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(weight, Int4PackedWeight):
             x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-            if x2.shape[0] <= INT4_GEMV_MAX_ROWS or weight.shape[0] % 64:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight.packed, 32, weight.scale_zeros)
-            else:  # many rows: the same arithmetic through BLAS on the weight expanded into scratch
-                y = torch.mm(x2.float(), weight.expand_f32_t()).to(torch.bfloat16)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+            y = self._int4_linear(x2, weight).to(x.dtype).reshape(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         if isinstance(weight, Q8_0Weight):
             y = self._q8_0_linear(x.reshape(-1, x.shape[-1]), weight).to(x.dtype)
             y = y.reshape(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         return super().linear(x, weight, bias)
+
+    def begin_step(self, meta: AttentionMetadata) -> None:
+        self._step_rows = int(meta.slot_mapping.shape[0])
+        self._decode_rows = meta.num_decode_tokens
+
+    def _int4_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
+        """Generated tokens through ATen's int4 kernel, prompt tokens through an exact fp32 GEMM.
+
+        Both compute "fp32 dequantize, fp32 accumulate, round to bf16"; choosing by the kind of token
+        (not the batch size) keeps every token's numbers the same alone or in any batch.
+        """
+        m = x.shape[0]
+        split = self._decode_rows if m == self._step_rows else (m if m <= INT4_GEMV_MAX_ROWS else 0)
+        if w.shape[0] % 64:  # no expansion kernel for ragged row blocks: the int4 kernel does all
+            split = m
+        if split >= m:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
+        prompt = _tiled_mm(x[split:].float(), w.expand_f32_t()).to(torch.bfloat16)
+        if split == 0:
+            return prompt
+        gen = torch.ops.aten._weight_int4pack_mm_for_cpu(x[:split], w.packed, 32, w.scale_zeros)
+        return torch.cat([gen, prompt])
 
     def _q8_0_linear(self, x: torch.Tensor, w: Q8_0Weight) -> torch.Tensor:
         xf = x.float().contiguous()
@@ -239,6 +258,25 @@ class CPUBackend(TorchBackend):
         )
         self._meta_key = key
         return self._meta_np
+
+
+GEMM_TILE_ROWS = 64
+
+
+def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """``x @ w_t`` in fixed 64-row tiles (the last one zero-padded).
+
+    BLAS picks its blocking by the row count, so a row's result can change with the batch size.
+    Fixed tiles give every row the same algorithm, so prompts compute the same numbers in any batch.
+    """
+    m = x.shape[0]
+    padded = -(-m // GEMM_TILE_ROWS) * GEMM_TILE_ROWS
+    if padded != m:
+        x = torch.cat([x, x.new_zeros(padded - m, x.shape[1])])
+    out = x.new_empty(padded, w_t.shape[1])
+    for i in range(0, padded, GEMM_TILE_ROWS):
+        torch.mm(x[i:i + GEMM_TILE_ROWS], w_t, out=out[i:i + GEMM_TILE_ROWS])
+    return out[:m]
 
 
 _SCRATCH: dict[tuple[int, int], torch.Tensor] = {}

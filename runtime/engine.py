@@ -193,7 +193,6 @@ class LLMEngine:
             m = s.seq.request.metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-            s.seq.delta_text, s.seq.delta_token_ids, s.seq.delta_logprobs = "", [], []
         logits = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
         touched = self._sample_and_append(sched, logits)
@@ -203,6 +202,8 @@ class LLMEngine:
                 req.metrics.finished_time = time.time()
                 self.requests.pop(req.request_id, None)
             outputs.append(self._output(req))
+            for s in req.seqs:  # reported: a finished or waiting sample must not repeat its last delta
+                s.delta_text, s.delta_token_ids, s.delta_logprobs = "", [], []
         return outputs
 
     def _sample_and_append(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[Request]:

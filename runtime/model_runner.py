@@ -29,6 +29,13 @@ class ModelRunner:
         self.block_size = block_size
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
+        # generated tokens first (stable: the engine reads sampled rows in this same order)
+        sched.scheduled.sort(key=lambda s: s.seq.num_computed_tokens < s.seq.num_prompt_tokens)
+        num_decode = 0
+        for s in sched.scheduled:
+            if s.seq.num_computed_tokens < s.seq.num_prompt_tokens:
+                break
+            num_decode += s.num_tokens
         bs = self.block_size
         ids: list[int] = []
         pos_parts, slot_parts = [], []
@@ -59,6 +66,7 @@ class ModelRunner:
             block_size=bs,
             max_query_len=max(s.num_tokens for s in sched.scheduled),
             max_seq_len=max(seq_lens),
+            num_decode_tokens=num_decode,
             query_start_loc_list=qsl,
             seq_lens_list=seq_lens,
         )
@@ -75,6 +83,7 @@ class ModelRunner:
         if sched.copies:
             self.backend.copy_blocks(self.kv_caches, sched.copies)
         inp = self.prepare(sched)
+        self.backend.begin_step(inp.meta)
         hidden = self.model.forward(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
         if inp.logits_indices.numel() == 0:
             return torch.empty(0, 0)

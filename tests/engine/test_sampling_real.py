@@ -7,7 +7,7 @@ from edgellm import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-PROMPT = "Tell me a fun fact about cats."
+PROMPT = "Once upon a time, a curious cat"
 
 
 def test_seeded_runs_reproduce_whatever_else_runs(q4_llm):
@@ -43,7 +43,7 @@ def test_min_tokens_and_max_tokens(q4_llm):
     n = len(short.token_ids)
     longer = q4_llm.generate(["Say OK."], SamplingParams(temperature=0, max_tokens=200, min_tokens=n + 10))[0]
     assert len(longer.token_ids) >= n + 10
-    capped = q4_llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=5))[0]
+    capped = q4_llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
     assert len(capped.token_ids) == 5 and capped.finish_reason == "length"
 
 
