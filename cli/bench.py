@@ -15,6 +15,12 @@ def _engine(model: str, **opts):
     return LLMEngine(EngineConfig(model=model, enable_prefix_caching=False, **opts))
 
 
+def _model_path(model: str) -> str:
+    from edgellm.catalog import resolve_model
+
+    return str(resolve_model(model))
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -44,20 +50,30 @@ def bench_group() -> None:
 @click.option("-n", "--output-tokens", default=128, show_default=True)
 @click.option("-r", "--repetitions", default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--engine", "which", type=click.Choice(["edgellm", "hf"]), default="edgellm", show_default=True,
+              help="hf: the Hugging Face transformers baseline on the same weights and prompts.")
 @engine_options
-def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, device, dtype, threads):
+def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, which, device, dtype, threads):
     """Prefill and decode tokens/s for one stream (like llama-bench's pp/tg)."""
-    from edgellm.benchmark import latency
+    from edgellm.benchmark import latency, random_prompt
 
-    engine = _engine(model, device=device, dtype=dtype, threads=threads,
+    engine = _engine(model, device=device, dtype=dtype if which == "edgellm" else "auto", threads=threads,
                      max_num_batched_tokens=max(2048, prompt_tokens), max_num_seqs=4)
-    r = latency(engine, prompt_tokens, output_tokens, repetitions)
+    if which == "hf":
+        from edgellm.benchmark_hf import hf_latency, load_hf
+
+        hf = load_hf(_model_path(model), "float32" if dtype == "auto" else dtype)
+        r = hf_latency(hf, random_prompt(engine, prompt_tokens, 0), output_tokens, repetitions)
+        name, backend = f"transformers {dtype if dtype != 'auto' else 'float32'}", "hf"
+    else:
+        r = latency(engine, prompt_tokens, output_tokens, repetitions)
+        name, backend = engine.model_name, engine.backend.name
     if as_json:
-        click.echo(json.dumps({"model": engine.model_name, "backend": engine.backend.name,
-                               "threads": engine.backend.threads, **asdict(r)}, indent=2))
+        click.echo(json.dumps({"model": name, "backend": backend, "threads": engine.backend.threads,
+                               **asdict(r)}, indent=2))
         return
     click.echo(_table([
-        ("model", f"{engine.model_name} ({engine.backend.name}, {engine.backend.threads} threads)"),
+        ("model", f"{name} ({backend}, {engine.backend.threads} threads)"),
         (f"prefill pp{prompt_tokens}", f"{r.prefill_tok_s:8.1f} tok/s ± {r.prefill_tok_s_sd:.1f}"),
         (f"decode tg{output_tokens}", f"{r.decode_tok_s:8.1f} tok/s ± {r.decode_tok_s_sd:.1f}"),
         ("TTFT / TPOT", f"{r.ttft_ms:.1f} ms / {r.tpot_ms:.2f} ms"),
@@ -73,9 +89,11 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, devic
 @click.option("-n", "--output-tokens", default=128, show_default=True)
 @click.option("--max-num-seqs", default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--engine", "which", type=click.Choice(["edgellm", "hf"]), default="edgellm", show_default=True,
+              help="hf: transformers generate() in static batches of --max-num-seqs.")
 @engine_options
-def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_num_seqs, as_json, device, dtype,
-                   threads):
+def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_num_seqs, as_json, which, device,
+                   dtype, threads):
     """Offline batch: every prompt submitted at once, tokens/s until all finish."""
     from edgellm.benchmark import load_prompts, random_prompt, throughput
 
@@ -84,7 +102,14 @@ def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_
         prompts = load_prompts(prompts_path, engine, num_prompts, offset)
     else:
         prompts = [random_prompt(engine, 256, i) for i in range(num_prompts)]
-    r = throughput(engine, prompts, output_tokens)
+    if which == "hf":
+        from edgellm.benchmark_hf import hf_throughput, load_hf
+
+        hf = load_hf(_model_path(model), "float32" if dtype == "auto" else dtype)
+        pad = engine.tokenizer.pad_token_id or 0
+        r = hf_throughput(hf, prompts, output_tokens, max_num_seqs, pad)
+    else:
+        r = throughput(engine, prompts, output_tokens)
     if as_json:
         click.echo(json.dumps(asdict(r), indent=2))
         return
