@@ -83,8 +83,12 @@ class Backend(ABC):
         return table[dtype]
 
     # -- weights ------------------------------------------------------------------------------
-    def prepare_weight(self, weight: Any, dtype: torch.dtype) -> Any:
-        """Place a weight on the device once at load, in the layout this backend's kernels want."""
+    def prepare_weight(self, weight: Any, dtype: torch.dtype, role: str = "linear") -> Any:
+        """Place a weight on the device once at load, in the layout this backend's kernels want.
+
+        ``role`` is ``linear``, ``embedding``, ``lm_head`` or ``tied_embedding`` (both at once): a
+        backend may pick a different layout for the output head, the largest matmul of a decode step.
+        """
         if isinstance(weight, torch.Tensor):
             return weight.to(self.device, dtype)
         return weight

@@ -44,8 +44,8 @@ class LlamaForCausalLM:
         c, b, dt = self.config, self.backend, self.dtype
         take = weights.pop
 
-        def prep(w: Any) -> Any:
-            return b.prepare_weight(w, dt)
+        def prep(w: Any, role: str = "linear") -> Any:
+            return b.prepare_weight(w, dt, role)
 
         def norm(name: str) -> torch.Tensor:
             return take(name).to(b.device, torch.float32)
@@ -53,9 +53,9 @@ class LlamaForCausalLM:
         embed = take("model.embed_tokens.weight")
         lm_head = weights.pop("lm_head.weight", None)
         if lm_head is None or c.tie_word_embeddings:
-            self.embed = self.lm_head = prep(embed)
+            self.embed = self.lm_head = prep(embed, "tied_embedding")
         else:
-            self.embed, self.lm_head = prep(embed), prep(lm_head)
+            self.embed, self.lm_head = prep(embed, "embedding"), prep(lm_head, "lm_head")
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."

@@ -64,11 +64,22 @@ def test_q4_1_packed_weights_agree_with_fp32_reference(q4_llm, prompt_ids, hf_re
     assert rate >= 0.97
 
 
-def test_q4_1_weights_stay_packed(q4_llm, smollm2_gguf):
-    from edgellm.quant import QuantizedTensor
+def _nbytes(w) -> int:
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return w.nbytes
 
+
+def test_q4_1_weights_stay_packed_within_1_3x_the_file(q4_llm, smollm2_gguf):
     model = q4_llm.engine.model
     layer = model.layers[0]
     for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
-        assert not isinstance(w, torch.Tensor) or w.dtype not in (torch.float32, torch.bfloat16)
-    assert not isinstance(model.embed, torch.Tensor) or isinstance(model.embed, QuantizedTensor)
+        assert not isinstance(w, torch.Tensor)  # packed int4, never a dense float copy
+    weights = [model.embed, model.norm] + [
+        w for layer in model.layers for w in (layer.input_norm, layer.qkv, layer.o_proj, layer.post_norm,
+                                             layer.gate_up, layer.down)]
+    resident = sum(_nbytes(w) for w in weights)
+    file_size = smollm2_gguf.stat().st_size
+    log.warning("resident weights %.1f MB for a %.1f MB file (%.2fx)", resident / 1e6, file_size / 1e6,
+                resident / file_size)
+    assert resident <= 1.3 * file_size
