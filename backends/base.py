@@ -141,7 +141,7 @@ class Backend(ABC):
         for cache in kv_caches:
             cache[:, dst] = cache[:, src]
 
-    def begin_step(self, meta: AttentionMetadata) -> None:
+    def begin_step(self, meta: AttentionMetadata) -> None:  # noqa: B027 - optional hook
         """Called by the runner before each forward pass; backends may keep per-step facts."""
 
     def kv_cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
