@@ -154,11 +154,9 @@ class CPUBackend(TorchBackend):
         if isinstance(weight, QuantizedTensor) and weight.fmt in ("Q4_0", "Q4_1"):
             return Int4PackedWeight.from_quantized(weight)
         if isinstance(weight, QuantizedTensor) and weight.fmt == "Q8_0":
-            if role in ("lm_head", "tied_embedding"):
-                # the vocab-sized head is the largest matmul of a decode step: oneDNN's bf16 GEMV reads
-                # it ~1.7x faster than the Q8_0 kernel, and replacing (not adding to) the Q8_0 copy
-                # keeps a model like SmolLM2 under 1.3x its file size
-                return weight.dequantize(torch.float32).to(torch.bfloat16)
+            # Not bf16 for the vocab-sized head even though oneDNN's bf16 GEMV is ~1.7x faster: CPU GEMMs
+            # return bf16 for bf16 inputs, and logits rounded to bf16 tie often enough to change
+            # greedy answers. The Q8_0 kernel keeps float32 products and float32 logits.
             return Q8_0Weight.from_quantized(weight)
         return super().prepare_weight(weight, dtype, role)
 
