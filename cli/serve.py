@@ -2,33 +2,12 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
 import click
 
+from edgellm.cli.options import MemorySize
 from edgellm.server.settings import ServerSettings
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
-
-
-class MemorySize(click.ParamType):
-    """Bytes (``512MiB``, ``2G``, ``1073741824``) or a fraction of free memory (``0.3``)."""
-
-    name = "size"
-
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int | float:
-        if isinstance(value, (int, float)):
-            return value
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-        unit = m.group(2).lower() if m else ""
-        if not m or unit not in _UNITS:
-            self.fail(f"{value!r} is not a size like 512MiB, 2G or a fraction like 0.3", param, ctx)
-        number = float(m.group(1))
-        if not unit and number <= 1.0:
-            return number
-        return int(number * _UNITS[unit])
 
 
 def _origins(text: str) -> list[str]:

@@ -159,6 +159,7 @@ def test_corrupt_model_files_are_one_line(runner: CliRunner, tmp_path: Path) -> 
 @pytest.mark.parametrize(("args", "needle"), [
     (["generate", "--kv-cache-memory", "lots", "x"], "--kv-cache-memory"),
     (["generate", "--kv-cache-memory", "1.5", "x"], "fraction"),
+    (["serve", "--kv-cache-memory", "1.5"], "fraction"),
     (["generate", "--temperature", "-1", "x"], "--temperature"),
     (["generate", "--device", "tpu", "x"], "--device"),
     (["chat", "--threads", "0"], "--threads"),
