@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # Below this many (query row x key) pairs a step's attention runs on the calling thread: waking the
 # pool costs a few microseconds idle and a whole time slice when another process holds a core.
-SERIAL_ATTENTION_WORK = 8192
+SERIAL_ATTENTION_WORK = 1024  # below this, waking the second thread costs more than it saves
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
 Q8_0_GEMM_MIN_ROWS = 32
