@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from edgellm.loader.cache import cache_root
+from edgellm.fetch import cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -95,7 +95,7 @@ def test_gguf_tokenizer_is_converted_once_then_cached(smollm2_gguf, monkeypatch)
 
 
 def test_cache_root_follows_environment(monkeypatch, tmp_path):
-    from edgellm.loader.cache import cache_root
+    from edgellm.fetch import cache_root
 
     monkeypatch.setenv("EDGELLM_HOME", str(tmp_path / "home"))
     assert cache_root() == tmp_path / "home"

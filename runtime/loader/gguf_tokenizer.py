@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgellm.loader.cache import cache_root
+from edgellm.fetch import cache_root
 from edgellm.loader.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
