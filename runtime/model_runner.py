@@ -29,9 +29,7 @@ class ModelRunner:
         self.block_size = block_size
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
-        # generated tokens first (stable: the engine reads sampled rows in this same order)
-        sched.scheduled.sort(key=lambda s: s.seq.num_computed_tokens < s.seq.num_prompt_tokens)
-        num_decode = 0
+        num_decode = 0  # the scheduler lists sequences feeding back generated tokens first
         for s in sched.scheduled:
             if s.seq.num_computed_tokens < s.seq.num_prompt_tokens:
                 break

@@ -117,6 +117,9 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
             out.copies.extend(copies)
             budget -= n
+        # sequences feeding back generated tokens first (stable): backends pick kernels by token kind,
+        # and the engine reads sampled rows in this same order
+        out.scheduled.sort(key=lambda s: s.seq.num_computed_tokens < s.seq.num_prompt_tokens)
         return out
 
     def update_after_step(self, out: SchedulerOutput) -> None:
