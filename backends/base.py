@@ -5,6 +5,7 @@ Model code calls only these methods and never asks which device it runs on. A ne
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,8 @@ class AttentionMetadata:
     # a small-batch and a large-batch path choose per row kind, so a token's arithmetic never depends
     # on what else is in the batch
     num_decode_tokens: int = 0
+    # this step must use batch-invariant arithmetic (a seeded sampling request is in it)
+    batch_invariant: bool = False
     # host copies for kernels and loops that want Python ints
     query_start_loc_list: list[int] = field(default_factory=list)
     seq_lens_list: list[int] = field(default_factory=list)
@@ -62,9 +65,16 @@ class Backend(ABC):
 
     name = "base"
 
-    def __init__(self, device: str | torch.device = "cpu", threads: int | None = None) -> None:
+    def __init__(self, device: str | torch.device = "cpu", threads: int | None = None,
+                 batch_invariant: bool | None = None) -> None:
         self.device = torch.device(device)
         self.threads = threads
+        # Batch-invariant mode: a token's arithmetic may depend on whether it is a prompt or a
+        # generated token, never on the rest of the batch, so outputs are the same alone or batched
+        # (at some cost in speed). Off by default, as in vLLM; also $EDGELLM_BATCH_INVARIANT=1.
+        if batch_invariant is None:
+            batch_invariant = os.environ.get("EDGELLM_BATCH_INVARIANT", "0").lower() in ("1", "true", "yes")
+        self.batch_invariant = bool(batch_invariant)
 
     # -- identity and capability --------------------------------------------------------------
     @abstractmethod

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -19,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata, Capabilities
+from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
-from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox
-from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
-from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rows, q8_0_rows_raw, repack_q8_0
+from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step, write_kv
+from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_dot_pairs, q8_0_matmul, q8_0_rows, q8_0_rows_raw
 from edgellm.quant import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -31,91 +30,33 @@ logger = logging.getLogger(__name__)
 # Below this many (query row x key) pairs a step's attention runs on the calling thread: waking the
 # pool costs a few microseconds idle and a whole time slice when another process holds a core.
 SERIAL_ATTENTION_WORK = 1024  # below this, waking the second thread costs more than it saves
-# From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
-# blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
-Q8_0_GEMM_MIN_ROWS = 32
-INT4_GEMV_MAX_ROWS = 16  # above this, expanding the weight for a BLAS GEMM wins
+# ATen's int4 kernel costs ~linear time per row; past this many rows expanding the weight to bf16
+# and one oneDNN GEMM (AMX / AVX512-BF16) is cheaper (bench_kernels.py).
+INT4_KERNEL_MAX_ROWS = 32
+INT4_GEMV_MAX_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
+# From this many rows the Q8_0 head is expanded to bf16 in tiles for oneDNN, then the logits near
+# each row's maximum are recomputed exactly in float32 (see ``_q8_0_head_bf16``).
+Q8_0_BF16_MIN_ROWS = 48
+Q8_0_GEMM_MIN_ROWS = 32  # batch-invariant mode: from here the head expands float32 tiles for BLAS
 Q8_0_GEMM_TILE_ROWS = 4096
-
-
-@dataclass
-class Int4PackedWeight:
-    """Q4_0/Q4_1 repacked once for ``aten._weight_int4pack_mm_for_cpu`` (groups of 32 = GGML blocks).
-
-    GGML gives w = d*q + m (Q4_1) or d*(q-8) (Q4_0); the kernel computes (q-8)*scale + zero, so
-    scale = d and zero = m + 8d (Q4_1) or 0 (Q4_0): exact, no requantization.
-    """
-
-    packed: torch.Tensor
-    scale_zeros: torch.Tensor  # [K/32, N, 2]
-    shape: tuple[int, int]
-
-    @classmethod
-    def from_quantized(cls, w: QuantizedTensor) -> Int4PackedWeight:
-        n, k = w.shape
-        spec = 20 if w.fmt == "Q4_1" else 18
-        blocks = w.data.reshape(n, k // 32, spec)
-        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()  # [N, K/32]
-        zero = (blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() + 8 * d
-                if w.fmt == "Q4_1" else torch.zeros_like(d))
-        qs = blocks[..., spec - 16:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)  # uint8 nibbles in element order
-        if n % 64 == 0:  # build ATen's layout directly: [N/64, K, 32], row j low, row j+32 high
-            q = q.reshape(n // 64, 2, 32, k)
-            packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous().reshape(n, k // 2)
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        # the kernel's fast path takes bf16 activations and bf16 scales; fp32 is ~50x slower
-        sz = torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        return cls(packed, sz, (n, k))
-
-    def expand_f32_t(self) -> torch.Tensor:
-        """``W^T`` as exact float32 ``[K, N]`` in a scratch buffer shared by weights of one shape."""
-        n, k = self.shape
-        out = _scratch(k, n)
-        sz = self.scale_zeros.float()
-        int4pack_to_f32_t(self.packed.view(n // 64, k, 32).numpy(), sz[..., 0].contiguous().numpy(),
-                          sz[..., 1].contiguous().numpy(), 32, out.numpy())
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scale_zeros.numel() * self.scale_zeros.element_size()
-
-
-@dataclass
-class Q8_0Weight:
-    """Q8_0 repacked once into ``qs int8 [N, K]`` + ``d float32 [N, K/32]`` for the Numba kernels.
-
-    Kept as numpy arrays so a call costs no tensor-to-array conversion. Exact: ``w = d * q``.
-    """
-
-    qs: np.ndarray
-    d: np.ndarray
-    shape: tuple[int, int]
-
-    @classmethod
-    def from_quantized(cls, w: QuantizedTensor) -> Q8_0Weight:
-        assert w.fmt == "Q8_0", w.fmt
-        qs, d = repack_q8_0(w.data.contiguous().numpy())
-        return cls(qs, d, w.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.qs.nbytes + self.d.nbytes
+# bf16 logits are within 2^-8 relative of float32; everything this close to the row's maximum is
+# recomputed exactly, so the argmax and the likely tokens carry float32 logits.
+LOGIT_RESCORE_MARGIN = 1.0
 
 
 class CPUBackend(TorchBackend):
     name = "cpu"
 
-    def __init__(self, device="cpu", threads: int | None = None, warmup: bool = True) -> None:
-        super().__init__(device, threads)
+    def __init__(self, device="cpu", threads: int | None = None, warmup: bool = True,
+                 batch_invariant: bool | None = None) -> None:
+        super().__init__(device, threads, batch_invariant)
         threads = threads or int(os.environ.get("EDGELLM_THREADS", "0")) or default_threads()
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         self.threads = threads
         self._kv_views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
         self._step_rows = self._decode_rows = -1
+        self._invariant = self.batch_invariant  # this step's arithmetic, set by begin_step
         self._meta_key: tuple = ()
         self._meta_np: tuple[np.ndarray, ...] = ()
         if warmup:
@@ -128,12 +69,19 @@ class CPUBackend(TorchBackend):
         self.linear(torch.zeros(1, 32), Q8_0Weight.from_quantized(w))
         self.embedding(torch.zeros(1, dtype=torch.long), w, torch.float32)
         self.embedding(torch.zeros(1, dtype=torch.long), Q8_0Weight.from_quantized(w), torch.float32)
+        many = max(INT4_KERNEL_MAX_ROWS, Q8_0_BF16_MIN_ROWS) + 1  # the expanded-weight paths of big steps
+        self.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w, is_head=True))
+        w4 = QuantizedTensor("Q4_1", torch.zeros(64, 20, dtype=torch.uint8), (64, 32))
+        self.linear(torch.zeros(many, 32), Int4PackedWeight.from_quantized(w4))
         kv = torch.zeros(2, 1, 1, 1, 32)
-        meta = AttentionMetadata(torch.zeros(1, dtype=torch.long), torch.tensor([0, 1], dtype=torch.int32),
-                                 torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
-                                 1, 1, 1, [0, 1], [1])
-        x = torch.zeros(1, 1, 32)
-        self.attention(x, x, x, kv, meta, 1.0)
+        for decodes in (0, 1):  # a prompt row (flash attention) and a decode row (the Numba kernel)
+            meta = AttentionMetadata(
+                slot_mapping=torch.zeros(1, dtype=torch.long), query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+                seq_lens=torch.ones(1, dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+                block_size=1, max_query_len=1, max_seq_len=1, num_decode_tokens=decodes,
+                query_start_loc_list=[0, 1], seq_lens_list=[1])
+            x = torch.zeros(1, 1, 32)
+            self.attention(x, x, x, kv, meta, 1.0)
         self._kv_views.clear()
         elapsed = time.perf_counter() - t0
         logger.debug("CPU kernels ready in %.2f s", elapsed)
@@ -157,7 +105,7 @@ class CPUBackend(TorchBackend):
             # Not bf16 for the vocab-sized head even though oneDNN's bf16 GEMV is ~1.7x faster: CPU GEMMs
             # return bf16 for bf16 inputs, and logits rounded to bf16 tie often enough to change
             # greedy answers. The Q8_0 kernel keeps float32 products and float32 logits.
-            return Q8_0Weight.from_quantized(weight)
+            return Q8_0Weight.from_quantized(weight, is_head=role in ("lm_head", "tied_embedding"))
         return super().prepare_weight(weight, dtype, role)
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,8 +140,17 @@ class CPUBackend(TorchBackend):
     def begin_step(self, meta: AttentionMetadata) -> None:
         self._step_rows = int(meta.slot_mapping.shape[0])
         self._decode_rows = meta.num_decode_tokens
+        self._invariant = self.batch_invariant or meta.batch_invariant
 
     def _int4_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
+        """A few rows through ATen's int4 kernel; many rows as one bf16 GEMM on the expanded weight."""
+        if self._invariant:
+            return self._int4_linear_invariant(x, w)
+        if x.shape[0] <= INT4_KERNEL_MAX_ROWS or not w.expandable:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
+        return torch.mm(x, w.expand_bf16_t())
+
+    def _int4_linear_invariant(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
         """Generated tokens through ATen's int4 kernel, prompt tokens through an exact fp32 GEMM.
 
         Both compute "fp32 dequantize, fp32 accumulate, round to bf16"; choosing by the kind of token
@@ -201,7 +158,7 @@ class CPUBackend(TorchBackend):
         """
         m = x.shape[0]
         split = self._decode_rows if m == self._step_rows else (m if m <= INT4_GEMV_MAX_ROWS else 0)
-        if w.shape[0] % 64:  # no expansion kernel for ragged row blocks: the int4 kernel does all
+        if not w.expandable:  # no expansion kernel for ragged row blocks: the int4 kernel does all
             split = m
         if split >= m:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
@@ -214,16 +171,38 @@ class CPUBackend(TorchBackend):
     def _q8_0_linear(self, x: torch.Tensor, w: Q8_0Weight) -> torch.Tensor:
         xf = x.float().contiguous()
         m, n = xf.shape[0], w.shape[0]
+        y = torch.empty(m, n, dtype=torch.float32)
+        if w.is_head and not self._invariant and m >= Q8_0_BF16_MIN_ROWS:
+            return self._q8_0_head_bf16(xf, w, y)
         if m < Q8_0_GEMM_MIN_ROWS:
-            y = torch.empty(m, n, dtype=torch.float32)
             q8_0_matmul(xf.numpy(), w.qs, w.d, y.numpy(), self.threads)
             return y
-        y = torch.empty(m, n, dtype=torch.float32)
         tile = torch.empty(min(Q8_0_GEMM_TILE_ROWS, n), w.shape[1], dtype=torch.float32)
         for n0 in range(0, n, Q8_0_GEMM_TILE_ROWS):
             rows = tile[: min(Q8_0_GEMM_TILE_ROWS, n - n0)]
             q8_0_dequantize(w.qs, w.d, n0, rows.numpy())
             torch.mm(xf, rows.t(), out=y[:, n0:n0 + rows.shape[0]])
+        return y
+
+    @staticmethod
+    def _q8_0_head_bf16(xf: torch.Tensor, w: Q8_0Weight, y: torch.Tensor) -> torch.Tensor:
+        """Many rows of a vocab-sized Q8_0 matmul: bf16 GEMM over expanded tiles, then exact top logits.
+
+        CPU GEMMs round bf16 products to a bf16 output; logits that close tie often enough to change
+        greedy answers. So every logit within ``LOGIT_RESCORE_MARGIN`` of its row's maximum is
+        recomputed in float32 from the Q8_0 weights: the argmax and every token with real probability
+        get the float32 reference's value, the far tail keeps a 2^-8 relative error.
+        """
+        n = w.shape[0]
+        xb = xf.to(torch.bfloat16)
+        for n0 in range(0, n, Q8_0_GEMM_TILE_ROWS):
+            rows = min(Q8_0_GEMM_TILE_ROWS, n - n0)
+            y[:, n0:n0 + rows] = torch.mm(xb, w.rows_bf16(n0, rows).t())
+        top = y.amax(dim=1, keepdim=True)
+        r, c = torch.nonzero(y >= top - LOGIT_RESCORE_MARGIN, as_tuple=True)
+        exact = torch.empty(r.shape[0], dtype=torch.float32)
+        q8_0_dot_pairs(xf.numpy(), w.qs, w.d, r.numpy(), c.numpy(), exact.numpy())
+        y[r, c] = exact
         return y
 
     def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -240,17 +219,62 @@ class CPUBackend(TorchBackend):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                   soft_cap: float | None = None) -> torch.Tensor:
-        """Numba paged attention over a float32 or bfloat16 cache; float32 math, ``q``'s dtype out."""
+        """Paged attention over a float32 or bfloat16 cache; float32 math, ``q``'s dtype out.
+
+        Decodes read the cache in place with the Numba kernel. Prompt chunks (outside batch-invariant
+        mode) go to torch's flash attention, several times faster for long chunks than the Numba
+        kernel, whose per-tile arithmetic is instead the same at any chunking.
+        """
         qf = q.float().contiguous()
+        kf, vf = k.float().contiguous(), v.float().contiguous()
         out = torch.empty_like(qf)
         slots, starts, lens, tables = self._meta_arrays(meta)
-        work = q.shape[0] * q.shape[1] * meta.max_seq_len
-        paged_attention_step(
-            out.numpy(), qf.numpy(), k.float().contiguous().numpy(), v.float().contiguous().numpy(),
-            self._kv_view(kv_cache), slots, starts, lens, tables, float(scale), int(sliding_window or 0),
-            float(soft_cap or 0.0), DEFAULT_Q_TILE, self.threads if work >= SERIAL_ATTENTION_WORK else 1,
-        )
+        kv = self._kv_view(kv_cache)
+        n_dec = meta.query_start_loc_list.index(meta.num_decode_tokens) if meta.query_start_loc_list else 0
+        sdpa = not (self._invariant or soft_cap) and n_dec < meta.num_seqs
+        n_numba, t_numba = (n_dec, meta.num_decode_tokens) if sdpa else (meta.num_seqs, q.shape[0])
+        if sdpa:
+            write_kv(kv, kf[t_numba:].numpy(), vf[t_numba:].numpy(), slots[t_numba:])
+        if n_numba:
+            work = t_numba * q.shape[1] * meta.max_seq_len
+            paged_attention_step(
+                out[:t_numba].numpy(), qf[:t_numba].numpy(), kf[:t_numba].numpy(), vf[:t_numba].numpy(), kv,
+                slots[:t_numba], starts[:n_numba + 1], lens[:n_numba], tables[:n_numba], float(scale),
+                int(sliding_window or 0), float(soft_cap or 0.0), DEFAULT_Q_TILE,
+                self.threads if work >= SERIAL_ATTENTION_WORK else 1,
+            )
+        for i in range(n_numba, meta.num_seqs):
+            self._prompt_attention(i, qf, kf, vf, kv_cache, meta, scale, sliding_window, out)
         return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+    @staticmethod
+    def _prompt_attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float, window: int | None, out: torch.Tensor) -> None:
+        """One prompt chunk through ``F.scaled_dot_product_attention`` (causal, GQA)."""
+        q0, q1 = meta.query_start_loc_list[i], meta.query_start_loc_list[i + 1]
+        ctx, n = meta.seq_lens_list[i], q1 - q0
+        qi = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if ctx == n:  # no cached prefix: this chunk's own keys and values, as the cache holds them
+            ki, vi = (t[q0:q1].to(kv_cache.dtype).float().transpose(0, 1).unsqueeze(0) for t in (k, v))
+        else:
+            bs = meta.block_size
+            blocks = meta.block_tables[i, : -(-ctx // bs)].long()
+
+            def gather(plane: int) -> torch.Tensor:
+                g = kv_cache[plane, blocks]  # [nb, Hkv, bs, D]
+                return g.transpose(0, 1).reshape(g.shape[1], -1, g.shape[3])[:, :ctx].float().unsqueeze(0)
+
+            ki, vi = gather(0), gather(1)
+        mask = None
+        if ctx != n or window:
+            qpos = torch.arange(ctx - n, ctx)[:, None]
+            kpos = torch.arange(ctx)[None, :]
+            mask = kpos <= qpos
+            if window:
+                mask &= kpos > qpos - window
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=True)
+        out[q0:q1] = o[0].transpose(0, 1)
 
     def _kv_view(self, kv_cache: torch.Tensor) -> np.ndarray:
         """The cache as a numpy array (bf16 as its uint16 bits), made once per cache tensor."""
@@ -299,16 +323,6 @@ def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     for i in range(0, padded, GEMM_TILE_ROWS):
         torch.mm(x[i:i + GEMM_TILE_ROWS], w_t, out=out[i:i + GEMM_TILE_ROWS])
     return out[:m]
-
-
-_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _scratch(k: int, n: int) -> torch.Tensor:
-    buf = _SCRATCH.get((k, n))
-    if buf is None:
-        buf = _SCRATCH[(k, n)] = torch.empty(k, n, dtype=torch.float32)
-    return buf
 
 
 def default_threads() -> int:

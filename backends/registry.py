@@ -36,7 +36,7 @@ def detect() -> str:
     return "cpu"
 
 
-def get_backend(device: str = "auto", threads: int | None = None) -> Backend:
+def get_backend(device: str = "auto", threads: int | None = None, batch_invariant: bool | None = None) -> Backend:
     """Instantiate the backend for ``device``; ``auto`` picks the best one present."""
     kind = detect() if device in (None, "auto") else device
     if kind not in ("cpu", "cuda", "rocm", "xpu", "torch"):
@@ -48,6 +48,6 @@ def get_backend(device: str = "auto", threads: int | None = None) -> Backend:
     module, cls = BACKENDS[kind].rsplit(".", 1)
     backend_cls = getattr(importlib.import_module(module), cls)
     torch_device = {"cpu": "cpu", "torch": "cpu", "cuda": "cuda", "rocm": "cuda", "xpu": "xpu"}[kind]
-    backend = backend_cls(torch_device, threads=threads)
+    backend = backend_cls(torch_device, threads=threads, batch_invariant=batch_invariant)
     logger.info("using backend %s on %s", backend.name, torch_device)
     return backend

@@ -105,4 +105,6 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     threads: int | None = None
+    # same outputs alone or in any batch, at some speed (None: $EDGELLM_BATCH_INVARIANT, else off)
+    batch_invariant: bool | None = None
     seed: int = 0

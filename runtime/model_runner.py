@@ -21,6 +21,11 @@ class ModelInput:
     logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
 
 
+def _wants_invariance(params) -> bool:
+    """A seeded sampling request must draw the same tokens whatever else is in the batch."""
+    return params.seed is not None and params.temperature > 0
+
+
 class ModelRunner:
     def __init__(self, model, backend: Backend, kv_caches: list[torch.Tensor], block_size: int) -> None:
         self.model = model
@@ -65,6 +70,7 @@ class ModelRunner:
             max_query_len=max(s.num_tokens for s in sched.scheduled),
             max_seq_len=max(seq_lens),
             num_decode_tokens=num_decode,
+            batch_invariant=any(_wants_invariance(s.seq.request.params) for s in sched.scheduled),
             query_start_loc_list=qsl,
             seq_lens_list=seq_lens,
         )

@@ -88,7 +88,8 @@ def attention_batch(n_seqs: int, ctx: int, new: int, kv_dtype: torch.dtype, n_he
     starts = [i * new for i in range(n_seqs + 1)]
     meta = AttentionMetadata(slots, torch.tensor(starts, dtype=torch.int32),
                              torch.full((n_seqs,), ctx, dtype=torch.int32), tables, block_size, new, ctx,
-                             starts, [ctx] * n_seqs)
+                             num_decode_tokens=n_seqs if new == 1 else 0, query_start_loc_list=starts,
+                             seq_lens_list=[ctx] * n_seqs)
     t = n_seqs * new
     return (torch.randn(t, n_heads, head_dim), torch.randn(t, n_kv, head_dim), torch.randn(t, n_kv, head_dim),
             kv, meta)

@@ -34,31 +34,48 @@ def _run_staggered(engine, target_prompt: str, others: list[str], params):
     return done["target"].token_ids
 
 
-def test_batch_invariance_greedy(q4_llm):
+def test_batch_invariance_greedy(q4_invariant_llm):
+    prompt = "Write a short story about a robot learning to paint."
+    alone = q4_invariant_llm.generate([prompt], GREEDY)[0].token_ids
+    others = [_text(3 + 17 * i) for i in range(15)]
+    assert _run_staggered(q4_invariant_llm.engine, prompt, others, GREEDY) == alone
+
+
+def test_default_mode_batched_output_stays_close_to_alone(q4_llm):
+    """Outside batch-invariant mode a big batch takes other kernels (bf16 GEMMs instead of the int4
+    kernel), so rare near-ties may flip; the answer must still start the same way."""
     prompt = "Write a short story about a robot learning to paint."
     alone = q4_llm.generate([prompt], GREEDY)[0].token_ids
     others = [_text(3 + 17 * i) for i in range(15)]
-    assert _run_staggered(q4_llm.engine, prompt, others, GREEDY) == alone
+    batched = _run_staggered(q4_llm.engine, prompt, others, GREEDY)
+    assert batched[:4] == alone[:4]
 
 
-def test_prefix_cache_hits_on_repeated_long_prompt(q4_llm):
+@pytest.mark.parametrize("mode", ["default", "invariant"])
+def test_prefix_cache_hits_on_repeated_long_prompt(q4_llm, q4_invariant_llm, mode):
+    llm = q4_invariant_llm if mode == "invariant" else q4_llm
     prompt = "Summarise this: " + _text(300)
-    first = q4_llm.generate([prompt], GREEDY)[0]
-    hits_before = q4_llm.engine.stats().prefix_cache_hits
-    second = q4_llm.generate([prompt], GREEDY)[0]
+    first = llm.generate([prompt], GREEDY)[0]
+    hits_before = llm.engine.stats().prefix_cache_hits
+    second = llm.generate([prompt], GREEDY)[0]
     assert second.usage.cached_tokens > 0
-    assert q4_llm.engine.stats().prefix_cache_hits > hits_before
-    assert second.token_ids == first.token_ids
+    assert llm.engine.stats().prefix_cache_hits > hits_before
+    if mode == "invariant":  # the cached prefix is exactly what a full prefill computes
+        assert second.token_ids == first.token_ids
+    else:
+        assert second.token_ids[:4] == first.token_ids[:4]
 
 
 def test_chunked_prefill_equals_unchunked(smollm2_gguf):
     prompt = _text(1000)
-    chunked = LLM(str(smollm2_gguf), max_num_batched_tokens=256, enable_prefix_caching=False)
+    chunked = LLM(str(smollm2_gguf), max_num_batched_tokens=256, enable_prefix_caching=False,
+                  batch_invariant=True)
     ids = chunked.tokenizer(prompt).input_ids[:2000]
     assert len(ids) >= 2000
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     a = chunked.generate([ids], params)[0]
-    whole = LLM(str(smollm2_gguf), max_num_batched_tokens=4096, enable_prefix_caching=False)
+    whole = LLM(str(smollm2_gguf), max_num_batched_tokens=4096, enable_prefix_caching=False,
+                batch_invariant=True)
     b = whole.generate([ids], params)[0]
     assert a.token_ids == b.token_ids
 

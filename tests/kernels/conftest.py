@@ -29,12 +29,15 @@ def make_batch(seqs: list[tuple[int, int]], n_heads: int, n_kv: int, head_dim: i
         slots += [int(ids[p // block_size]) * block_size + p % block_size for p in range(ctx - nq, ctx)]
         starts.append(starts[-1] + nq)
     lens = [ctx for ctx, _ in seqs]
+    decodes = 0  # leading one-token sequences count as generated tokens, as the engine lays them out
+    while decodes < len(seqs) and seqs[decodes][1] == 1:
+        decodes += 1
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64),
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
         seq_lens=torch.tensor(lens, dtype=torch.int32),
         block_tables=tables, block_size=block_size, max_query_len=max(nq for _, nq in seqs),
-        max_seq_len=max(lens), query_start_loc_list=starts, seq_lens_list=lens,
+        max_seq_len=max(lens), num_decode_tokens=decodes, query_start_loc_list=starts, seq_lens_list=lens,
     )
     t = starts[-1]
     q = torch.randn(t, n_heads, head_dim, generator=g)

@@ -10,7 +10,8 @@ from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
 
 REF = TorchBackend()
-CPU = CPUBackend(threads=2)
+CPU = CPUBackend(threads=2, batch_invariant=False)
+INVARIANT = CPUBackend(threads=2, batch_invariant=True, warmup=False)
 
 
 def quantized(fmt: str, n: int, k: int, seed: int = 0) -> QuantizedTensor:
@@ -20,20 +21,56 @@ def quantized(fmt: str, n: int, k: int, seed: int = 0) -> QuantizedTensor:
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("n, k", [(576, 1536), (1536, 576)])
-@pytest.mark.parametrize("m", [1, 3, 17, 64])
-def test_quantized_linear_matches_reference(fmt, n, k, m):
+@pytest.mark.parametrize("m", [1, 3, 17, 33, 64])  # both sides of the int4-kernel / bf16-GEMM switch
+@pytest.mark.parametrize("backend", [CPU, INVARIANT], ids=["default", "invariant"])
+def test_quantized_linear_matches_reference(fmt, n, k, m, backend):
     w = quantized(fmt, n, k)
-    prepared = CPU.prepare_weight(w, torch.float32)
+    prepared = backend.prepare_weight(w, torch.float32)
     assert isinstance(prepared, Q8_0Weight if fmt == "Q8_0" else Int4PackedWeight)
     x = torch.randn(m, k)
     bias = torch.randn(n)
     want = REF.linear(x, w, bias)
-    got = CPU.linear(x, prepared, bias)
+    got = backend.linear(x, prepared, bias)
     if fmt == "Q8_0":  # float32 products throughout
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     else:  # the int4 paths take bf16 activations by design: compare against the bf16-rounded input
         want16 = REF.linear(x.bfloat16().float(), w, bias)
         torch.testing.assert_close(got, want16, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_int4_rows_are_batch_invariant_in_invariant_mode():
+    """Generated rows through the int4 kernel, prompt rows through the fp32 tiles: a row's numbers
+    do not depend on how many rows share its step."""
+    from edgellm.backends.base import AttentionMetadata
+
+    w = INVARIANT.prepare_weight(quantized("Q4_1", 576, 1536), torch.float32)
+    x = torch.randn(70, 1536)
+
+    def step(rows: int, decodes: int) -> torch.Tensor:
+        meta = AttentionMetadata(torch.zeros(rows, dtype=torch.long), torch.zeros(2, dtype=torch.int32),
+                                 torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32), 16, 1,
+                                 1, num_decode_tokens=decodes)
+        INVARIANT.begin_step(meta)
+        return INVARIANT.linear(x[:rows], w)
+
+    alone, crowd = step(1, 1), step(40, 40)
+    assert torch.equal(crowd[:1], alone)
+    prompt_alone, mixed = step(70, 0), step(70, 6)
+    assert torch.equal(mixed[6:], prompt_alone[6:])
+
+
+def test_q8_0_head_many_rows_keeps_exact_logits_near_the_top():
+    """A big batch multiplies the head in bf16 and recomputes the logits near each row's maximum in
+    float32: the argmax and top logits equal the float32 kernel's, the tail is within bf16 rounding."""
+    w = quantized("Q8_0", 4096 + 320, 576, seed=3)  # a ragged last tile
+    prepared = CPU.prepare_weight(w, torch.float32, role="lm_head")
+    x = torch.randn(64, 576)
+    got = CPU.linear(x, prepared)
+    want = REF.linear(x, w)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    top = want >= want.amax(-1, keepdim=True) - 0.5
+    torch.testing.assert_close(got[top], want[top], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-2)
 
 
 def test_q8_0_linear_keeps_leading_dims_and_dtype():

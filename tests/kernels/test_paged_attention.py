@@ -10,18 +10,27 @@ from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.paged_attention import paged_attention_step, write_kv
 
 REF = TorchBackend()
-CPU = CPUBackend(threads=2, warmup=False)
+CPU = CPUBackend(threads=2, warmup=False, batch_invariant=False)
+INVARIANT = CPUBackend(threads=2, warmup=False, batch_invariant=True)
 
 
 def ragged(block_size: int) -> list[tuple[int, int]]:
-    """A prefill from scratch, a chunk after cached context, and decodes (one ending on a block edge)."""
-    return [(37, 37), (3 * block_size + 9, 20), (2 * block_size, 1), (1, 1), (4 * block_size + 5, 1)]
+    """Decodes first (one ending on a block edge, as the engine orders a step), then a prefill from
+    scratch and a chunk after cached context: the Numba kernel takes the decodes, and outside
+    batch-invariant mode torch's flash attention takes the prompt chunks."""
+    return [(2 * block_size, 1), (1, 1), (4 * block_size + 5, 1), (37, 37), (3 * block_size + 9, 20)]
 
 
 def check(q, k, v, kv, meta, scale=0.125, window=None, cap=None, q_dtype=torch.float32) -> None:
+    for backend in (CPU, INVARIANT):
+        check_one(backend, q, k, v, kv, meta, scale, window, cap, q_dtype)
+
+
+def check_one(backend, q, k, v, kv, meta, scale, window, cap, q_dtype) -> None:
     kv_ref, kv_cpu = kv.clone(), kv.clone()
     want = REF.attention(q, k, v, kv_ref, meta, scale, window, cap)
-    got = CPU.attention(q.to(q_dtype), k.to(q_dtype), v.to(q_dtype), kv_cpu, meta, scale, window, cap)
+    backend.begin_step(meta)
+    got = backend.attention(q.to(q_dtype), k.to(q_dtype), v.to(q_dtype), kv_cpu, meta, scale, window, cap)
     assert got.dtype == q_dtype
     if q_dtype == torch.float32:
         assert torch.equal(kv_cpu, kv_ref), "K/V must land in exactly the reference's slots and bits"
@@ -50,6 +59,11 @@ def test_bf16_cache_matches_reference(paged_batch, block_size):
 
 def test_bf16_queries_are_converted_at_the_edge(paged_batch):
     check(*paged_batch(ragged(16), 8, 2, 64, 16, seed=3), q_dtype=torch.bfloat16)
+
+
+def test_prompts_only_and_decodes_only_steps(paged_batch):
+    check(*paged_batch([(50, 50), (70, 33)], 6, 2, 64, 16, seed=5))
+    check(*paged_batch([(50, 1), (17, 1), (16, 1)], 6, 2, 64, 16, seed=6))
 
 
 def test_long_prefill_splits_into_tiles_and_threads_agree(paged_batch):

@@ -1,0 +1,121 @@
+"""Packed weights of the CPU backend, repacked once at load into the layouts its kernels want.
+
+Weights stay packed in memory (resident weights ~1.0x the GGUF file). Steps with many rows expand a
+weight to bfloat16 into a scratch buffer shared by all weights of one shape, multiply with oneDNN's
+bf16 GEMM (AMX / AVX512-BF16 where the CPU has them), and drop it; nothing dense is kept.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t, q8_0_to_bf16
+from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
+from edgellm.kernels.cpu.q8_0 import repack_q8_0
+from edgellm.quant import QuantizedTensor
+
+
+@dataclass
+class Int4PackedWeight:
+    """Q4_0/Q4_1 repacked once for ``aten._weight_int4pack_mm_for_cpu`` (groups of 32 = GGML blocks).
+
+    GGML gives w = d*q + m (Q4_1) or d*(q-8) (Q4_0); the kernel computes (q-8)*scale + zero, so
+    scale = d and zero = m + 8d (Q4_1) or 0 (Q4_0): exact, no requantization.
+    """
+
+    packed: torch.Tensor
+    scale_zeros: torch.Tensor  # [K/32, N, 2] bf16
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_quantized(cls, w: QuantizedTensor) -> Int4PackedWeight:
+        n, k = w.shape
+        spec = 20 if w.fmt == "Q4_1" else 18
+        blocks = w.data.reshape(n, k // 32, spec)
+        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()  # [N, K/32]
+        zero = (blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() + 8 * d
+                if w.fmt == "Q4_1" else torch.zeros_like(d))
+        qs = blocks[..., spec - 16:]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)  # uint8 nibbles in element order
+        if n % 64 == 0:  # build ATen's layout directly: [N/64, K, 32], row j low, row j+32 high
+            q = q.reshape(n // 64, 2, 32, k)
+            packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous().reshape(n, k // 2)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # the kernel's fast path takes bf16 activations and bf16 scales; fp32 is ~50x slower
+        sz = torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return cls(packed, sz, (n, k))
+
+    @property
+    def expandable(self) -> bool:
+        """Whether the expansion kernels handle this weight (whole 64-row blocks only)."""
+        return self.shape[0] % 64 == 0
+
+    def expand_f32_t(self) -> torch.Tensor:
+        """``W^T`` as exact float32 ``[K, N]`` in a scratch buffer shared by weights of one shape."""
+        n, k = self.shape
+        out = scratch(k, n, torch.float32)
+        sz = self.scale_zeros.float()
+        int4pack_to_f32_t(self.packed.view(n // 64, k, 32).numpy(), sz[..., 0].contiguous().numpy(),
+                          sz[..., 1].contiguous().numpy(), 32, out.numpy())
+        return out
+
+    def expand_bf16_t(self) -> torch.Tensor:
+        """``W^T`` as bfloat16 ``[K, N]`` in a scratch buffer shared by weights of one shape."""
+        n, k = self.shape
+        out = scratch(k, n, torch.bfloat16)
+        int4pack_to_bf16_t(self.packed.view(n // 64, k, 32).numpy(),
+                           self.scale_zeros.view(torch.uint16).numpy(), 32, out.view(torch.uint16).numpy())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scale_zeros.numel() * self.scale_zeros.element_size()
+
+
+@dataclass
+class Q8_0Weight:
+    """Q8_0 repacked once into ``qs int8 [N, K]`` + ``d float32 [N, K/32]`` for the Numba kernels.
+
+    Kept as numpy arrays so a call costs no tensor-to-array conversion. Exact: ``w = d * q``.
+    """
+
+    qs: np.ndarray
+    d: np.ndarray
+    shape: tuple[int, int]
+    is_head: bool = False  # the vocab projection: only the logits near each row's top must be exact
+
+    @classmethod
+    def from_quantized(cls, w: QuantizedTensor, is_head: bool = False) -> Q8_0Weight:
+        assert w.fmt == "Q8_0", w.fmt
+        qs, d = repack_q8_0(w.data.contiguous().numpy())
+        return cls(qs, d, w.shape, is_head)
+
+    def rows_bf16(self, n0: int, rows: int) -> torch.Tensor:
+        """Rows ``n0 .. n0 + rows`` as bfloat16 ``[rows, K]`` in a scratch buffer reused per tile."""
+        out = scratch(rows, self.shape[1], torch.bfloat16)
+        q8_0_to_bf16(self.qs, self.d, n0, out.view(torch.uint16).numpy())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes
+
+
+_LOCAL = threading.local()
+
+
+def scratch(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused ``[rows, cols]`` buffer: an expanded weight lives only until the next one of its shape.
+
+    One set per thread, so engines stepping on different threads never share a buffer.
+    """
+    buffers = _LOCAL.__dict__.setdefault("buffers", {})
+    key = (rows, cols, dtype)
+    buf = buffers.get(key)
+    if buf is None:
+        buf = buffers[key] = torch.empty(rows, cols, dtype=dtype)
+    return buf
