@@ -40,7 +40,7 @@ def spinner(message: str, stream: IO[str] | None = None, interval: float = 0.1) 
 
 
 # chat and generate run one request at a time: a KV cache for one full context is enough, and
-# allocating the engine's server-sized default (up to 2 GiB zeroed) would only delay the first token
+# allocating the engine's server-sized default (up to 1 GiB) would only delay the first token
 SINGLE_USER = {"max_num_seqs": 1}
 
 

@@ -98,11 +98,14 @@ _ENGINE = [
                  help="Context length in tokens (default: the model's)."),
     click.option("--kv-cache-memory", type=MemorySize(), default=None,
                  help="KV cache size: bytes (2GiB, 512M) or a fraction of free memory (0.3)."),
+    click.option("--kv-cache-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+                 help="K/V cache dtype (default: auto, the activation dtype); bfloat16 halves its memory."),
     click.option("--batch-invariant", is_flag=True, default=None,
                  help="Same output for a request alone or in any batch, at some cost in speed "
                       "(also $EDGELLM_BATCH_INVARIANT=1)."),
 ]
-ENGINE_KEYS = ("device", "dtype", "threads", "max_model_len", "kv_cache_memory", "batch_invariant")
+ENGINE_KEYS = ("device", "dtype", "threads", "max_model_len", "kv_cache_memory", "kv_cache_dtype",
+               "batch_invariant")
 
 
 def engine_options(func: Callable) -> Callable:

@@ -25,7 +25,9 @@ from edgellm.sequence import Request, Sequence
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_BYTES = 2 << 30
+# 1 GiB of float32 K/V holds ~23k tokens of a 135M model: 32 concurrent chats with room for the prefix
+# cache, without claiming the memory of an edge box. Raise it with kv_cache_memory.
+DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 class PromptTooLongError(ValueError):
@@ -80,7 +82,7 @@ class LLMEngine:
 
         bs = config.block_size
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
-        kv_dtype = self.backend.kv_cache_dtype(self.dtype)
+        kv_dtype = self._kv_dtype()
         bytes_per_block = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bs * kv_dtype.itemsize
         num_blocks = self._kv_budget() // bytes_per_block
         useful = config.max_num_seqs * -(-self.max_model_len // bs)
@@ -103,6 +105,11 @@ class LLMEngine:
         logger.info("engine ready in %.2fs: %s on %s/%s, %d KV blocks of %d tokens (%.0f MiB)",
                     time.perf_counter() - t0, self.model_name, self.backend.name, self.dtype, num_blocks,
                     bs, num_blocks * bytes_per_block / 2**20)
+
+    def _kv_dtype(self) -> torch.dtype:
+        if self.config.kv_cache_dtype not in (None, "auto"):
+            return self.backend.resolve_dtype(self.config.kv_cache_dtype)
+        return self.backend.kv_cache_dtype(self.dtype)
 
     def _kv_budget(self) -> int:
         want = self.config.kv_cache_memory

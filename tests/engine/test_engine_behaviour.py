@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from edgellm import LLM, SamplingParams
 from edgellm.engine import PromptTooLongError
@@ -115,3 +116,14 @@ def test_abort_frees_blocks_at_once(q4_llm):
     out = engine.abort_request("to-abort")
     assert out.finished and out.finish_reason == "abort"
     assert engine.block_manager.num_free_blocks == free
+
+
+def test_bf16_kv_cache_holds_twice_the_tokens_and_answers_the_same(smollm2_gguf):
+    llm = LLM(str(smollm2_gguf), kv_cache_dtype="bfloat16", kv_cache_memory=64 << 20)
+    ref = LLM(str(smollm2_gguf), kv_cache_memory=64 << 20)
+    assert llm.engine.kv_caches[0].dtype == torch.bfloat16
+    assert llm.engine.block_manager.num_blocks == 2 * ref.engine.block_manager.num_blocks
+    params = SamplingParams(temperature=0, max_tokens=12)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "Paris" in llm.chat(prompt, params).outputs[0].text
+    assert "Paris" in ref.chat(prompt, params).outputs[0].text
