@@ -183,6 +183,81 @@ def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, 
                 out[t0 + i, hk * group + g, d] = acc[r, d] * inv
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _attend_decode(out, q, kv, table, ctx, t, hk, scale, window, soft_cap):
+    """One query row (a decode) for kv head ``hk``: all scores first, then one softmax, then ``p @ V``.
+
+    With a single query per sequence there is nothing to tile, so the two-pass form beats the online
+    softmax: no per-block rescaling, the group's query heads share every K and V row load, and the
+    exponentials run as one long vectorized loop.
+    """
+    head_dim = q.shape[2]
+    group = q.shape[1] // kv.shape[2]
+    block_size = kv.shape[3]
+    lo = 0 if window <= 0 else max(0, ctx - window)
+    n = ctx - lo
+    scores = np.empty((group, n), np.float32)
+    exp_bits = np.empty(n, np.int32)
+    k_scratch = np.empty((block_size, head_dim), np.uint32)
+    v_scratch = np.empty((block_size, head_dim), np.uint32)
+    qt = np.empty((group, head_dim), np.float32)
+    for g in range(group):
+        for d in range(head_dim):
+            qt[g, d] = q[t, hk * group + g, d] * scale
+    for bi in range(lo // block_size, (ctx - 1) // block_size + 1):
+        kb = _block_f32(kv[0, table[bi], hk], k_scratch)
+        base = bi * block_size
+        j0, j1 = max(lo - base, 0), min(ctx - base, block_size)
+        for g in range(group):
+            qg = qt[g]
+            j = j0
+            while j + 4 <= j1:  # four keys per pass: four independent sums to overlap
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for d in range(head_dim):
+                    a0 += qg[d] * kb[j, d]
+                    a1 += qg[d] * kb[j + 1, d]
+                    a2 += qg[d] * kb[j + 2, d]
+                    a3 += qg[d] * kb[j + 3, d]
+                o = base + j - lo
+                scores[g, o] = a0
+                scores[g, o + 1] = a1
+                scores[g, o + 2] = a2
+                scores[g, o + 3] = a3
+                j += 4
+            while j < j1:
+                a = np.float32(0.0)
+                for d in range(head_dim):
+                    a += qg[d] * kb[j, d]
+                scores[g, base + j - lo] = a
+                j += 1
+    sums = np.empty(group, np.float32)
+    for g in range(group):
+        row = scores[g]
+        if soft_cap > 0:
+            for j in range(n):
+                row[j] = soft_cap * np.tanh(row[j] / soft_cap)
+        m = row[0]
+        for j in range(1, n):
+            m = max(m, row[j])
+        sums[g] = _exp_shifted(row, 0, n, m, exp_bits)
+    acc = np.zeros((group, head_dim), np.float32)
+    for bi in range(lo // block_size, (ctx - 1) // block_size + 1):
+        vb = _block_f32(kv[1, table[bi], hk], v_scratch)
+        base = bi * block_size
+        for j in range(max(lo - base, 0), min(ctx - base, block_size)):
+            for g in range(group):
+                p = scores[g, base + j - lo]
+                for d in range(head_dim):
+                    acc[g, d] += p * vb[j, d]
+    for g in range(group):
+        inv = np.float32(1.0) / sums[g]
+        for d in range(head_dim):
+            out[t, hk * group + g, d] = acc[g, d] * inv
+
+
 @njit(cache=True)
 def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: int):
     """Work items ``[sequence, kv head, first row, end row]`` and the order to deal them out in.
@@ -228,6 +303,10 @@ def _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, windo
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
+        if nq == 1:
+            _attend_decode(out, q, kv, block_tables[b], seq_lens[b], seq_q0, items[item, 1], scale32, window,
+                           cap32)
+            continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)
 
