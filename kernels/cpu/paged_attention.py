@@ -23,6 +23,8 @@ from numba.extending import overload
 # change rounding. No 'nnan'/'ninf': masked scores and the running max start at -inf.
 FASTMATH = {"reassoc", "contract"}
 DEFAULT_Q_TILE = 16
+# A decode's keys per work item: longer contexts split into ranges that threads share (flash-decoding).
+DECODE_KEYS_PER_ITEM = 256
 
 
 def _block_f32(src: np.ndarray, scratch: np.ndarray) -> np.ndarray:
@@ -184,18 +186,20 @@ def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, 
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _attend_decode(out, q, kv, table, ctx, t, hk, scale, window, soft_cap):
-    """One query row (a decode) for kv head ``hk``: all scores first, then one softmax, then ``p @ V``.
+def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, slot):
+    """One query row (a decode) for kv head ``hk`` over keys ``lo:hi``: all scores first, then one
+    softmax, then ``p @ V``.
 
     With a single query per sequence there is nothing to tile, so the two-pass form beats the online
     softmax: no per-block rescaling, the group's query heads share every K and V row load, and the
-    exponentials run as one long vectorized loop.
+    exponentials run as one long vectorized loop. ``slot >= 0`` stores the unnormalized result and
+    its (max, sum) in ``partials[slot]`` for ``_merge_partials`` (a long context split across threads).
     """
     head_dim = q.shape[2]
     group = q.shape[1] // kv.shape[2]
     block_size = kv.shape[3]
-    lo = 0 if window <= 0 else max(0, ctx - window)
-    n = ctx - lo
+    ctx = hi
+    n = hi - lo
     scores = np.empty((group, n), np.float32)
     exp_bits = np.empty(n, np.int32)
     k_scratch = np.empty((block_size, head_dim), np.uint32)
@@ -234,6 +238,7 @@ def _attend_decode(out, q, kv, table, ctx, t, hk, scale, window, soft_cap):
                 scores[g, base + j - lo] = a
                 j += 1
     sums = np.empty(group, np.float32)
+    maxes = np.empty(group, np.float32)
     for g in range(group):
         row = scores[g]
         if soft_cap > 0:
@@ -242,6 +247,7 @@ def _attend_decode(out, q, kv, table, ctx, t, hk, scale, window, soft_cap):
         m = row[0]
         for j in range(1, n):
             m = max(m, row[j])
+        maxes[g] = m
         sums[g] = _exp_shifted(row, 0, n, m, exp_bits)
     acc = np.zeros((group, head_dim), np.float32)
     for bi in range(lo // block_size, (ctx - 1) // block_size + 1):
@@ -252,46 +258,116 @@ def _attend_decode(out, q, kv, table, ctx, t, hk, scale, window, soft_cap):
                 p = scores[g, base + j - lo]
                 for d in range(head_dim):
                     acc[g, d] += p * vb[j, d]
+    if slot >= 0:
+        for g in range(group):
+            partials[slot, g, 0] = maxes[g]
+            partials[slot, g, 1] = sums[g]
+            for d in range(head_dim):
+                partials[slot, g, 2 + d] = acc[g, d]
+        return
     for g in range(group):
         inv = np.float32(1.0) / sums[g]
         for d in range(head_dim):
             out[t, hk * group + g, d] = acc[g, d] * inv
 
 
-@njit(cache=True)
-def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: int):
-    """Work items ``[sequence, kv head, first row, end row]`` and the order to deal them out in.
+@njit(cache=True, fastmath=FASTMATH)
+def _merge_partials(out, q, items, partials, n_kv):
+    """Combine the key-range parts of split decodes: rescale each part to the common max and sum."""
+    group = q.shape[1] // n_kv
+    head_dim = q.shape[2]
+    i = 0
+    while i < items.shape[0]:
+        if items[i, 6] < 0:
+            i += 1
+            continue
+        j = i
+        while j < items.shape[0] and items[j, 0] == items[i, 0] and items[j, 1] == items[i, 1]:
+            j += 1
+        t, hk = items[i, 2], items[i, 1]
+        for g in range(group):
+            m = partials[items[i, 6], g, 0]
+            for p in range(i + 1, j):
+                m = max(m, partials[items[p, 6], g, 0])
+            total = np.float32(0.0)
+            for d in range(head_dim):
+                out[t, hk * group + g, d] = 0.0
+            for p in range(i, j):
+                part = partials[items[p, 6], g]
+                w = np.float32(np.exp(part[0] - m))
+                total += part[1] * w
+                for d in range(head_dim):
+                    out[t, hk * group + g, d] += part[2 + d] * w
+            inv = np.float32(1.0) / total
+            for d in range(head_dim):
+                out[t, hk * group + g, d] *= inv
+        i = j
 
-    The order is costliest first (a causal tile's cost grows with its last query's position), so the
-    snake-order deal in ``_run_items`` balances threads without dynamic scheduling.
+
+@njit(cache=True)
+def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: int, window: int):
+    """Work items and the order to deal them out in.
+
+    An item is ``[sequence, kv head, first row, end row, first key, end key, partial slot]``. A
+    prefill chunk splits into tiles of ``q_tile`` query rows; a decode whose context is longer than
+    ``DECODE_KEYS_PER_ITEM`` splits into key ranges (slot >= 0) merged afterwards, so one long
+    sequence still keeps every thread busy. How a sequence splits depends only on its own length,
+    never on the batch. The order is costliest first, so the snake-order deal in ``_run_items``
+    balances threads without dynamic scheduling. Returns ``(items, order, number of slots)``.
     """
     n_seqs = seq_lens.shape[0]
     n_items = 0
     for b in range(n_seqs):
         nq = query_start_loc[b + 1] - query_start_loc[b]
-        n_items += n_kv * ((nq + q_tile - 1) // q_tile)
-    items = np.empty((n_items, 4), np.int64)
+        if nq == 1:
+            lo = 0 if window <= 0 else max(0, seq_lens[b] - window)
+            n_items += n_kv * ((seq_lens[b] - lo + DECODE_KEYS_PER_ITEM - 1) // DECODE_KEYS_PER_ITEM)
+        else:
+            n_items += n_kv * ((nq + q_tile - 1) // q_tile)
+    items = np.empty((n_items, 7), np.int64)
     cost = np.empty(n_items, np.int64)
     it = 0
+    slots = 0
     for b in range(n_seqs):
         end = query_start_loc[b + 1]
+        ctx = seq_lens[b]
+        if end - query_start_loc[b] == 1:
+            lo = 0 if window <= 0 else max(0, ctx - window)
+            parts = (ctx - lo + DECODE_KEYS_PER_ITEM - 1) // DECODE_KEYS_PER_ITEM
+            for hk in range(n_kv):
+                for p in range(parts):
+                    k0 = lo + p * DECODE_KEYS_PER_ITEM
+                    items[it, 0] = b
+                    items[it, 1] = hk
+                    items[it, 2] = end - 1
+                    items[it, 3] = end
+                    items[it, 4] = k0
+                    items[it, 5] = min(ctx, k0 + DECODE_KEYS_PER_ITEM)
+                    items[it, 6] = slots if parts > 1 else -1
+                    slots += 1 if parts > 1 else 0
+                    cost[it] = -(items[it, 5] - k0)
+                    it += 1
+            continue
         while end > query_start_loc[b]:
             start = max(end - q_tile, query_start_loc[b])
-            reach = seq_lens[b] - (query_start_loc[b + 1] - end)  # keys seen by the tile's last query
+            reach = ctx - (query_start_loc[b + 1] - end)  # keys seen by the tile's last query
             for hk in range(n_kv):
                 items[it, 0] = b
                 items[it, 1] = hk
                 items[it, 2] = start
                 items[it, 3] = end
+                items[it, 4] = 0
+                items[it, 5] = reach
+                items[it, 6] = -1
                 cost[it] = -(end - start) * reach
                 it += 1
             end = start
-    return items, np.argsort(cost, kind="mergesort")
+    return items, np.argsort(cost, kind="mergesort"), slots
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
-               order, worker, n_workers):
+               order, partials, worker, n_workers):
     """Run the items dealt to ``worker``: snake order (0 1 .. P-1 P-1 .. 0 0 1 ..) over ``order``."""
     scale32 = np.float32(scale)
     cap32 = np.float32(soft_cap)
@@ -304,8 +380,8 @@ def _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, windo
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
         if nq == 1:
-            _attend_decode(out, q, kv, block_tables[b], seq_lens[b], seq_q0, items[item, 1], scale32, window,
-                           cap32)
+            _attend_decode(out, q, kv, block_tables[b], items[item, 4], items[item, 5], seq_q0, items[item, 1],
+                           scale32, cap32, partials, items[item, 6])
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)
@@ -319,11 +395,14 @@ def paged_attention(out: np.ndarray, q: np.ndarray, kv: np.ndarray, query_start_
 
     ``window <= 0`` and ``soft_cap <= 0`` switch those off; ``n_threads`` is Numba's thread count.
     """
-    items, order = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile)
+    items, order, slots = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window)
+    partials = np.empty((slots, q.shape[1] // kv.shape[2], 2 + q.shape[2]), np.float32)
     n_workers = max(1, min(n_threads, order.shape[0]))
     for w in prange(n_workers):
         _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
-                   order, w, n_workers)
+                   order, partials, w, n_workers)
+    if slots:
+        _merge_partials(out, q, items, partials, kv.shape[2])
 
 
 @njit(cache=True)
@@ -332,9 +411,12 @@ def paged_attention_serial(out: np.ndarray, q: np.ndarray, kv: np.ndarray, query
                            soft_cap: float, q_tile: int) -> None:
     """``paged_attention`` on the calling thread: for steps too small to repay waking a thread pool
     (a few microseconds when idle, a scheduler time slice when another process holds the cores)."""
-    items, order = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile)
+    items, order, slots = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window)
+    partials = np.empty((slots, q.shape[1] // kv.shape[2], 2 + q.shape[2]), np.float32)
     _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
-               order, 0, 1)
+               order, partials, 0, 1)
+    if slots:
+        _merge_partials(out, q, items, partials, kv.shape[2])
 
 
 @njit(cache=True)

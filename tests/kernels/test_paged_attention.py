@@ -92,3 +92,13 @@ def test_write_kv_rounds_to_bf16_like_torch_and_skips_padding():
     torch.testing.assert_close(flat[0, slots[keep]], k[keep].bfloat16(), equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(flat[1, slots[keep]], v[keep].bfloat16(), equal_nan=True, rtol=0, atol=0)
     assert flat[:, [1, 3, 4, 6, 7, 8, 9, 10]].float().abs().sum() == 0
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_long_decodes_split_across_threads_and_merge(paged_batch, window):
+    """Contexts past DECODE_KEYS_PER_ITEM keys are attended in ranges and merged (flash-decoding)."""
+    from edgellm.kernels.cpu.paged_attention import DECODE_KEYS_PER_ITEM
+
+    n = DECODE_KEYS_PER_ITEM
+    check(*paged_batch([(2 * n + 37, 1), (n + 1, 1), (n, 1), (3 * n, 1)], 9, 3, 64, 16, seed=7), window=window)
+    check(*paged_batch([(2 * n + 37, 1), (60, 60)], 6, 2, 64, 16, seed=8), window=window)
