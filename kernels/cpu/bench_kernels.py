@@ -22,7 +22,7 @@ from edgellm.quant.formats import quantize_rows
 
 SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # (K in, N out)
 ONE_B_SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
-ROWS = [1, 8, 32, 128]
+ROWS = [1, 8, 32, 128, 512]
 
 
 def best_seconds(fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 3) -> float:
@@ -43,20 +43,30 @@ def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Ca
     q4 = QuantizedTensor("Q4_0", quantize_rows("Q4_0", w), (n, k))
     w32, w16 = q8.dequantize(), q8.dequantize(torch.bfloat16)
     p8: Q8_0Weight = backend.prepare_weight(q8, torch.float32)
-    p4f: Int4PackedWeight = backend.prepare_weight(q4, torch.float32)
-    p4b: Int4PackedWeight = backend.prepare_weight(q4, torch.bfloat16)
+    head: Q8_0Weight = backend.prepare_weight(q8, torch.float32, role="lm_head")
+    p4: Int4PackedWeight = backend.prepare_weight(q4, torch.float32)
     scales = w.abs().amax(1).clamp_min(1e-8) / 127
     wq = torch.quantize_per_channel(w, scales.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
     dyn = torch.ops.quantized.linear_prepack(wq, None)
-    return {
-        "fp32 F.linear": (lambda x: F.linear(x, w32), w32.numel() * 4),
-        "bf16 F.linear": (lambda x: F.linear(x.bfloat16(), w16), w16.numel() * 2),
-        "int4pack fp32": (lambda x: backend.linear(x, p4f), p4f.nbytes),
-        "int4pack bf16": (lambda x: backend.linear(x.bfloat16(), p4b), p4b.nbytes),
+
+    def int4_kernel(x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p4.packed, 32, p4.scale_zeros)
+
+    def head_bf16(x):
+        return backend._q8_0_head_bf16(x, head, torch.empty(x.shape[0], n))
+
+    cands = {
+        "fp32 F.linear (dense)": (lambda x: F.linear(x, w32), w32.numel() * 4),
+        "bf16 F.linear (dense)": (lambda x: F.linear(x.bfloat16(), w16), w16.numel() * 2),
         "int8 dynamic": (lambda x: torch.ops.quantized.linear_dynamic(x, dyn), n * k + n * 8),
-        "Q8_0 deq+mm": (lambda x: F.linear(x, q8.dequantize()), q8.nbytes),
+        "Q4 int4 kernel": (int4_kernel, p4.nbytes),
+        "Q4 bf16 expand+GEMM": (lambda x: torch.mm(x.bfloat16(), p4.expand_bf16_t()), p4.nbytes),
+        "Q4 edgellm": (lambda x: backend.linear(x, p4), p4.nbytes),
         "Q8_0 numba": (lambda x: backend.linear(x, p8), p8.nbytes),
     }
+    if n > 16384:  # the vocab head: bf16 tiles plus exact logits near the top
+        cands["Q8_0 head bf16+rescore"] = (head_bf16, head.nbytes)
+    return cands
 
 
 def bench_linear(backend: CPUBackend) -> list[str]:
@@ -68,7 +78,7 @@ def bench_linear(backend: CPUBackend) -> list[str]:
                 x = torch.randn(m, k)
                 cells = []
                 for name, (fn, nbytes) in cands.items():
-                    if name == "Q8_0 deq+mm" and m > 8:
+                    if name == "Q4 bf16 expand+GEMM" and n % 64:
                         continue
                     dt = best_seconds(lambda fn=fn, x=x: fn(x))
                     cells.append(f"{name} {dt * 1e6:8.0f}us {nbytes / dt / 1e9:5.1f}GB/s")
@@ -98,15 +108,19 @@ def attention_batch(n_seqs: int, ctx: int, new: int, kv_dtype: torch.dtype, n_he
 def bench_attention(backend: CPUBackend) -> list[str]:
     ref = TorchBackend()
     lines = []
+    invariant = CPUBackend(threads=backend.threads, warmup=False, batch_invariant=True)
     cases = [(b, c, 1) for b in (1, 8, 32) for c in (512, 1024)] + [(1, 512, 512)]
     for n_seqs, ctx, new in cases:
         cells = []
         for kv_dtype in (torch.float32, torch.bfloat16):
-            batch = attention_batch(n_seqs, ctx, new, kv_dtype)
-            kv = batch[3]
-            dt = best_seconds(lambda batch=batch: backend.attention(*batch, 0.125))
-            kv_bytes = n_seqs * ctx * kv.shape[2] * kv.shape[4] * 2 * kv.element_size()
-            cells.append(f"numba {str(kv_dtype)[6:]:8s} {dt * 1e6:8.0f}us {kv_bytes / dt / 1e9:5.1f}GB/s")
+            for name, be in (("default", backend), ("invariant", invariant)):
+                if new == 1 and name == "invariant":
+                    continue  # decodes take the same Numba kernel in both modes
+                batch = attention_batch(n_seqs, ctx, new, kv_dtype)
+                kv = batch[3]
+                dt = best_seconds(lambda batch=batch, be=be: be.attention(*batch, 0.125))
+                kv_bytes = n_seqs * ctx * kv.shape[2] * kv.shape[4] * 2 * kv.element_size()
+                cells.append(f"{name} {str(kv_dtype)[6:]:8s} {dt * 1e6:8.0f}us {kv_bytes / dt / 1e9:5.1f}GB/s")
         dt = best_seconds(lambda batch=batch: ref.attention(*batch, 0.125), budget_s=0.1, min_runs=1)
         cells.append(f"torch reference (bf16 KV) {dt * 1e6:8.0f}us")
         kind = "prefill" if new > 1 else "decode"
@@ -129,7 +143,7 @@ def bench_call_overhead(backend: CPUBackend) -> list[str]:
 
 
 def main() -> None:
-    backend = CPUBackend()
+    backend = CPUBackend(batch_invariant=False)
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
           f"({numba.threading_layer()}); isa {torch.backends.cpu.get_cpu_capability()}")
     for line in bench_call_overhead(backend) + bench_attention(backend) + bench_linear(backend):
