@@ -22,7 +22,7 @@ from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step, write_kv
-from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_dot_pairs, q8_0_matmul, q8_0_rows, q8_0_rows_raw
+from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rows, q8_0_rows_raw
 from edgellm.quant import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -34,14 +34,10 @@ SERIAL_ATTENTION_WORK = 1024  # below this, waking the second thread costs more 
 # and one oneDNN GEMM (AMX / AVX512-BF16) is cheaper (bench_kernels.py).
 INT4_KERNEL_MAX_ROWS = 32
 INT4_GEMV_MAX_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
-# From this many rows the Q8_0 head is expanded to bf16 in tiles for oneDNN, then the logits near
-# each row's maximum are recomputed exactly in float32 (see ``_q8_0_head_bf16``).
-Q8_0_BF16_MIN_ROWS = 48
-Q8_0_GEMM_MIN_ROWS = 32  # batch-invariant mode: from here the head expands float32 tiles for BLAS
+# From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
+# blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
+Q8_0_GEMM_MIN_ROWS = 32
 Q8_0_GEMM_TILE_ROWS = 4096
-# bf16 logits are within 2^-8 relative of float32; everything this close to the row's maximum is
-# recomputed exactly, so the argmax and the likely tokens carry float32 logits.
-LOGIT_RESCORE_MARGIN = 1.0
 
 
 class CPUBackend(TorchBackend):
@@ -69,8 +65,8 @@ class CPUBackend(TorchBackend):
         self.linear(torch.zeros(1, 32), Q8_0Weight.from_quantized(w))
         self.embedding(torch.zeros(1, dtype=torch.long), w, torch.float32)
         self.embedding(torch.zeros(1, dtype=torch.long), Q8_0Weight.from_quantized(w), torch.float32)
-        many = max(INT4_KERNEL_MAX_ROWS, Q8_0_BF16_MIN_ROWS) + 1  # the expanded-weight paths of big steps
-        self.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w, is_head=True))
+        many = max(INT4_KERNEL_MAX_ROWS, Q8_0_GEMM_MIN_ROWS) + 1  # the expanded-weight paths of big steps
+        self.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w))
         w4 = QuantizedTensor("Q4_1", torch.zeros(64, 20, dtype=torch.uint8), (64, 32))
         self.linear(torch.zeros(many, 32), Int4PackedWeight.from_quantized(w4))
         kv = torch.zeros(2, 1, 1, 1, 32)
@@ -105,7 +101,7 @@ class CPUBackend(TorchBackend):
             # Not bf16 for the vocab-sized head even though oneDNN's bf16 GEMV is ~1.7x faster: CPU GEMMs
             # return bf16 for bf16 inputs, and logits rounded to bf16 tie often enough to change
             # greedy answers. The Q8_0 kernel keeps float32 products and float32 logits.
-            return Q8_0Weight.from_quantized(weight, is_head=role in ("lm_head", "tied_embedding"))
+            return Q8_0Weight.from_quantized(weight)
         return super().prepare_weight(weight, dtype, role)
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,8 +168,6 @@ class CPUBackend(TorchBackend):
         xf = x.float().contiguous()
         m, n = xf.shape[0], w.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
-        if w.is_head and not self._invariant and m >= Q8_0_BF16_MIN_ROWS:
-            return self._q8_0_head_bf16(xf, w, y)
         if m < Q8_0_GEMM_MIN_ROWS:
             q8_0_matmul(xf.numpy(), w.qs, w.d, y.numpy(), self.threads)
             return y
@@ -182,27 +176,6 @@ class CPUBackend(TorchBackend):
             rows = tile[: min(Q8_0_GEMM_TILE_ROWS, n - n0)]
             q8_0_dequantize(w.qs, w.d, n0, rows.numpy())
             torch.mm(xf, rows.t(), out=y[:, n0:n0 + rows.shape[0]])
-        return y
-
-    @staticmethod
-    def _q8_0_head_bf16(xf: torch.Tensor, w: Q8_0Weight, y: torch.Tensor) -> torch.Tensor:
-        """Many rows of a vocab-sized Q8_0 matmul: bf16 GEMM over expanded tiles, then exact top logits.
-
-        CPU GEMMs round bf16 products to a bf16 output; logits that close tie often enough to change
-        greedy answers. So every logit within ``LOGIT_RESCORE_MARGIN`` of its row's maximum is
-        recomputed in float32 from the Q8_0 weights: the argmax and every token with real probability
-        get the float32 reference's value, the far tail keeps a 2^-8 relative error.
-        """
-        n = w.shape[0]
-        xb = xf.to(torch.bfloat16)
-        for n0 in range(0, n, Q8_0_GEMM_TILE_ROWS):
-            rows = min(Q8_0_GEMM_TILE_ROWS, n - n0)
-            y[:, n0:n0 + rows] = torch.mm(xb, w.rows_bf16(n0, rows).t())
-        top = y.amax(dim=1, keepdim=True)
-        r, c = torch.nonzero(y >= top - LOGIT_RESCORE_MARGIN, as_tuple=True)
-        exact = torch.empty(r.shape[0], dtype=torch.float32)
-        q8_0_dot_pairs(xf.numpy(), w.qs, w.d, r.numpy(), c.numpy(), exact.numpy())
-        y[r, c] = exact
         return y
 
     def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:

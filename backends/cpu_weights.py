@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t, q8_0_to_bf16
+from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
 from edgellm.kernels.cpu.q8_0 import repack_q8_0
 from edgellm.quant import QuantizedTensor
@@ -86,19 +86,12 @@ class Q8_0Weight:
     qs: np.ndarray
     d: np.ndarray
     shape: tuple[int, int]
-    is_head: bool = False  # the vocab projection: only the logits near each row's top must be exact
 
     @classmethod
-    def from_quantized(cls, w: QuantizedTensor, is_head: bool = False) -> Q8_0Weight:
+    def from_quantized(cls, w: QuantizedTensor) -> Q8_0Weight:
         assert w.fmt == "Q8_0", w.fmt
         qs, d = repack_q8_0(w.data.contiguous().numpy())
-        return cls(qs, d, w.shape, is_head)
-
-    def rows_bf16(self, n0: int, rows: int) -> torch.Tensor:
-        """Rows ``n0 .. n0 + rows`` as bfloat16 ``[rows, K]`` in a scratch buffer reused per tile."""
-        out = scratch(rows, self.shape[1], torch.bfloat16)
-        q8_0_to_bf16(self.qs, self.d, n0, out.view(torch.uint16).numpy())
-        return out
+        return cls(qs, d, w.shape)
 
     @property
     def nbytes(self) -> int:

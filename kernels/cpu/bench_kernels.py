@@ -43,7 +43,6 @@ def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Ca
     q4 = QuantizedTensor("Q4_0", quantize_rows("Q4_0", w), (n, k))
     w32, w16 = q8.dequantize(), q8.dequantize(torch.bfloat16)
     p8: Q8_0Weight = backend.prepare_weight(q8, torch.float32)
-    head: Q8_0Weight = backend.prepare_weight(q8, torch.float32, role="lm_head")
     p4: Int4PackedWeight = backend.prepare_weight(q4, torch.float32)
     scales = w.abs().amax(1).clamp_min(1e-8) / 127
     wq = torch.quantize_per_channel(w, scales.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8)
@@ -52,10 +51,7 @@ def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Ca
     def int4_kernel(x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p4.packed, 32, p4.scale_zeros)
 
-    def head_bf16(x):
-        return backend._q8_0_head_bf16(x, head, torch.empty(x.shape[0], n))
-
-    cands = {
+    return {
         "fp32 F.linear (dense)": (lambda x: F.linear(x, w32), w32.numel() * 4),
         "bf16 F.linear (dense)": (lambda x: F.linear(x.bfloat16(), w16), w16.numel() * 2),
         "int8 dynamic": (lambda x: torch.ops.quantized.linear_dynamic(x, dyn), n * k + n * 8),
@@ -64,9 +60,6 @@ def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Ca
         "Q4 edgellm": (lambda x: backend.linear(x, p4), p4.nbytes),
         "Q8_0 numba": (lambda x: backend.linear(x, p8), p8.nbytes),
     }
-    if n > 16384:  # the vocab head: bf16 tiles plus exact logits near the top
-        cands["Q8_0 head bf16+rescore"] = (head_bf16, head.nbytes)
-    return cands
 
 
 def bench_linear(backend: CPUBackend) -> list[str]:

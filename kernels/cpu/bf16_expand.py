@@ -1,11 +1,11 @@
 """Expand packed weights to bfloat16 for the AMX/AVX-512-BF16 GEMMs of batched steps.
 
 A step with many rows (a prefill chunk, a large decode batch) is cheapest as one oneDNN bf16 GEMM:
-on CPUs with AMX or AVX512-BF16 it runs 4-10x faster than ATen's int4 kernel once there are more
-than ~16 rows. The dense bf16 weight is not kept (weights stay packed in memory): it is expanded each
-step into a scratch buffer shared by all weights of one shape, which costs far less than the GEMM it
-enables. bfloat16 values are handled as their uint16 bits (Numba has no bf16 type) and rounded to
-nearest even from float32.
+ATen's int4 kernel costs a roughly fixed time per row, while the GEMM (AMX or AVX512-BF16) barely
+grows with the row count. The dense bf16 weight is not kept (weights stay packed in memory): it is
+expanded each step into a scratch buffer shared by all weights of one shape. Expansion plus GEMM
+beats the int4 kernel past about 32 rows in a real step (7x at 512 rows). bfloat16 values are handled
+as their uint16 bits (Numba has no bf16 type) and rounded to nearest even from float32.
 
 Example::
 
@@ -58,21 +58,3 @@ def int4pack_to_bf16_t(packed: np.ndarray, scale_zeros: np.ndarray, group: int, 
             o = out_t[kk, row0:row0 + BLOCK_N]
             for j in range(BLOCK_N):
                 o[j] = _round_to_bf16(tmp_bits[j])
-
-
-@numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def q8_0_to_bf16(qs: np.ndarray, d: np.ndarray, n0: int, out: np.ndarray) -> None:
-    """``out[i] = bf16(d[n0 + i] * qs[n0 + i])``: rows ``n0..`` of a repacked Q8_0 weight as bf16 bits."""
-    k = qs.shape[1]
-    qk = k // d.shape[1]
-    for i in numba.prange(out.shape[0]):
-        tmp = np.empty(k, np.float32)
-        bits = tmp.view(np.uint32)
-        row = qs[n0 + i]
-        for b in range(d.shape[1]):
-            scale = d[n0 + i, b]
-            for j in range(b * qk, b * qk + qk):
-                tmp[j] = np.float32(row[j]) * scale
-        o = out[i]
-        for j in range(k):
-            o[j] = _round_to_bf16(bits[j])

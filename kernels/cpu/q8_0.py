@@ -133,17 +133,3 @@ def q8_0_dequantize(qs: np.ndarray, d: np.ndarray, n0: int, out: np.ndarray) -> 
     """``out[i] = d[n0 + i] * qs[n0 + i]``: rows of the float32 weight, for tiled large-M matmuls."""
     for i in prange(out.shape[0]):
         _dequant_row(qs, d, n0 + i, out[i])
-
-
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
-def q8_0_dot_pairs(x: np.ndarray, qs: np.ndarray, d: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                   out: np.ndarray) -> None:
-    """``out[i] = x[rows[i]] . dequant(W[cols[i]])`` in float32: exact logits for chosen candidates."""
-    k = qs.shape[1]
-    for i in prange(rows.shape[0]):
-        w = np.empty(k, np.float32)
-        _dequant_row(qs, d, cols[i], w)
-        acc = np.float32(0.0)
-        for j in range(k):
-            acc += x[rows[i], j] * w[j]
-        out[i] = acc

@@ -1,12 +1,10 @@
 """The bf16 expansion kernels against dequantize-then-round in torch."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
-from edgellm.kernels.cpu.bf16_expand import q8_0_to_bf16
+from edgellm.backends.cpu_weights import Int4PackedWeight
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
 
@@ -28,13 +26,3 @@ def test_int4pack_to_bf16_matches_the_exact_float32_expansion_rounded(fmt, n, k)
     ulp = want.abs().clamp_min(1e-30) * 2.0 ** -7
     assert ((got - want).abs() <= ulp).all()
     assert (got != want).float().mean() < 1e-3
-
-
-@pytest.mark.parametrize("n0, rows", [(0, 64), (37, 100)])
-def test_q8_0_rows_to_bf16_are_the_rounded_dequantized_rows(n0, rows):
-    wq = quantized("Q8_0", 200, 96, seed=1)
-    w = Q8_0Weight.from_quantized(wq)
-    out = np.empty((rows, 96), np.uint16)
-    q8_0_to_bf16(w.qs, w.d, n0, out)
-    want = wq.dequantize()[n0:n0 + rows].bfloat16()
-    assert torch.equal(torch.from_numpy(out).view(torch.bfloat16), want)
