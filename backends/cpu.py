@@ -1,8 +1,15 @@
-"""The CPU backend: packed int4 weights through ATen's CPU int4 kernel, Numba kernels for the rest.
+"""The CPU backend: packed int4 weights, Numba kernels, and oneDNN for the big steps.
 
-Paged attention reads K/V in place through block tables (``kernels/cpu/paged_attention.py``); Q8_0
-weights stay int8 and are multiplied by a Numba kernel (``kernels/cpu/q8_0.py``). Kernels are
-compiled with ``cache=True`` and warmed at init, so a second process only loads them.
+- Linear: a few rows go through ATen's int4 kernel; a step of more than 32 rows expands each weight
+  to bf16 in a scratch buffer (``kernels/cpu/bf16_expand.py``) for one oneDNN GEMM (AMX where present).
+- Attention: decodes read K/V in place through block tables (``kernels/cpu/paged_attention.py``);
+  prompt chunks use torch's flash attention.
+- Q8_0 weights (head, embedding) stay int8 and go through Numba kernels (``kernels/cpu/q8_0.py``).
+- ``batch_invariant`` mode (or a step holding a seeded request) keeps the arithmetic of every token
+  independent of its batch: int4 kernel for generated tokens, exact fp32 tiles for prompt tokens,
+  Numba attention for all.
+
+Kernels are compiled with ``cache=True`` and warmed at init, so a second process only loads them.
 """
 from __future__ import annotations
 
