@@ -210,9 +210,11 @@ class CPUBackend(TorchBackend):
         out = torch.empty_like(qf)
         slots, starts, lens, tables = self._meta_arrays(meta)
         kv = self._kv_view(kv_cache)
-        n_dec = meta.query_start_loc_list.index(meta.num_decode_tokens) if meta.query_start_loc_list else 0
-        sdpa = not (self._invariant or soft_cap) and n_dec < meta.num_seqs
-        n_numba, t_numba = (n_dec, meta.num_decode_tokens) if sdpa else (meta.num_seqs, q.shape[0])
+        qsl = meta.query_start_loc_list or meta.query_start_loc.tolist()
+        n_seqs = len(qsl) - 1
+        n_dec = qsl.index(meta.num_decode_tokens)  # decodes come first
+        sdpa = not (self._invariant or soft_cap) and n_dec < n_seqs
+        n_numba, t_numba = (n_dec, meta.num_decode_tokens) if sdpa else (n_seqs, q.shape[0])
         if sdpa:
             write_kv(kv, kf[t_numba:].numpy(), vf[t_numba:].numpy(), slots[t_numba:])
         if n_numba:
@@ -223,22 +225,23 @@ class CPUBackend(TorchBackend):
                 int(sliding_window or 0), float(soft_cap or 0.0), DEFAULT_Q_TILE,
                 self.threads if work >= SERIAL_ATTENTION_WORK else 1,
             )
-        for i in range(n_numba, meta.num_seqs):
-            self._prompt_attention(i, qf, kf, vf, kv_cache, meta, scale, sliding_window, out)
+        lens_list = meta.seq_lens_list or meta.seq_lens.tolist()
+        for i in range(n_numba, n_seqs):
+            self._prompt_attention(qsl[i], qsl[i + 1], lens_list[i], meta.block_tables[i], qf, kf, vf, kv_cache,
+                                   meta.block_size, scale, sliding_window, out)
         return out if q.dtype == torch.float32 else out.to(q.dtype)
 
     @staticmethod
-    def _prompt_attention(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                          meta: AttentionMetadata, scale: float, window: int | None, out: torch.Tensor) -> None:
-        """One prompt chunk through ``F.scaled_dot_product_attention`` (causal, GQA)."""
-        q0, q1 = meta.query_start_loc_list[i], meta.query_start_loc_list[i + 1]
-        ctx, n = meta.seq_lens_list[i], q1 - q0
+    def _prompt_attention(q0: int, q1: int, ctx: int, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, kv_cache: torch.Tensor, bs: int, scale: float, window: int | None,
+                          out: torch.Tensor) -> None:
+        """One prompt chunk (rows ``q0:q1``, ``ctx`` keys) through flash attention (causal, GQA)."""
+        n = q1 - q0
         qi = q[q0:q1].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if ctx == n:  # no cached prefix: this chunk's own keys and values, as the cache holds them
             ki, vi = (t[q0:q1].to(kv_cache.dtype).float().transpose(0, 1).unsqueeze(0) for t in (k, v))
         else:
-            bs = meta.block_size
-            blocks = meta.block_tables[i, : -(-ctx // bs)].long()
+            blocks = table[: -(-ctx // bs)].long()
 
             def gather(plane: int) -> torch.Tensor:
                 g = kv_cache[plane, blocks]  # [nb, Hkv, bs, D]

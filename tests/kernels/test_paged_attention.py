@@ -102,3 +102,11 @@ def test_long_decodes_split_across_threads_and_merge(paged_batch, window):
     n = DECODE_KEYS_PER_ITEM
     check(*paged_batch([(2 * n + 37, 1), (n + 1, 1), (n, 1), (3 * n, 1)], 9, 3, 64, 16, seed=7), window=window)
     check(*paged_batch([(2 * n + 37, 1), (60, 60)], 6, 2, 64, 16, seed=8), window=window)
+
+
+def test_metadata_without_host_lists_reads_the_tensors(paged_batch):
+    import dataclasses
+
+    q, k, v, kv, meta = paged_batch(ragged(16), 6, 2, 64, 16, seed=9)
+    bare = dataclasses.replace(meta, query_start_loc_list=[], seq_lens_list=[])
+    check(q, k, v, kv, bare)
