@@ -1,11 +1,11 @@
-"""Expand ATen's CPU int4-packed weights to exact float32 for large-batch matmuls.
+"""Expand ATen's CPU int4-packed weights to exact float32: the prompt path of batch-invariant mode.
 
-``aten._weight_int4pack_mm_for_cpu`` is the fastest kernel for a few rows of activations but slows
-sharply past ~16 rows. Its arithmetic is exactly "dequantize in fp32, accumulate in fp32, round the
-output to bf16". A large batch therefore expands the packed weight (exactly) into a reused fp32
-scratch buffer, multiplies with a BLAS GEMM and rounds the same way, so a sequence gets the same
-numbers whether it runs alone or in a big batch (batch invariance up to summation order), and no
-second, dense copy of the weights is kept.
+``aten._weight_int4pack_mm_for_cpu`` is the fastest kernel for a few rows of activations, but its cost
+grows with every row. Its arithmetic is exactly "dequantize in fp32, accumulate in fp32, round the
+output to bf16". In batch-invariant mode, prompt tokens therefore use an exact fp32 expansion of the
+packed weight in a reused scratch buffer, a BLAS GEMM in fixed tiles, and the same rounding. A
+sequence then gets the same numbers alone or in a big batch (up to summation order), and no second,
+dense copy of the weights is kept. The default mode's faster bf16 path is ``bf16_expand.py``.
 
 Packed layout (``_convert_weight_to_int4pack_for_cpu(q, 1)``): ``[N/64, K, 32]`` bytes; byte ``j`` of a
 (row block, k) holds row ``j`` in its low nibble and row ``j + 32`` in its high nibble. Scales and zeros
