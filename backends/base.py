@@ -41,9 +41,9 @@ class AttentionMetadata:
     block_size: int
     max_query_len: int
     max_seq_len: int
-    # the first rows are generated tokens fed back (decodes), the rest prompt tokens: kernels that have
-    # a small-batch and a large-batch path choose per row kind, so a token's arithmetic never depends
-    # on what else is in the batch
+    # the first rows are generated tokens fed back (decodes), the rest prompt tokens: kernels may treat
+    # the two kinds differently (in batch-invariant mode, to keep a token's arithmetic independent of
+    # what else is in the batch)
     num_decode_tokens: int = 0
     # this step must use batch-invariant arithmetic (a seeded sampling request is in it)
     batch_invariant: bool = False

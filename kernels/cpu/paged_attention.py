@@ -198,7 +198,6 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
     head_dim = q.shape[2]
     group = q.shape[1] // kv.shape[2]
     block_size = kv.shape[3]
-    ctx = hi
     n = hi - lo
     scores = np.empty((group, n), np.float32)
     exp_bits = np.empty(n, np.int32)
@@ -208,10 +207,10 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
     for g in range(group):
         for d in range(head_dim):
             qt[g, d] = q[t, hk * group + g, d] * scale
-    for bi in range(lo // block_size, (ctx - 1) // block_size + 1):
+    for bi in range(lo // block_size, (hi - 1) // block_size + 1):
         kb = _block_f32(kv[0, table[bi], hk], k_scratch)
         base = bi * block_size
-        j0, j1 = max(lo - base, 0), min(ctx - base, block_size)
+        j0, j1 = max(lo - base, 0), min(hi - base, block_size)
         for g in range(group):
             qg = qt[g]
             j = j0
@@ -250,10 +249,10 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
         maxes[g] = m
         sums[g] = _exp_shifted(row, 0, n, m, exp_bits)
     acc = np.zeros((group, head_dim), np.float32)
-    for bi in range(lo // block_size, (ctx - 1) // block_size + 1):
+    for bi in range(lo // block_size, (hi - 1) // block_size + 1):
         vb = _block_f32(kv[1, table[bi], hk], v_scratch)
         base = bi * block_size
-        for j in range(max(lo - base, 0), min(ctx - base, block_size)):
+        for j in range(max(lo - base, 0), min(hi - base, block_size)):
             for g in range(group):
                 p = scores[g, base + j - lo]
                 for d in range(head_dim):
@@ -305,7 +304,15 @@ def _merge_partials(out, q, items, partials, n_kv):
 
 
 @njit(cache=True)
-def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: int, window: int):
+def _decode_range(ctx: int, window: int) -> tuple[int, int]:
+    """A decode's first key (the sliding window's start) and how many key-range items it splits into."""
+    lo = 0 if window <= 0 else max(0, ctx - window)
+    return lo, (ctx - lo + DECODE_KEYS_PER_ITEM - 1) // DECODE_KEYS_PER_ITEM
+
+
+@njit(cache=True)
+def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: int, window: int,
+          group: int, head_dim: int):
     """Work items and the order to deal them out in.
 
     An item is ``[sequence, kv head, first row, end row, first key, end key, partial slot]``. A
@@ -313,15 +320,15 @@ def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: 
     ``DECODE_KEYS_PER_ITEM`` splits into key ranges (slot >= 0) merged afterwards, so one long
     sequence still keeps every thread busy. How a sequence splits depends only on its own length,
     never on the batch. The order is costliest first, so the snake-order deal in ``_run_items``
-    balances threads without dynamic scheduling. Returns ``(items, order, number of slots)``.
+    balances threads without dynamic scheduling. Returns ``(items, order, partials)``, the last with
+    one ``[group, 2 + head_dim]`` slot per split item.
     """
     n_seqs = seq_lens.shape[0]
     n_items = 0
     for b in range(n_seqs):
         nq = query_start_loc[b + 1] - query_start_loc[b]
         if nq == 1:
-            lo = 0 if window <= 0 else max(0, seq_lens[b] - window)
-            n_items += n_kv * ((seq_lens[b] - lo + DECODE_KEYS_PER_ITEM - 1) // DECODE_KEYS_PER_ITEM)
+            n_items += n_kv * _decode_range(seq_lens[b], window)[1]
         else:
             n_items += n_kv * ((nq + q_tile - 1) // q_tile)
     items = np.empty((n_items, 7), np.int64)
@@ -332,8 +339,7 @@ def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: 
         end = query_start_loc[b + 1]
         ctx = seq_lens[b]
         if end - query_start_loc[b] == 1:
-            lo = 0 if window <= 0 else max(0, ctx - window)
-            parts = (ctx - lo + DECODE_KEYS_PER_ITEM - 1) // DECODE_KEYS_PER_ITEM
+            lo, parts = _decode_range(ctx, window)
             for hk in range(n_kv):
                 for p in range(parts):
                     k0 = lo + p * DECODE_KEYS_PER_ITEM
@@ -362,7 +368,8 @@ def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: 
                 cost[it] = -(end - start) * reach
                 it += 1
             end = start
-    return items, np.argsort(cost, kind="mergesort"), slots
+    partials = np.empty((slots, group, 2 + head_dim), np.float32)
+    return items, np.argsort(cost, kind="mergesort"), partials
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -395,13 +402,13 @@ def paged_attention(out: np.ndarray, q: np.ndarray, kv: np.ndarray, query_start_
 
     ``window <= 0`` and ``soft_cap <= 0`` switch those off; ``n_threads`` is Numba's thread count.
     """
-    items, order, slots = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window)
-    partials = np.empty((slots, q.shape[1] // kv.shape[2], 2 + q.shape[2]), np.float32)
+    items, order, partials = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window,
+                                   q.shape[1] // kv.shape[2], q.shape[2])
     n_workers = max(1, min(n_threads, order.shape[0]))
     for w in prange(n_workers):
         _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
                    order, partials, w, n_workers)
-    if slots:
+    if partials.shape[0]:
         _merge_partials(out, q, items, partials, kv.shape[2])
 
 
@@ -411,11 +418,11 @@ def paged_attention_serial(out: np.ndarray, q: np.ndarray, kv: np.ndarray, query
                            soft_cap: float, q_tile: int) -> None:
     """``paged_attention`` on the calling thread: for steps too small to repay waking a thread pool
     (a few microseconds when idle, a scheduler time slice when another process holds the cores)."""
-    items, order, slots = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window)
-    partials = np.empty((slots, q.shape[1] // kv.shape[2], 2 + q.shape[2]), np.float32)
+    items, order, partials = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window,
+                                   q.shape[1] // kv.shape[2], q.shape[2])
     _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
                order, partials, 0, 1)
-    if slots:
+    if partials.shape[0]:
         _merge_partials(out, q, items, partials, kv.shape[2])
 
 
