@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 
@@ -68,7 +69,8 @@ class Int4PackedWeight:
         n, k = self.shape
         out = scratch(k, n, torch.bfloat16)
         int4pack_to_bf16_t(self.packed.view(n // 64, k, 32).numpy(),
-                           self.scale_zeros.view(torch.uint16).numpy(), 32, out.view(torch.uint16).numpy())
+                           self.scale_zeros.view(torch.uint16).numpy(), 32, out.view(torch.uint16).numpy(),
+                           4 * numba.get_num_threads())
         return out
 
     @property

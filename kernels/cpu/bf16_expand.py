@@ -29,32 +29,39 @@ def _round_to_bf16(bits: np.uint32) -> np.uint16:
 
 
 @numba.njit(parallel=True, cache=True, fastmath=FASTMATH)
-def int4pack_to_bf16_t(packed: np.ndarray, scale_zeros: np.ndarray, group: int, out_t: np.ndarray) -> None:
+def int4pack_to_bf16_t(packed: np.ndarray, scale_zeros: np.ndarray, group: int, out_t: np.ndarray,
+                       chunks: int) -> None:
     """``out_t[k, n] = bf16((q[n, k] - 8) * scale + zero)``.
 
     ``packed`` uint8 [N/64, K, 32] (row ``j`` in the low nibble, row ``j + 32`` in the high one);
     ``scale_zeros`` uint16 [K/group, N, 2], the bf16 bits of (scale, zero); ``out_t`` uint16 [K, N].
+    Work is dealt out as (64-row block, group) tiles in a few contiguous chunks per thread, so even a
+    192-row weight keeps both threads busy and each chunk allocates its buffers once.
     """
     nblocks, k_dim, _ = packed.shape
-    for nb in numba.prange(nblocks):
-        row0 = nb * BLOCK_N
-        sz_bits = np.empty(2 * BLOCK_N, np.uint32)
-        sz = sz_bits.view(np.float32)  # [0, 64): scale; [64, 128): zero - 8 * scale
+    ngroups = k_dim // group
+    tiles = nblocks * ngroups
+    chunks = max(1, min(tiles, chunks))
+    for c in numba.prange(chunks):
         tmp = np.empty(BLOCK_N, np.float32)
         tmp_bits = tmp.view(np.uint32)
-        for kk in range(k_dim):
-            if kk % group == 0:
-                g = kk // group
-                for j in range(BLOCK_N):
-                    sz_bits[j] = np.uint32(scale_zeros[g, row0 + j, 0]) << np.uint32(16)
-                    sz_bits[BLOCK_N + j] = np.uint32(scale_zeros[g, row0 + j, 1]) << np.uint32(16)
-                for j in range(BLOCK_N):
-                    sz[BLOCK_N + j] -= np.float32(8.0) * sz[j]
-            p = packed[nb, kk]
-            for j in range(32):
-                b = p[j]
-                tmp[j] = np.float32(b & np.uint8(15)) * sz[j] + sz[BLOCK_N + j]
-                tmp[j + 32] = np.float32(b >> np.uint8(4)) * sz[j + 32] + sz[BLOCK_N + j + 32]
-            o = out_t[kk, row0:row0 + BLOCK_N]
+        sz_bits = np.empty(2 * BLOCK_N, np.uint32)
+        sz = sz_bits.view(np.float32)  # [0, 64): scale; [64, 128): zero - 8 * scale
+        for tile in range(c * tiles // chunks, (c + 1) * tiles // chunks):
+            nb = tile // ngroups
+            g = tile - nb * ngroups
+            row0 = nb * BLOCK_N
             for j in range(BLOCK_N):
-                o[j] = _round_to_bf16(tmp_bits[j])
+                sz_bits[j] = np.uint32(scale_zeros[g, row0 + j, 0]) << np.uint32(16)
+                sz_bits[BLOCK_N + j] = np.uint32(scale_zeros[g, row0 + j, 1]) << np.uint32(16)
+            for j in range(BLOCK_N):
+                sz[BLOCK_N + j] -= np.float32(8.0) * sz[j]
+            for kk in range(g * group, g * group + group):
+                p = packed[nb, kk]
+                for j in range(32):  # separate low and high loops: each vectorizes on its own
+                    tmp[j] = np.float32(p[j] & np.uint8(15)) * sz[j] + sz[BLOCK_N + j]
+                for j in range(32):
+                    tmp[j + 32] = np.float32(p[j] >> np.uint8(4)) * sz[j + 32] + sz[BLOCK_N + 32 + j]
+                o = out_t[kk, row0:row0 + BLOCK_N]
+                for j in range(BLOCK_N):
+                    o[j] = _round_to_bf16(tmp_bits[j])

@@ -19,6 +19,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from edgellm.kernels.cpu.prefetch import prefetch_rows
+
 # 'reassoc' lets LLVM vectorize the q.k dot product and 'contract' fuse multiply-adds; both only
 # change rounding. No 'nnan'/'ninf': masked scores and the running max start at -inf.
 FASTMATH = {"reassoc", "contract"}
@@ -207,7 +209,11 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
     for g in range(group):
         for d in range(head_dim):
             qt[g, d] = q[t, hk * group + g, d] * scale
-    for bi in range(lo // block_size, (hi - 1) // block_size + 1):
+    last = (hi - 1) // block_size
+    for bi in range(lo // block_size, last + 1):
+        if bi < last:  # the next K block streams in while this one is scored
+            prefetch_rows(kv[0, table[bi + 1], hk])
+        prefetch_rows(kv[1, table[bi], hk])  # and V, for the p @ V pass
         kb = _block_f32(kv[0, table[bi], hk], k_scratch)
         base = bi * block_size
         j0, j1 = max(lo - base, 0), min(hi - base, block_size)
@@ -252,11 +258,23 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
     for bi in range(lo // block_size, (hi - 1) // block_size + 1):
         vb = _block_f32(kv[1, table[bi], hk], v_scratch)
         base = bi * block_size
-        for j in range(max(lo - base, 0), min(hi - base, block_size)):
+        j, j1 = max(lo - base, 0), min(hi - base, block_size)
+        while j + 4 <= j1:  # four V rows per pass: one load and store of acc per four products
+            o = base + j - lo
+            for g in range(group):
+                p0 = scores[g, o]
+                p1 = scores[g, o + 1]
+                p2 = scores[g, o + 2]
+                p3 = scores[g, o + 3]
+                for d in range(head_dim):
+                    acc[g, d] += p0 * vb[j, d] + p1 * vb[j + 1, d] + p2 * vb[j + 2, d] + p3 * vb[j + 3, d]
+            j += 4
+        while j < j1:
             for g in range(group):
                 p = scores[g, base + j - lo]
                 for d in range(head_dim):
                     acc[g, d] += p * vb[j, d]
+            j += 1
     if slot >= 0:
         for g in range(group):
             partials[slot, g, 0] = maxes[g]
