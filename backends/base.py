@@ -110,6 +110,15 @@ class Backend(ABC):
     @abstractmethod
     def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor: ...
 
+    def logits(self, hidden: torch.Tensor, weight: Any, argmax_cols: int | None = None) -> torch.Tensor:
+        """The output head: float32 ``[T, vocab]`` logits of ``hidden [T, D]``.
+
+        ``argmax_cols=V`` says the caller only takes each row's argmax over the first ``V`` columns
+        (greedy rows with nothing that edits logits). A backend may then return the other entries as
+        approximations, as long as each row's argmax is the exact logits' argmax.
+        """
+        return self.linear(hidden, weight).float()
+
     @abstractmethod
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step, write_kv
-from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rows, q8_0_rows_raw
+from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
 from edgellm.quant import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -105,10 +105,10 @@ class CPUBackend(TorchBackend):
         if isinstance(weight, QuantizedTensor) and weight.fmt in ("Q4_0", "Q4_1"):
             return Int4PackedWeight.from_quantized(weight)
         if isinstance(weight, QuantizedTensor) and weight.fmt == "Q8_0":
-            # Not bf16 for the vocab-sized head even though oneDNN's bf16 GEMV is ~1.7x faster: CPU GEMMs
-            # return bf16 for bf16 inputs, and logits rounded to bf16 tie often enough to change
-            # greedy answers. The Q8_0 kernel keeps float32 products and float32 logits.
-            return Q8_0Weight.from_quantized(weight)
+            # Logits stay exact float32 Q8_0 products: bf16 logits tie often enough to change greedy
+            # answers. An output head also gets a per-row int8 copy (+1 byte per weight) for the
+            # argmax-only steps of ``logits``, where exact re-scoring keeps every answer the same.
+            return Q8_0Weight.from_quantized(weight, head=role in ("lm_head", "tied_embedding"))
         return super().prepare_weight(weight, dtype, role)
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,6 +184,21 @@ class CPUBackend(TorchBackend):
             q8_0_dequantize(w.qs, w.d, n0, rows.numpy())
             torch.mm(xf, rows.t(), out=y[:, n0:n0 + rows.shape[0]])
         return y
+
+    def logits(self, hidden: torch.Tensor, weight: Any, argmax_cols: int | None = None) -> torch.Tensor:
+        """Argmax-only steps of a few rows take the int8 copy of a Q8_0 head (``_weight_int8pack_mm``
+        on bf16 activations), then ``q8_0_rescore`` recomputes exactly every entry that could be a
+        row's maximum, so greedy tokens are those of the exact head."""
+        head = weight.argmax_head if isinstance(weight, Q8_0Weight) else None
+        if (head is None or argmax_cols is None or self._invariant
+                or hidden.shape[0] >= Q8_0_GEMM_MIN_ROWS):
+            return super().logits(hidden, weight, argmax_cols)
+        x = hidden.float().contiguous()
+        xb = x.to(torch.bfloat16)
+        out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
+        q8_0_rescore(x.numpy(), xb.float().numpy(), weight.qs, weight.d, head.err_norm, head.w_norm,
+                     min(argmax_cols, out.shape[1]), out.numpy())
+        return out
 
     def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(weight, Q8_0Weight) or (isinstance(weight, QuantizedTensor) and weight.fmt == "Q8_0"):

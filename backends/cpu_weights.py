@@ -15,7 +15,7 @@ import torch
 
 from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
-from edgellm.kernels.cpu.q8_0 import repack_q8_0
+from edgellm.kernels.cpu.q8_0 import QK, repack_q8_0
 from edgellm.quant import QuantizedTensor
 
 
@@ -79,6 +79,49 @@ class Int4PackedWeight:
 
 
 @dataclass
+class RowInt8Head:
+    """A per-row int8 copy of a Q8_0 output head for ATen's int8 GEMV (``_weight_int8pack_mm``, bf16
+    activations: ~4x the Numba Q8_0 kernel for one row), with what bounds its error.
+
+    ``w' = qw * scale`` per row; ``err_norm = ||w - w'||`` against the exact Q8_0 row and ``w_norm =
+    ||w'||``, both rounded up, let ``q8_0_rescore`` find every entry that could be a row's argmax.
+    """
+
+    qw: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # bf16 [N]
+    err_norm: np.ndarray  # float32 [N]
+    w_norm: np.ndarray  # float32 [N]
+
+    @classmethod
+    def from_q8_0(cls, qs: np.ndarray, d: np.ndarray, chunk: int = 4096) -> RowInt8Head:
+        n, k = qs.shape
+        qw = torch.empty(n, k, dtype=torch.int8)
+        scale = torch.empty(n, dtype=torch.bfloat16)
+        err = np.empty(n, np.float32)
+        norm = np.empty(n, np.float32)
+        for n0 in range(0, n, chunk):
+            w = torch.from_numpy(qs[n0:n0 + chunk]).double() * torch.from_numpy(d[n0:n0 + chunk]).double(
+            ).repeat_interleave(QK, dim=1)
+            s = (w.abs().amax(1) / 127).to(torch.bfloat16)
+            s64 = s.double()
+            q = torch.where(s64[:, None] > 0, (w / s64.clamp_min(1e-30)[:, None]).round(), 0.0).clamp(-127, 127)
+            approx = q * s64[:, None]
+            qw[n0:n0 + chunk] = q.to(torch.int8)
+            scale[n0:n0 + chunk] = s
+            err[n0:n0 + chunk] = _round_up_f32((w - approx).norm(dim=1).numpy())
+            norm[n0:n0 + chunk] = _round_up_f32(approx.norm(dim=1).numpy())
+        return cls(qw, scale, err, norm)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qw.numel() + 2 * self.scale.numel() + self.err_norm.nbytes + self.w_norm.nbytes
+
+
+def _round_up_f32(x: np.ndarray) -> np.ndarray:
+    return np.nextafter(x.astype(np.float32), np.float32(np.inf))
+
+
+@dataclass
 class Q8_0Weight:
     """Q8_0 repacked once into ``qs int8 [N, K]`` + ``d float32 [N, K/32]`` for the Numba kernels.
 
@@ -88,16 +131,18 @@ class Q8_0Weight:
     qs: np.ndarray
     d: np.ndarray
     shape: tuple[int, int]
+    argmax_head: RowInt8Head | None = None  # output heads only: the fast path of argmax-only steps
 
     @classmethod
-    def from_quantized(cls, w: QuantizedTensor) -> Q8_0Weight:
+    def from_quantized(cls, w: QuantizedTensor, head: bool = False) -> Q8_0Weight:
         assert w.fmt == "Q8_0", w.fmt
         qs, d = repack_q8_0(w.data.contiguous().numpy())
-        return cls(qs, d, w.shape)
+        return cls(qs, d, w.shape, RowInt8Head.from_q8_0(qs, d) if head else None)
 
     @property
     def nbytes(self) -> int:
-        return self.qs.nbytes + self.d.nbytes
+        extra = self.argmax_head.nbytes if self.argmax_head is not None else 0
+        return self.qs.nbytes + self.d.nbytes + extra
 
 
 _LOCAL = threading.local()

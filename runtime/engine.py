@@ -97,7 +97,7 @@ class LLMEngine:
                                                         mc.head_dim, kv_dtype)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.backend, self.kv_caches, bs)
+        self.runner = ModelRunner(self.model, self.backend, self.kv_caches, bs, self.vocab_size)
         self.sampler = Sampler(self.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0

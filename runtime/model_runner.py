@@ -26,12 +26,22 @@ def _wants_invariance(params) -> bool:
     return params.seed is not None and params.temperature > 0
 
 
+def _argmax_only(s) -> bool:
+    """Whether only the argmax of this row's logits is used: greedy, no logprobs, nothing edits them."""
+    p = s.seq.request.params
+    return (p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and s.seq.num_output_tokens >= p.min_tokens)
+
+
 class ModelRunner:
-    def __init__(self, model, backend: Backend, kv_caches: list[torch.Tensor], block_size: int) -> None:
+    def __init__(self, model, backend: Backend, kv_caches: list[torch.Tensor], block_size: int,
+                 vocab_size: int | None = None) -> None:
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
         self.block_size = block_size
+        self.vocab_size = vocab_size  # the sampler's columns; known, argmax-only steps may say so
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
         num_decode = 0  # the scheduler lists sequences feeding back generated tokens first
@@ -91,5 +101,8 @@ class ModelRunner:
         hidden = self.model.forward(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
         if inp.logits_indices.numel() == 0:
             return torch.empty(0, 0)
-        logits = self.model.compute_logits(hidden[inp.logits_indices])
+        argmax_cols = None
+        if self.vocab_size is not None and all(_argmax_only(s) for s in sched.scheduled if s.samples):
+            argmax_cols = self.vocab_size
+        logits = self.model.compute_logits(hidden[inp.logits_indices], argmax_cols)
         return logits.float().cpu()

@@ -133,3 +133,56 @@ def q8_0_dequantize(qs: np.ndarray, d: np.ndarray, n0: int, out: np.ndarray) -> 
     """``out[i] = d[n0 + i] * qs[n0 + i]``: rows of the float32 weight, for tiled large-M matmuls."""
     for i in prange(out.shape[0]):
         _dequant_row(qs, d, n0 + i, out[i])
+
+
+# Per-row error terms of an approximate head, relative to its activations' norm: the int8 GEMV may
+# widen weights to bf16 (2^-8) and sums 576+ products in float32 (K * 2^-24 each, twice for the exact
+# side's own rounding). Output rounding to bf16 is bounded separately, relative to the logit.
+APPROX_REL = 2.0 ** -8
+APPROX_OUT_REL = 2.0 ** -7
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def q8_0_rescore(x: np.ndarray, x_used: np.ndarray, qs: np.ndarray, d: np.ndarray, err_norm: np.ndarray,
+                 w_norm: np.ndarray, n_valid: int, logits: np.ndarray) -> int:
+    """Make each row's argmax over ``logits[:, :n_valid]`` that of the exact Q8_0 logits.
+
+    ``logits`` come from an approximate head (per-row int8 weights ``w'``, bf16 activations
+    ``x_used``); ``err_norm[n] = ||w_n - w'_n||`` and ``w_norm[n] = ||w'_n||``. By Cauchy-Schwarz the
+    error of entry ``n`` is at most ``eps_n = ||x|| err_norm[n] + (||x - x_used|| + c ||x_used||)
+    w_norm[n] + |logit| 2^-7``. Every entry that could reach the largest lower bound is recomputed
+    exactly (as ``q8_0_matmul`` would); the others stay approximations below the exact maximum.
+    Returns how many entries were recomputed.
+    """
+    m_all, k = x.shape
+    w = np.empty(k, np.float32)
+    c = np.float32(APPROX_REL + 2.0 * k * 2.0 ** -24)
+    out_rel = np.float32(APPROX_OUT_REL)
+    recomputed = 0
+    for m in range(m_all):
+        xx = np.float32(0.0)
+        dd = np.float32(0.0)
+        uu = np.float32(0.0)
+        for i in range(k):
+            xx += x[m, i] * x[m, i]
+            diff = x[m, i] - x_used[m, i]
+            dd += diff * diff
+            uu += x_used[m, i] * x_used[m, i]
+        # a float32 sum of squares can round low by ~k ulps: widen the norms a little
+        x_n = np.float32(np.sqrt(xx) * 1.001)
+        act_n = np.float32((np.sqrt(dd) + c * np.sqrt(uu)) * 1.001)
+        row = logits[m]
+        lower = -np.inf
+        for n in range(n_valid):
+            eps = x_n * err_norm[n] + act_n * w_norm[n] + abs(row[n]) * out_rel
+            lower = max(lower, row[n] - eps)
+        for n in range(n_valid):
+            eps = x_n * err_norm[n] + act_n * w_norm[n] + abs(row[n]) * out_rel
+            if row[n] + eps >= lower:
+                _dequant_row(qs, d, n, w)
+                a = np.float32(0.0)
+                for i in range(k):
+                    a += x[m, i] * w[i]
+                row[n] = a
+                recomputed += 1
+    return recomputed

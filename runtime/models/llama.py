@@ -99,5 +99,5 @@ class LlamaForCausalLM:
         return h
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.backend.linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor, argmax_cols: int | None = None) -> torch.Tensor:
+        return self.backend.logits(hidden, self.lm_head, argmax_cols)

@@ -98,3 +98,28 @@ def test_two_streams_read_in_turn_lose_nothing(q4_llm):
                 except StopIteration:
                     live[i] = False
     assert texts == [o.text for o in q4_llm.generate(prompts, params)]
+
+
+def test_greedy_steps_take_the_int8_head_and_keep_every_token(q4_llm, monkeypatch):
+    """Argmax-only steps use the head's int8 copy plus exact re-scoring: the same tokens as the exact head."""
+    import edgellm.backends.cpu as cpu
+
+    calls = []
+    rescore = cpu.q8_0_rescore
+    monkeypatch.setattr(cpu, "q8_0_rescore", lambda *a: calls.append(rescore(*a)) or calls[-1])
+    prompts = [PROMPT, "What is the capital of France?", "Explain recursion to a child.", "List three metals."]
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    fast = [o.token_ids for o in q4_llm.generate(prompts, greedy)]
+    assert len(calls) >= 48  # every step of the batch
+    calls.clear()
+    runner = q4_llm.engine.runner
+    vocab, runner.vocab_size = runner.vocab_size, None  # nothing may use the fast head
+    try:
+        exact = [o.token_ids for o in q4_llm.generate(prompts, greedy)]
+    finally:
+        runner.vocab_size = vocab
+    assert not calls
+    assert fast == exact
+    q4_llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=4, logprobs=2))
+    q4_llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.2))
+    assert not calls  # logprobs and penalties need every logit exact

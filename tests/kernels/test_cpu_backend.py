@@ -94,3 +94,47 @@ def test_dense_weights_fall_through_to_aten():
     torch.testing.assert_close(CPU.linear(x, CPU.prepare_weight(w, torch.float32)), REF.linear(x, w))
     ids = torch.tensor([1, 39])
     assert torch.equal(CPU.embedding(ids, w, torch.float32), REF.embedding(ids, w, torch.float32))
+
+
+def _near_tie_head(n: int, k: int, seed: int = 0) -> tuple[QuantizedTensor, torch.Tensor]:
+    """A Q8_0 head whose rows are tiny perturbations of a few shared rows, and hidden states that
+    make many logits tie within the int8 copy's error: the hard case for an approximate argmax."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(8, k, generator=g) * 0.05
+    w = base[torch.arange(n) % 8] + torch.randn(n, k, generator=g) * 1e-4
+    w[3, 7] = 2.0  # one large weight: row 3's per-row int8 copy is coarse
+    x = torch.cat([base[:4] * 30.0, torch.randn(4, k, generator=g) * 3.0])
+    x[:, 7] = 0.0
+    x[:, 5] += 60.0  # an outlier dimension, as final hidden states have
+    return QuantizedTensor("Q8_0", quantize_rows("Q8_0", w), (n, k)), x
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_argmax_only_logits_keep_the_exact_argmax(rows):
+    wq, x = _near_tie_head(2048, 576)
+    be = CPUBackend(threads=2, warmup=False)
+    head = be.prepare_weight(wq, torch.float32, "lm_head")
+    assert head.argmax_head is not None
+    exact = be.logits(x[:rows], head)
+    fast = be.logits(x[:rows], head, argmax_cols=2048)
+    assert torch.equal(fast.argmax(-1), exact.argmax(-1))
+    # entries that could be the maximum are recomputed exactly; the rest stay below it
+    top = exact.max(-1, keepdim=True).values
+    recomputed = fast == exact
+    assert recomputed.sum(-1).ge(1).all()
+    assert (fast[~recomputed] < top.expand_as(fast)[~recomputed]).all()
+    # only the first argmax_cols columns are the caller's: the argmax over them stays exact
+    part = be.logits(x[:rows], head, argmax_cols=1000)
+    assert torch.equal(part[:, :1000].argmax(-1), exact[:, :1000].argmax(-1))
+
+
+def test_argmax_only_logits_fall_back_to_exact_when_not_allowed():
+    wq, x = _near_tie_head(512, 64)
+    be = CPUBackend(threads=2, warmup=False)
+    head = be.prepare_weight(wq, torch.float32, "lm_head")
+    exact = be.logits(x, head)
+    assert torch.equal(be.logits(x, head, argmax_cols=None), exact)  # logprobs, sampling: all exact
+    inv = CPUBackend(threads=2, warmup=False, batch_invariant=True)
+    assert torch.equal(inv.logits(x, head, argmax_cols=512), exact)  # invariant mode: exact head
+    plain = be.prepare_weight(wq, torch.float32, "embedding")
+    assert plain.argmax_head is None  # an input embedding alone carries no int8 copy
