@@ -23,6 +23,7 @@ from edgellm.quant.formats import quantize_rows
 SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # (K in, N out)
 ONE_B_SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
 ROWS = [1, 8, 32, 128, 512]
+VOCAB_SIZED = 32768  # output features from which a weight is benchmarked as an output head too
 
 
 def best_seconds(fn: Callable[[], object], budget_s: float = 0.25, min_runs: int = 3) -> float:
@@ -51,7 +52,7 @@ def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Ca
     def int4_kernel(x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), p4.packed, 32, p4.scale_zeros)
 
-    return {
+    cands = {
         "fp32 F.linear (dense)": (lambda x: F.linear(x, w32), w32.numel() * 4),
         "bf16 F.linear (dense)": (lambda x: F.linear(x.bfloat16(), w16), w16.numel() * 2),
         "int8 dynamic": (lambda x: torch.ops.quantized.linear_dynamic(x, dyn), n * k + n * 8),
@@ -60,6 +61,10 @@ def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Ca
         "Q4 edgellm": (lambda x: backend.linear(x, p4), p4.nbytes),
         "Q8_0 numba": (lambda x: backend.linear(x, p8), p8.nbytes),
     }
+    if n >= VOCAB_SIZED:  # an output head: greedy steps take its int8 copy and re-score (CPUBackend.logits)
+        head = backend.prepare_weight(q8, torch.float32, "lm_head")
+        cands["Q8_0 head, greedy step"] = (lambda x: backend.logits(x, head, argmax_cols=n), n * k)
+    return cands
 
 
 def bench_linear(backend: CPUBackend) -> list[str]:
