@@ -142,6 +142,11 @@ APPROX_REL = 2.0 ** -8
 APPROX_OUT_REL = 2.0 ** -7
 
 
+@njit(inline="always")
+def _approx_error(logit, err_norm, w_norm, x_n, act_n, out_rel):
+    return x_n * err_norm + act_n * w_norm + abs(logit) * out_rel
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def q8_0_rescore(x: np.ndarray, x_used: np.ndarray, qs: np.ndarray, d: np.ndarray, err_norm: np.ndarray,
                  w_norm: np.ndarray, n_valid: int, logits: np.ndarray) -> int:
@@ -174,11 +179,9 @@ def q8_0_rescore(x: np.ndarray, x_used: np.ndarray, qs: np.ndarray, d: np.ndarra
         row = logits[m]
         lower = -np.inf
         for n in range(n_valid):
-            eps = x_n * err_norm[n] + act_n * w_norm[n] + abs(row[n]) * out_rel
-            lower = max(lower, row[n] - eps)
+            lower = max(lower, row[n] - _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel))
         for n in range(n_valid):
-            eps = x_n * err_norm[n] + act_n * w_norm[n] + abs(row[n]) * out_rel
-            if row[n] + eps >= lower:
+            if row[n] + _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel) >= lower:
                 _dequant_row(qs, d, n, w)
                 a = np.float32(0.0)
                 for i in range(k):
