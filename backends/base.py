@@ -119,10 +119,17 @@ class Backend(ABC):
         """
         return self.linear(hidden, weight).float()
 
+    def linear_input_dtype(self, weight: Any, dtype: torch.dtype) -> torch.dtype:
+        """The activation dtype in which ``linear`` takes ``weight``'s input at least cost, for the
+        op before it to produce directly (``rms_norm``'s ``out_dtype``). Default: the model's."""
+        return dtype
+
     @abstractmethod
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(norm(x + residual), x + residual)``; with no residual, ``(norm(x), x)``."""
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(norm(x + residual), x + residual)``; with no residual, ``(norm(x), x)``.
+
+        The norm comes in ``out_dtype`` (default ``x``'s); the sum keeps ``residual``'s dtype."""
 
     @abstractmethod
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -138,7 +145,8 @@ class Backend(ABC):
                   meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                   soft_cap: float | None = None) -> torch.Tensor:
         """Write this step's ``k, v [T, Hkv, D]`` into ``kv_cache`` and attend ``q [T, H, D]`` over
-        each sequence's whole context, read in place through its block table. Returns ``[T, H, D]``."""
+        each sequence's whole context, read in place through its block table. Returns ``[T, H, D]``
+        in ``v``'s dtype (``rotary`` may have widened ``q`` and ``k``)."""
 
     # -- KV cache -----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from edgellm.backends.base import AttentionMetadata, Capabilities
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step, write_kv
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
@@ -66,7 +67,7 @@ class CPUBackend(TorchBackend):
             self.warmup()
 
     def warmup(self) -> float:
-        """Compile (first process) or load from Numba's cache (later ones) the float32 kernels."""
+        """Compile (first process) or load from Numba's cache (later ones) the kernels a step uses."""
         t0 = time.perf_counter()
         w = QuantizedTensor("Q8_0", torch.zeros(2, 34, dtype=torch.uint8), (2, 32))
         self.linear(torch.zeros(1, 32), Q8_0Weight.from_quantized(w))
@@ -76,15 +77,26 @@ class CPUBackend(TorchBackend):
         self.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w))
         w4 = QuantizedTensor("Q4_1", torch.zeros(64, 20, dtype=torch.uint8), (64, 32))
         self.linear(torch.zeros(many, 32), Int4PackedWeight.from_quantized(w4))
+        # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
+        # attention on strided views of the qkv projection
+        norm_w = torch.ones(32)
+        x, res = self.rms_norm(torch.zeros(1, 32), norm_w, 1e-6, None, torch.bfloat16)
+        x, res = self.rms_norm(x, norm_w, 1e-6, res, torch.bfloat16)
+        self.rms_norm(x, norm_w, 1e-6, res, torch.float32)
+        for rows in (1, PARALLEL_MIN_ROWS):
+            self.act_and_mul(torch.zeros(rows, 64, dtype=torch.bfloat16))
+        q, k, v = (t.view(1, 1, 32) for t in torch.zeros(1, 96, dtype=torch.bfloat16).split(32, dim=-1))
+        q, k = self.rotary(q, k, torch.zeros(1, dtype=torch.long), torch.zeros(1, 32))
         kv = torch.zeros(2, 1, 1, 1, 32)
+        x = torch.zeros(1, 1, 32)
         for decodes in (0, 1):  # a prompt row (flash attention) and a decode row (the Numba kernel)
             meta = AttentionMetadata(
                 slot_mapping=torch.zeros(1, dtype=torch.long), query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
                 seq_lens=torch.ones(1, dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
                 block_size=1, max_query_len=1, max_seq_len=1, num_decode_tokens=decodes,
                 query_start_loc_list=[0, 1], seq_lens_list=[1])
-            x = torch.zeros(1, 1, 32)
             self.attention(x, x, x, kv, meta, 1.0)
+            self.attention(q, k, v, kv, meta, 1.0)
         self._kv_views.clear()
         elapsed = time.perf_counter() - t0
         logger.debug("CPU kernels ready in %.2f s", elapsed)
@@ -111,10 +123,19 @@ class CPUBackend(TorchBackend):
             return Q8_0Weight.from_quantized(weight, head=role in ("lm_head", "tied_embedding"))
         return super().prepare_weight(weight, dtype, role)
 
+    def linear_input_dtype(self, weight: Any, dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16 if isinstance(weight, Int4PackedWeight) else dtype
+
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(weight, Int4PackedWeight):
-            x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-            y = self._int4_linear(x2, weight).to(x.dtype).reshape(*x.shape[:-1], -1)
+        if isinstance(weight, Int4PackedWeight):  # bf16 in, bf16 out; other dtypes convert both ways
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
+                x2 = x2.to(torch.bfloat16).contiguous()
+            y = self._int4_linear(x2, weight)
+            if x.dtype != torch.bfloat16:
+                y = y.to(x.dtype)
+            if x.dim() != 2:
+                y = y.reshape(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         if isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 and x.dtype != torch.bfloat16:
             y = F.linear(x.to(torch.bfloat16), weight).to(x.dtype)
@@ -125,20 +146,39 @@ class CPUBackend(TorchBackend):
             return y if bias is None else y + bias
         return super().linear(x, weight, bias)
 
-    def rms_norm(self, x, weight, eps, residual=None):
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous():
-            return super().rms_norm(x, weight, eps, residual)
-        x2 = x.reshape(-1, x.shape[-1])
-        res = residual.reshape(-1, x.shape[-1]) if residual is not None else torch.empty_like(x2)
-        out = torch.empty_like(x2)
-        add_rms_norm(x2.numpy(), res.numpy(), weight.numpy(), float(eps), out.numpy(), residual is not None)
+    def rms_norm(self, x, weight, eps, residual=None, out_dtype=None):
+        """One Numba call: float32 or bf16 in and out, the residual stream float32."""
+        out_dtype = out_dtype or x.dtype
+        if (x.dtype not in _NUMBA_DTYPES or out_dtype not in _NUMBA_DTYPES or weight.dtype != torch.float32
+                or not x.is_contiguous() or (residual is not None and residual.dtype != torch.float32)):
+            return super().rms_norm(x, weight, eps, residual, out_dtype)
+        x2 = x.view(-1, x.shape[-1])
+        res = residual.view(x2.shape) if residual is not None else torch.empty(x2.shape, dtype=torch.float32)
+        out = torch.empty(x2.shape, dtype=out_dtype)
+        add_rms_norm(_as_numpy(x2), res.numpy(), weight.numpy(), float(eps), _as_numpy(out), residual is not None)
         return out.view(x.shape), res.view(x.shape)
 
     def rotary(self, q, k, positions, cos_sin):
-        if q.dtype != torch.float32 or k.dtype != torch.float32 or cos_sin.dtype != torch.float32:
+        """float32 ``q, k`` rotate in place; bf16 ones (views of the qkv projection) into new float32
+        tensors, so attention and the cache see the same numbers as from a float32 projection."""
+        if q.dtype not in _NUMBA_DTYPES or k.dtype != q.dtype or cos_sin.dtype != torch.float32:
             return super().rotary(q, k, positions, cos_sin)
-        rope_neox(q.numpy(), k.numpy(), positions.numpy(), cos_sin.numpy())  # in place
-        return q, k
+        if q.dtype == torch.float32:
+            q_out, k_out = q, k
+        else:
+            q_out = torch.empty(q.shape, dtype=torch.float32)
+            k_out = torch.empty(k.shape, dtype=torch.float32)
+        rope_neox(_as_numpy(q), _as_numpy(k), positions.numpy(), cos_sin.numpy(), q_out.numpy(), k_out.numpy())
+        return q_out, k_out
+
+    def act_and_mul(self, x, act="silu"):
+        if act != "silu" or x.dtype not in _NUMBA_DTYPES or not x.is_contiguous():
+            return super().act_and_mul(x, act)
+        x2 = x.view(-1, x.shape[-1])
+        out = torch.empty(x2.shape[0], x2.shape[1] // 2, dtype=x.dtype)
+        kernel = silu_and_mul_parallel if x2.shape[0] >= PARALLEL_MIN_ROWS and self.threads > 1 else silu_and_mul
+        kernel(_as_numpy(x2), _as_numpy(out))
+        return out.view(*x.shape[:-1], -1)
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         self._step_rows = int(meta.slot_mapping.shape[0])
@@ -150,7 +190,7 @@ class CPUBackend(TorchBackend):
         if self._invariant:
             return self._int4_linear_invariant(x, w)
         if x.shape[0] <= INT4_KERNEL_MAX_ROWS or not w.expandable:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
+            return torch._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
         return torch.mm(x, w.expand_bf16_t())
 
     def _int4_linear_invariant(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
@@ -214,15 +254,14 @@ class CPUBackend(TorchBackend):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                   soft_cap: float | None = None) -> torch.Tensor:
-        """Paged attention over a float32 or bfloat16 cache; float32 math, ``q``'s dtype out.
+        """Paged attention over a float32 or bfloat16 cache; float32 math, ``v``'s dtype out.
 
         Decodes read the cache in place with the Numba kernel. Prompt chunks (outside batch-invariant
         mode) go to torch's flash attention, several times faster for long chunks than the Numba
         kernel, whose per-tile arithmetic is instead the same at any chunking.
         """
-        qf = q.float().contiguous()
-        kf, vf = k.float().contiguous(), v.float().contiguous()
-        out = torch.empty_like(qf)
+        qf, kf = q.float().contiguous(), k.float().contiguous()
+        out = torch.empty(q.shape, dtype=torch.float32)
         slots, starts, lens, tables = self._meta_arrays(meta)
         kv = self._kv_view(kv_cache)
         qsl = meta.query_start_loc_list or meta.query_start_loc.tolist()
@@ -230,21 +269,23 @@ class CPUBackend(TorchBackend):
         n_dec = qsl.index(meta.num_decode_tokens)  # decodes come first
         sdpa = not (self._invariant or soft_cap) and n_dec < n_seqs
         n_numba, t_numba = (n_dec, meta.num_decode_tokens) if sdpa else (n_seqs, q.shape[0])
+        # v may stay a bf16 view of the projection: the kernels widen it as they store it
+        q_np, k_np = qf.numpy(), kf.numpy()
+        v_np = _as_numpy(v if v.dtype in _NUMBA_DTYPES else v.float())
         if sdpa:
-            write_kv(kv, kf[t_numba:].numpy(), vf[t_numba:].numpy(), slots[t_numba:])
+            write_kv(kv, k_np[t_numba:], v_np[t_numba:], slots[t_numba:])
         if n_numba:
             work = t_numba * q.shape[1] * meta.max_seq_len
             paged_attention_step(
-                out[:t_numba].numpy(), qf[:t_numba].numpy(), kf[:t_numba].numpy(), vf[:t_numba].numpy(), kv,
-                slots[:t_numba], starts[:n_numba + 1], lens[:n_numba], tables[:n_numba], float(scale),
-                int(sliding_window or 0), float(soft_cap or 0.0), DEFAULT_Q_TILE,
-                self.threads if work >= SERIAL_ATTENTION_WORK else 1,
+                out.numpy()[:t_numba], q_np[:t_numba], k_np[:t_numba], v_np[:t_numba], kv, slots[:t_numba],
+                starts[:n_numba + 1], lens[:n_numba], tables[:n_numba], float(scale), int(sliding_window or 0),
+                float(soft_cap or 0.0), DEFAULT_Q_TILE, self.threads if work >= SERIAL_ATTENTION_WORK else 1,
             )
         lens_list = meta.seq_lens_list or meta.seq_lens.tolist()
         for i in range(n_numba, n_seqs):
-            self._prompt_attention(qsl[i], qsl[i + 1], lens_list[i], meta.block_tables[i], qf, kf, vf, kv_cache,
+            self._prompt_attention(qsl[i], qsl[i + 1], lens_list[i], meta.block_tables[i], qf, kf, v, kv_cache,
                                    meta.block_size, scale, sliding_window, out)
-        return out if q.dtype == torch.float32 else out.to(q.dtype)
+        return out if v.dtype == torch.float32 else out.to(v.dtype)
 
     @staticmethod
     def _prompt_attention(q0: int, q1: int, ctx: int, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -305,6 +346,12 @@ class CPUBackend(TorchBackend):
 
 
 GEMM_TILE_ROWS = 64
+_NUMBA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A float32 tensor as itself in numpy; a bf16 one as its uint16 bits (Numba has no bf16)."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:

@@ -38,12 +38,13 @@ class TorchBackend(Backend):
             return weight.rows(ids.cpu(), dtype).to(self.device)
         return F.embedding(ids, weight).to(dtype)
 
-    def rms_norm(self, x, weight, eps, residual=None):
+    def rms_norm(self, x, weight, eps, residual=None, out_dtype=None):
+        dtype = out_dtype or x.dtype
         if residual is not None:
-            x = x + residual
+            x = (x.to(residual.dtype) + residual) if x.dtype != residual.dtype else x + residual
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return (out * weight.float()).to(x.dtype), x
+        return (out * weight.float()).to(dtype), x
 
     def rotary(self, q, k, positions, cos_sin):
         cs = cos_sin[positions]  # [T, D]
@@ -76,7 +77,7 @@ class TorchBackend(Backend):
 
     def attention(self, q, k, v, kv_cache, meta, scale, sliding_window=None, soft_cap=None):
         self.write_kv(k, v, kv_cache, meta)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
         n_heads, n_kv = q.shape[1], k.shape[1]
         group = n_heads // n_kv
         bs = meta.block_size
@@ -100,5 +101,5 @@ class TorchBackend(Backend):
             if sliding_window:
                 mask |= kpos <= qpos - sliding_window
             scores.masked_fill_(mask, float("-inf"))
-            out[qs:qe] = (scores.softmax(-1) @ vc).transpose(0, 1).to(q.dtype)
+            out[qs:qe] = (scores.softmax(-1) @ vc).transpose(0, 1).to(v.dtype)
         return out

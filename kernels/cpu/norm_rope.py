@@ -10,42 +10,50 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from edgellm.kernels.cpu.bf16 import load_row, store_row
+
 
 @numba.njit(cache=True, fastmath=False)
 def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray,
                  has_residual: bool) -> None:
-    """``residual = x + residual`` (or ``x``) in place; ``out = residual * rsqrt(mean(residual^2) + eps) * w``."""
+    """``residual = x + residual`` (or ``x``) in place; ``out = residual * rsqrt(mean(residual^2) + eps) * w``.
+
+    ``x`` and ``out`` may be float32 or bf16 bits (uint16); ``residual`` is float32.
+    """
     rows, dim = x.shape
+    wide = np.empty(dim, np.uint32)
+    normed = np.empty(dim, np.float32)
     for r in range(rows):
+        xr = load_row(x[r], wide)
         acc = 0.0
         for j in range(dim):
-            v = x[r, j] + residual[r, j] if has_residual else x[r, j]
+            v = xr[j] + residual[r, j] if has_residual else xr[j]
             residual[r, j] = v
             acc += np.float64(v) * np.float64(v)
         inv = np.float32(1.0 / np.sqrt(acc / dim + eps))
         for j in range(dim):
-            out[r, j] = np.float32(residual[r, j] * inv) * weight[j]
+            normed[j] = np.float32(residual[r, j] * inv) * weight[j]
+        store_row(out[r], normed)
 
 
 @numba.njit(cache=True)
-def rope_neox(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray) -> None:
-    """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` in place, half-split (NeoX/HF) layout."""
+def rope_neox(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray, q_out: np.ndarray,
+              k_out: np.ndarray) -> None:
+    """Rotate ``q [T, H, D]`` and ``k [T, Hkv, D]`` into float32 ``q_out``, ``k_out``, half-split
+    (NeoX/HF) layout. Inputs may be float32 (``q_out`` may be ``q``: in place) or bf16 bits."""
     t_len, n_q, dim = q.shape
     n_k = k.shape[1]
     half = dim // 2
+    wide = np.empty(dim, np.uint32)
     for t in range(t_len):
         p = positions[t]
         for h in range(n_q + n_k):
+            src = load_row(q[t, h], wide) if h < n_q else load_row(k[t, h - n_q], wide)
+            dst = q_out[t, h] if h < n_q else k_out[t, h - n_q]
             for i in range(half):
                 c = cos_sin[p, i]
                 s = cos_sin[p, half + i]
-                if h < n_q:
-                    x1 = q[t, h, i]
-                    x2 = q[t, h, half + i]
-                    q[t, h, i] = x1 * c - x2 * s
-                    q[t, h, half + i] = x2 * c + x1 * s
-                else:
-                    x1 = k[t, h - n_q, i]
-                    x2 = k[t, h - n_q, half + i]
-                    k[t, h - n_q, i] = x1 * c - x2 * s
-                    k[t, h - n_q, half + i] = x2 * c + x1 * s
+                x1 = src[i]
+                x2 = src[half + i]
+                dst[i] = x1 * c - x2 * s
+                dst[half + i] = x2 * c + x1 * s

@@ -19,6 +19,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from edgellm.kernels.cpu.bf16 import load_row, store_row
+from edgellm.kernels.cpu.expf import exp_parts
 from edgellm.kernels.cpu.prefetch import prefetch_rows
 
 # 'reassoc' lets LLVM vectorize the q.k dot product and 'contract' fuse multiply-adds; both only
@@ -48,36 +50,12 @@ def _block_f32_impl(src, scratch):
     return None
 
 
-def _store_row(dst: np.ndarray, src: np.ndarray) -> None:
-    """Write a float32 row into a float32 or bf16-as-uint16 cache row."""
-    raise NotImplementedError("only callable from Numba code")
-
-
-@overload(_store_row)
-def _store_row_impl(dst, src):
-    if dst.dtype == types.float32:
-        def copy(dst, src):
-            for d in range(src.shape[0]):
-                dst[d] = src[d]
-        return copy
-    if dst.dtype == types.uint16:
-        def round_to_bf16(dst, src):
-            bits = src.view(np.uint32)
-            for d in range(src.shape[0]):
-                b = bits[d]
-                if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a quiet NaN
-                    dst[d] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
-                else:  # round to nearest even, as torch's .to(torch.bfloat16) does
-                    r = np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
-                    dst[d] = np.uint16((b + r) >> np.uint32(16))
-        return round_to_bf16
-    return None
-
-
 @njit(cache=True)
 def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
-    """Store this step's ``k, v [T, Hkv, D]`` (float32) at their cache slots; negative slots skip."""
+    """Store this step's ``k, v [T, Hkv, D]`` (float32 or bf16 bits) at their cache slots; negative
+    slots skip."""
     block_size = kv.shape[3]
+    wide = np.empty(k.shape[2], np.uint32)
     for t in range(k.shape[0]):
         slot = slot_mapping[t]
         if slot < 0:
@@ -85,32 +63,19 @@ def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndar
         blk = slot // block_size
         off = slot % block_size
         for h in range(k.shape[1]):
-            _store_row(kv[0, blk, h, off], k[t, h])
-            _store_row(kv[1, blk, h, off], v[t, h])
+            store_row(kv[0, blk, h, off], load_row(k[t, h], wide))
+            store_row(kv[1, blk, h, off], load_row(v[t, h], wide))
 
 
 @njit(cache=True, fastmath=FASTMATH)
 def _exp_shifted(s: np.ndarray, j0: int, j1: int, shift: np.float32, bits: np.ndarray) -> np.float32:
     """``s[j] = exp(s[j] - shift)`` for ``j0 <= j < j1`` (all arguments <= 0); returns their sum.
 
-    libm's expf is a scalar call per score and dominated the kernel; this Cephes-style expf
-    (range reduction by ln 2, degree-6 polynomial, 2^n built in the exponent bits) vectorizes and is
-    accurate to about 2 ulp. ``bits`` is int32 scratch as long as ``s``.
+    The exp is ``expf.exp_parts``, which vectorizes. ``bits`` is int32 scratch as long as ``s``.
     """
     pow2 = bits.view(np.float32)
     for j in range(j0, j1):
-        x = max(s[j] - shift, np.float32(-87.0))  # below this exp underflows
-        n = np.int32(x * np.float32(1.44269504) - np.float32(0.5))  # round(x / ln 2); x <= 0
-        nf = np.float32(n)
-        r = x - nf * np.float32(0.693359375) + nf * np.float32(2.12194440e-4)
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        s[j] = p * r * r + r + np.float32(1.0)
-        bits[j] = (n + np.int32(127)) << np.int32(23)
+        s[j], bits[j] = exp_parts(max(s[j] - shift, np.float32(-87.0)))  # below -87 exp underflows
     total = np.float32(0.0)
     for j in range(j0, j1):
         s[j] *= pow2[j]

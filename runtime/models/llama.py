@@ -24,6 +24,9 @@ class LlamaLayer:
     post_norm: torch.Tensor
     gate_up: Any
     down: Any
+    # what the backend's linear wants for qkv / gate_up: the norms before them produce it directly
+    qkv_in: torch.dtype
+    gate_up_in: torch.dtype
 
 
 class LlamaForCausalLM:
@@ -62,14 +65,18 @@ class LlamaForCausalLM:
             bias = None
             if c.attention_bias:
                 bias = torch.cat([take(a + f"{x}_proj.bias") for x in "qkv"]).to(b.device, dt)
+            qkv = prep(cat_rows([take(a + f"{x}_proj.weight") for x in "qkv"]))
+            gate_up = prep(cat_rows([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
             self.layers.append(LlamaLayer(
                 input_norm=norm(p + "input_layernorm.weight"),
-                qkv=prep(cat_rows([take(a + f"{x}_proj.weight") for x in "qkv"])),
+                qkv=qkv,
                 qkv_bias=bias,
                 o_proj=prep(take(a + "o_proj.weight")),
                 post_norm=norm(p + "post_attention_layernorm.weight"),
-                gate_up=prep(cat_rows([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])),
+                gate_up=gate_up,
                 down=prep(take(p + "mlp.down_proj.weight")),
+                qkv_in=b.linear_input_dtype(qkv, dt),
+                gate_up_in=b.linear_input_dtype(gate_up, dt),
             ))
         self.norm = norm("model.norm.weight")
         leftover = [k for k in weights if "rotary_emb" not in k]
@@ -84,7 +91,7 @@ class LlamaForCausalLM:
         h = b.embedding(input_ids, self.embed, self.dtype)
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            x, residual = b.rms_norm(h, layer.input_norm, c.rms_norm_eps, residual)
+            x, residual = b.rms_norm(h, layer.input_norm, c.rms_norm_eps, residual, layer.qkv_in)
             qkv = b.linear(x, layer.qkv, layer.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.reshape(t, c.num_heads, c.head_dim)
@@ -93,9 +100,9 @@ class LlamaForCausalLM:
             q, k = b.rotary(q, k, positions, self.cos_sin)
             o = b.attention(q, k, v, cache, meta, self.scale, c.sliding_window)
             h = b.linear(o.reshape(t, self.q_size), layer.o_proj)
-            x, residual = b.rms_norm(h, layer.post_norm, c.rms_norm_eps, residual)
+            x, residual = b.rms_norm(h, layer.post_norm, c.rms_norm_eps, residual, layer.gate_up_in)
             h = b.linear(b.act_and_mul(b.linear(x, layer.gate_up), c.hidden_act), layer.down)
-        h, _ = b.rms_norm(h, self.norm, c.rms_norm_eps, residual)
+        h, _ = b.rms_norm(h, self.norm, c.rms_norm_eps, residual, self.dtype)
         return h
 
     @torch.inference_mode()

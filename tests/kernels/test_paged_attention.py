@@ -114,3 +114,22 @@ def test_metadata_without_host_lists_reads_the_tensors(paged_batch):
         want = backend.attention(q, k, v, kv.clone(), meta, 0.125)
         got = backend.attention(q, k, v, kv.clone(), bare, 0.125)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_v_as_a_bf16_view_of_the_projection_equals_v_widened_first(paged_batch, kv_dtype):
+    """The model hands attention float32 q, k (rotated) and v as a strided bf16 view of the qkv
+    output; the kernels widen v as they store it: same cache bits and output as a float32 v."""
+    q, k, v, kv, meta = paged_batch(ragged(16), 6, 2, 64, 16, kv_dtype=kv_dtype, seed=7)
+    t = q.shape[0]
+    qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=1).to(torch.bfloat16)
+    v_view = qkv[:, -v[0].numel():].view(t, *v.shape[1:])
+    assert not v_view.is_contiguous()
+    for backend in (CPU, INVARIANT):
+        kv_view, kv_wide = kv.clone(), kv.clone()
+        backend.begin_step(meta)
+        got = backend.attention(q, k, v_view, kv_view, meta, 0.125)
+        want = backend.attention(q, k, v_view.float().contiguous(), kv_wide, meta, 0.125)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(kv_view, kv_wide)
+        assert torch.equal(got, want.to(torch.bfloat16))

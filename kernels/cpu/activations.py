@@ -1,0 +1,50 @@
+"""Gated activations of the MLP, ``act(gate) * up``, on float32 or bf16 (uint16 bits) rows.
+
+Reading the gate/up projection's bf16 output and writing bf16 for the down projection spares two
+conversions per layer and the intermediate float32 tensors; the arithmetic is float32, rounded once
+at the end, as converting, computing in torch and converting back would round.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgellm.kernels.cpu.bf16 import load_row, store_row
+from edgellm.kernels.cpu.expf import exp_parts
+
+FASTMATH = {"reassoc", "contract"}
+PARALLEL_MIN_ROWS = 4  # below this, waking the thread pool costs more than the rows
+
+
+@njit(inline="always")
+def _silu_and_mul_row(x, out, wide, act, bits):
+    d = out.shape[0]
+    xr = load_row(x, wide)
+    pow2 = bits.view(np.float32)
+    for j in range(d):  # exp(-|g|) never overflows
+        act[j], bits[j] = exp_parts(max(-abs(xr[j]), np.float32(-87.0)))
+    for j in range(d):
+        g = xr[j]
+        e = act[j] * pow2[j]
+        act[j] = (g if g >= 0 else g * e) / (np.float32(1.0) + e) * xr[d + j]  # silu(g) * up
+    store_row(out, act)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def silu_and_mul(x: np.ndarray, out: np.ndarray) -> None:
+    """``out[r] = silu(x[r, :d]) * x[r, d:]`` for ``x [T, 2d]``, one row after another."""
+    d = out.shape[1]
+    wide = np.empty(2 * d, np.uint32)
+    act = np.empty(d, np.float32)
+    bits = np.empty(d, np.int32)
+    for r in range(x.shape[0]):
+        _silu_and_mul_row(x[r], out[r], wide, act, bits)
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def silu_and_mul_parallel(x: np.ndarray, out: np.ndarray) -> None:
+    """``silu_and_mul`` with rows shared among Numba's threads."""
+    d = out.shape[1]
+    for r in prange(x.shape[0]):
+        _silu_and_mul_row(x[r], out[r], np.empty(2 * d, np.uint32), np.empty(d, np.float32),
+                          np.empty(d, np.int32))
