@@ -5,6 +5,9 @@
 - Attention: decodes read K/V in place through block tables (``kernels/cpu/paged_attention.py``);
   prompt chunks use torch's flash attention.
 - Q8_0 weights (head, embedding) stay int8 and go through Numba kernels (``kernels/cpu/q8_0.py``).
+- Activations between packed linears are bf16, the int4 kernel's own input and output: the norms
+  write bf16, and rotary, SiLU-and-mul and attention read the projections' bf16 output directly
+  (one rounding per value, as converting at the edges would give). The residual stream stays float32.
 - ``batch_invariant`` mode (or a step holding a seeded request) keeps the arithmetic of every token
   independent of its batch: int4 kernel for generated tokens, exact fp32 tiles for prompt tokens,
   Numba attention for all.
