@@ -32,7 +32,9 @@ DECODE_KEYS_PER_ITEM = 256
 
 
 def _block_f32(src: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """A ``[block_size, D]`` K or V block as float32: the block itself, or widened into scratch."""
+    """A ``[block_size, D]`` K or V block as float32: the block itself, or widened into scratch.
+
+    Not built on ``bf16.load_row``: widening row by row measured 2x slower for a bf16 cache here."""
     raise NotImplementedError("only callable from Numba code")
 
 
