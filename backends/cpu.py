@@ -1,7 +1,9 @@
 """The CPU backend: packed int4 weights, Numba kernels, and oneDNN for the big steps.
 
-- Linear: a few rows go through ATen's int4 kernel; a step of more than 32 rows expands each weight
-  to bf16 in a scratch buffer (``kernels/cpu/bf16_expand.py``) for one oneDNN GEMM (AMX where present).
+- Linear: a few rows go through ATen's int4 kernel. On CPUs with AMX, steps of 10-256 rows widen
+  each int4 weight once onto AMX tiles (``kernels/cpu/int4_amx.py``, ATen's int4 layout read in
+  place). Bigger steps (above 32 rows without AMX) expand each weight to bf16 in a scratch buffer
+  (``kernels/cpu/bf16_expand.py``) for one oneDNN GEMM.
 - Attention: decodes read K/V in place through block tables (``kernels/cpu/paged_attention.py``);
   prompt chunks use torch's flash attention.
 - Q8_0 weights (head, embedding) stay int8 and go through Numba kernels (``kernels/cpu/q8_0.py``).
@@ -30,6 +32,9 @@ import torch.nn.functional as F
 from edgellm.backends.base import AttentionMetadata, Capabilities
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.amx import make_config as make_tile_config
+from edgellm.kernels.cpu.amx import request_amx
+from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step, write_kv
@@ -44,6 +49,12 @@ SERIAL_ATTENTION_WORK = 1024  # below this, waking the second thread costs more 
 # ATen's int4 kernel costs ~linear time per row; past this many rows expanding the weight to bf16
 # and one oneDNN GEMM (AMX / AVX512-BF16) is cheaper (bench_kernels.py).
 INT4_KERNEL_MAX_ROWS = 32
+# On CPUs with AMX, steps of AMX_MIN_ROWS..AMX_MAX_ROWS rows widen each int4 weight once per call onto
+# AMX tiles instead (kernels/cpu/int4_amx.py): at 576x3072, 4.8x ATen's kernel at 32 rows and 2x the
+# expansion + GEMM at 64-128 rows. One decode stream keeps ATen's kernel (2.2x faster at one row);
+# past ~256 rows oneDNN's blocked GEMM on the expanded weight catches up.
+AMX_MIN_ROWS = 10
+AMX_MAX_ROWS = 256
 INT4_GEMV_MAX_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
@@ -66,6 +77,8 @@ class CPUBackend(TorchBackend):
         self._invariant = self.batch_invariant  # this step's arithmetic, set by begin_step
         self._meta_key: tuple = ()
         self._meta_np: tuple[np.ndarray, ...] = ()
+        use_amx = os.environ.get("EDGELLM_AMX", "1") != "0" and request_amx()
+        self._amx_config = make_tile_config() if use_amx else None
         if warmup:
             self.warmup()
 
@@ -76,10 +89,13 @@ class CPUBackend(TorchBackend):
         self.linear(torch.zeros(1, 32), Q8_0Weight.from_quantized(w))
         self.embedding(torch.zeros(1, dtype=torch.long), w, torch.float32)
         self.embedding(torch.zeros(1, dtype=torch.long), Q8_0Weight.from_quantized(w), torch.float32)
-        many = max(INT4_KERNEL_MAX_ROWS, Q8_0_GEMM_MIN_ROWS) + 1  # the expanded-weight paths of big steps
+        many = max(INT4_KERNEL_MAX_ROWS, Q8_0_GEMM_MIN_ROWS, AMX_MAX_ROWS) + 1  # the expanded-weight paths of big steps
         self.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w))
         w4 = QuantizedTensor("Q4_1", torch.zeros(64, 20, dtype=torch.uint8), (64, 32))
         self.linear(torch.zeros(many, 32), Int4PackedWeight.from_quantized(w4))
+        if self._amx_config is not None:  # one and two row tiles
+            for rows in (AMX_MIN_ROWS, AMX_MAX_ROWS):
+                self.linear(torch.zeros(rows, 32, dtype=torch.bfloat16), Int4PackedWeight.from_quantized(w4))
         # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
         # attention on strided views of the qkv projection
         norm_w = torch.ones(32)
@@ -105,6 +121,11 @@ class CPUBackend(TorchBackend):
         logger.debug("CPU kernels ready in %.2f s", elapsed)
         return elapsed
 
+    @property
+    def uses_amx(self) -> bool:
+        """Whether mid-sized int4 steps run on AMX tiles (the CPU has AMX-BF16; ``EDGELLM_AMX`` != 0)."""
+        return self._amx_config is not None
+
     def capabilities(self) -> Capabilities:
         return Capabilities(
             name=self.name,
@@ -113,7 +134,7 @@ class CPUBackend(TorchBackend):
             default_dtype=torch.float32,
             kv_cache_bytes_available=int(psutil.virtual_memory().available),
             native_quant_formats=("Q4_0", "Q4_1", "Q8_0"),
-            notes={"isa": torch.backends.cpu.get_cpu_capability(), "threads": self.threads},
+            notes={"isa": torch.backends.cpu.get_cpu_capability(), "threads": self.threads, "amx": self.uses_amx},
         )
 
     def prepare_weight(self, weight: Any, dtype: torch.dtype, role: str = "linear") -> Any:
@@ -189,12 +210,24 @@ class CPUBackend(TorchBackend):
         self._invariant = self.batch_invariant or meta.batch_invariant
 
     def _int4_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
-        """A few rows through ATen's int4 kernel; many rows as one bf16 GEMM on the expanded weight."""
+        """A few rows through ATen's int4 kernel; more through the AMX kernel where the CPU has AMX;
+        many as one bf16 GEMM on the expanded weight."""
         if self._invariant:
             return self._int4_linear_invariant(x, w)
-        if x.shape[0] <= INT4_KERNEL_MAX_ROWS or not w.expandable:
+        m = x.shape[0]
+        if w.expandable and self._amx_config is not None and AMX_MIN_ROWS <= m <= AMX_MAX_ROWS:
+            return self._int4_amx_linear(x, w)
+        if m <= INT4_KERNEL_MAX_ROWS or not w.expandable:
             return torch._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
         return torch.mm(x, w.expand_bf16_t())
+
+    def _int4_amx_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
+        xb = x.to(torch.bfloat16).contiguous()
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+        packed, sz = w.amx_operands
+        int4_amx_matmul(xb.view(torch.uint16).numpy(), packed, sz, out.view(torch.uint16).numpy(),
+                        self._amx_config, self.threads)
+        return out
 
     def _int4_linear_invariant(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
         """Generated tokens through ATen's int4 kernel, prompt tokens through an exact fp32 GEMM.

@@ -1,11 +1,13 @@
 """Packed weights of the CPU backend, repacked once at load into the layouts its kernels want.
 
-Weights stay packed in memory (resident weights ~1.0x the GGUF file). Steps with many rows expand a
-weight to bfloat16 into a scratch buffer shared by all weights of one shape, multiply with oneDNN's
-bf16 GEMM (AMX / AVX512-BF16 where the CPU has them), and drop it; nothing dense is kept.
+Weights stay packed in memory (resident weights ~1.0x the GGUF file). The AMX kernel widens int4
+weights tile by tile from the same packed bytes; steps with many rows expand a weight to bfloat16
+into a scratch buffer shared by all weights of one shape, multiply with oneDNN's bf16 GEMM, and drop
+it; nothing dense is kept.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -49,6 +51,13 @@ class Int4PackedWeight:
         # the kernel's fast path takes bf16 activations and bf16 scales; fp32 is ~50x slower
         sz = torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         return cls(packed, sz, (n, k))
+
+    @functools.cached_property
+    def amx_operands(self) -> tuple[np.ndarray, np.ndarray]:
+        """The packed weight as ``[N/64, K, 32]`` and the scale-zeros as ``[K/32, N]`` uint32 (each the
+        bf16 pair), for ``int4_amx_matmul``: views of the same memory."""
+        n, k = self.shape
+        return self.packed.numpy().reshape(n // 64, k, 32), self.scale_zeros.view(torch.int32).squeeze(-1).numpy().view(np.uint32)
 
     @property
     def expandable(self) -> bool:

@@ -1,0 +1,236 @@
+"""Packed int4 weights times a few bf16 rows on AMX tiles, reading ATen's int4 layout in place.
+
+ATen's ``_weight_int4pack_mm_for_cpu`` dequantizes the whole weight once per group of four rows, so
+its cost grows linearly with the batch: at 32 rows it is the biggest part of a decode step. Here each
+weight is widened once per call, whatever the row count (up to 32), and multiplied on AMX tiles.
+
+The weight stays in ATen's packed layout, ``packed [N/64, K, 32]`` uint8, where byte ``i`` of
+``(block, k)`` holds column ``64 block + i`` in its low nibble and ``64 block + 32 + i`` in its high
+one, with ``scale_zeros [K/32, N, 2]`` bf16: ``w = (q - 8) * scale + zero``. The arithmetic is exact
+where ATen's is: ``q - 8`` is an exact bf16, so the tiles sum ``x * (q - 8)`` over a group of 32 in
+float32, and each group's sum is scaled in float32 afterwards (the zero term multiplies the group's
+sum of ``x``). Only the float32 accumulation order differs from ATen's.
+
+Work is dealt out in panels of 32 output columns (two 16-column tiles of one nibble half), so each
+thread widens its own panels; one or two 16-row tiles hold up to 32 rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.amx import (tile_config, tile_dp_bf16, tile_load,
+                                     tile_release, tile_store, tile_zero)
+
+MAX_ROWS = 32
+GROUP = 32
+FASTMATH = {"reassoc", "contract"}
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` element type, which llvmlite's IR builder does not name."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+# pairs (row k, row k + 1) of each column, from [16 of row k, 16 of row k + 1]
+_INTERLEAVE = ir.Constant(ir.VectorType(ir.IntType(32), 32), [(j % 2) * 16 + j // 2 for j in range(32)])
+
+
+def _cvt_bf16(builder):
+    """``<32 x bfloat> vcvtne2ps2bf16(<16 x float> hi, <16 x float> lo)``: ``lo`` fills lanes 0-15."""
+    v16 = ir.VectorType(ir.FloatType(), 16)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(_BFloat(), 32), [v16, v16]),
+                                          "llvm.x86.avx512bf16.cvtne2ps2bf16.512")
+
+
+@intrinsic
+def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_index):
+    """VNNI B-tile rows from two weight rows of 32 packed bytes (flat offsets ``row0``, ``row1``):
+    ``out.flat[out_index + i] = bf16(w0[i]) | bf16(w1[i]) << 16`` with ``w = nibble * scale + zero``,
+    for ``i < 32``, in 16-lane AVX-512 vectors; ``vcvtne2ps2bf16`` rounds to nearest even, as
+    ``torch.Tensor.to(torch.bfloat16)`` does."""
+    arrays = (packed, scale, zero, out)
+    if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and packed.dtype == types.uint8
+            and scale.dtype == types.float32 and zero.dtype == types.float32 and out.dtype == types.uint32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        v16 = lambda t: ir.VectorType(t, 16)  # noqa: E731
+        a_packed, a_row0, a_row1, a_shift, a_scale, a_zero, a_out, a_idx = args
+        t_packed, t_row0, t_row1, t_shift, t_scale, t_zero, t_out, t_idx = sig.args
+
+        def vec_ptr(aryty, ary, index, index_ty, elem, lanes=16):
+            ary = context.make_array(aryty)(context, builder, ary)
+            idx = context.cast(builder, index, index_ty, types.intp)
+            return builder.bitcast(builder.gep(ary.data, [idx]), ir.PointerType(ir.VectorType(elem, lanes)))
+
+        sh = context.cast(builder, a_shift, t_shift, types.int32)
+        sh = builder.insert_element(ir.Constant(v16(i32), ir.Undefined), sh, ir.Constant(i32, 0))
+        sh = builder.shuffle_vector(sh, sh, ir.Constant(v16(i32), None))
+        fifteen = ir.Constant(v16(i32), [ir.Constant(i32, 15)] * 16)
+        cvt = _cvt_bf16(builder)
+        for h in range(2):
+            off = ir.Constant(ir.IntType(64), 16 * h)
+            s = builder.load(vec_ptr(t_scale, a_scale, off, types.int64, f32), align=4)
+            z = builder.load(vec_ptr(t_zero, a_zero, off, types.int64, f32), align=4)
+            w = []
+            for row, row_ty in ((a_row0, t_row0), (a_row1, t_row1)):
+                start = builder.add(context.cast(builder, row, row_ty, types.int64), off)
+                b = builder.load(vec_ptr(t_packed, a_packed, start, types.int64, ir.IntType(8)), align=1)
+                q = builder.and_(builder.lshr(builder.zext(b, v16(i32)), sh), fifteen)
+                w.append(builder.fadd(builder.fmul(builder.uitofp(q, v16(f32)), s), z))
+            both = builder.call(cvt, [w[1], w[0]])  # lanes 0-15: row k, 16-31: row k + 1
+            pairs = builder.bitcast(builder.shuffle_vector(both, both, _INTERLEAVE), v16(i32))
+            dst = builder.add(context.cast(builder, a_idx, t_idx, types.int64), off)
+            builder.store(pairs, vec_ptr(t_out, a_out, dst, types.int64, i32), align=4)
+        return context.get_dummy_value()
+
+    return types.void(packed, row0, row1, shift, scale, zero, out, out_index), codegen
+
+
+@intrinsic
+def _store_bf16_32(typingctx, src, src_index, dst, dst_index):
+    """``dst.flat[dst_index + i] = bf16(src.flat[src_index + i])`` for ``i < 32`` (bits as uint16),
+    one ``vcvtne2ps2bf16``: round to nearest even, NaN stays NaN."""
+    if not (isinstance(src, types.Array) and src.dtype == types.float32 and src.layout == "C"
+            and isinstance(dst, types.Array) and dst.dtype == types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        src_ary = context.make_array(sig.args[0])(context, builder, args[0])
+        dst_ary = context.make_array(sig.args[2])(context, builder, args[2])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        j = context.cast(builder, args[3], sig.args[3], types.intp)
+        v16 = ir.PointerType(ir.VectorType(f32, 16))
+        lo = builder.load(builder.bitcast(builder.gep(src_ary.data, [i]), v16), align=4)
+        hi = builder.load(builder.bitcast(builder.gep(src_ary.data, [builder.add(i, ir.Constant(i.type, 16))]), v16),
+                          align=4)
+        out = builder.call(_cvt_bf16(builder), [hi, lo])
+        builder.store(out, builder.bitcast(builder.gep(dst_ary.data, [j]), ir.PointerType(out.type)), align=2)
+        return context.get_dummy_value()
+
+    return types.void(src, src_index, dst, dst_index), codegen
+
+
+@intrinsic
+def _scale_zero(typingctx, pair):
+    """``(scale, zero - 8 scale)`` from a uint32 holding the bf16 bits of ``scale`` (low half) and
+    ``zero`` (high half), in 32-bit lanes."""
+    if pair != types.uint32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        scale = builder.bitcast(builder.shl(args[0], ir.Constant(i32, 16)), f32)
+        zero = builder.bitcast(builder.and_(args[0], ir.Constant(i32, 0xFFFF0000)), f32)
+        shifted = builder.fsub(zero, builder.fmul(scale, ir.Constant(f32, 8.0)))
+        return context.make_tuple(builder, sig.return_type, [scale, shifted])
+
+    return types.UniTuple(types.float32, 2)(pair), codegen
+
+
+@njit(cache=True, inline="always")
+def _widen_panel(packed, block, shift, k0, scale, zero, b32):
+    """``b32 [16, 32]`` (C-contiguous): both B tiles (VNNI rows of bf16 pairs as uint32; tile 0 in columns 0-15,
+    tile 1 in 16-31) of the dequantized weight rows ``k0:k0+32``, nibble half ``shift``."""
+    rows = packed.shape[1]
+    for r in range(16):
+        row0 = (block * rows + k0 + 2 * r) * 32
+        _dequant_vnni(packed, row0, row0 + 32, shift, scale, zero, b32, 32 * r)
+
+
+@njit(cache=True, inline="always")
+def _widen_group(packed, sz, block, shift, n0, g, scale, zero, b32):
+    """Group ``g`` of the panel at columns ``n0:n0+32`` into ``b32``, with its scales and zeros."""
+    for j in range(32):
+        scale[j], zero[j] = _scale_zero(sz[g, n0 + j])
+    _widen_panel(packed, block, shift, g * GROUP, scale, zero, b32)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _panels(xp, packed, sz, out, m, cfg, p0, p1):
+    """Output columns ``32 p0 : 32 p1`` of ``out [m, N]`` (bf16 bits).
+
+    Each panel's weight is widened once, group by group, into ``tiles [K/32, 16, 32]`` (36 KiB at
+    K = 576) and multiplied on up to four accumulator tiles per 32 rows of ``xp``. Up to 32 rows,
+    widening a group overlaps the tile products of the one before (1.35x faster than widening the
+    whole panel first); more rows widen the panel first and reuse it for every 32-row chunk.
+    """
+    k = xp.shape[1]
+    n = out.shape[1]
+    groups = k // GROUP
+    tiles = np.empty((groups, 16, 32), np.uint32)
+    cbuf = np.empty((MAX_ROWS, 32), np.float32)
+    scale = np.empty(32, np.float32)
+    zero = np.empty(32, np.float32)
+    tile_config(cfg)
+    for p in range(p0, p1):
+        block = p // 2
+        shift = 4 * (p % 2)
+        n0 = 64 * block + 32 * (p % 2)
+        for g in range(groups if m > MAX_ROWS else 0):
+            _widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
+        for r0 in range(0, m, MAX_ROWS):
+            rows = min(MAX_ROWS, m - r0)
+            two = rows > 16
+            tile_zero(0)
+            tile_zero(1)
+            if two:
+                tile_zero(2)
+                tile_zero(3)
+            for g in range(groups):
+                if m <= MAX_ROWS:
+                    _widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
+                tile_load(6, tiles, g * 512, 128)
+                tile_load(7, tiles, g * 512 + 16, 128)
+                tile_load(4, xp, r0 * k + g * GROUP, 2 * k)
+                tile_dp_bf16(0, 4, 6)
+                tile_dp_bf16(1, 4, 7)
+                if two:
+                    tile_load(5, xp, (r0 + 16) * k + g * GROUP, 2 * k)
+                    tile_dp_bf16(2, 5, 6)
+                    tile_dp_bf16(3, 5, 7)
+            tile_store(0, cbuf, 0, 128)
+            tile_store(1, cbuf, 16, 128)
+            if two:
+                tile_store(2, cbuf, 512, 128)
+                tile_store(3, cbuf, 528, 128)
+            for i in range(rows):
+                _store_bf16_32(cbuf, 32 * i, out, (r0 + i) * n + n0)
+    tile_release()
+
+
+@njit(cache=True)
+def _pad_rows(x):
+    """``x`` (bf16 bits) zero-padded to whole 16-row A tiles."""
+    xp = np.zeros((-(-x.shape[0] // 16) * 16, x.shape[1]), np.uint16)
+    xp[:x.shape[0]] = x
+    return xp
+
+
+@njit(cache=True, parallel=True)
+def int4_amx_matmul(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, out: np.ndarray, cfg: np.ndarray,
+                    n_threads: int) -> None:
+    """``out [M, N] = x [M, K] @ W^T`` in bf16 bits (uint16), for ``N % 64 == 0`` and ``K % 32 == 0``.
+
+    ``packed`` is ATen's int4 weight viewed as ``[N/64, K, 32]``, ``sz`` its scale-zeros ``[K/32, N]``
+    as uint32 (each the bf16 pair), ``cfg`` from ``amx.make_config()``.
+    """
+    xp = _pad_rows(x)
+    n_panels = out.shape[1] // 32
+    workers = max(1, min(n_threads, n_panels))
+    for w in prange(workers):
+        _panels(xp, packed, sz, out, x.shape[0], cfg, w * n_panels // workers, (w + 1) * n_panels // workers)
