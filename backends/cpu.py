@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from edgellm.backends.base import AttentionMetadata, Capabilities
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
 from edgellm.kernels.cpu.amx import make_config as make_tile_config
 from edgellm.kernels.cpu.amx import request_amx
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
-from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
+from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step, write_kv
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
@@ -55,6 +56,9 @@ INT4_KERNEL_MAX_ROWS = 32
 # past ~256 rows oneDNN's blocked GEMM on the expanded weight catches up.
 AMX_MIN_ROWS = 10
 AMX_MAX_ROWS = 256
+# Greedy steps from this many rows take the int8 head on AMX (kernels/cpu/int8_amx.py): 1.3x ATen's
+# int8 kernel at 4 rows, 5x at 32 (ATen's grows with every row; one row stays ATen's).
+AMX_HEAD_MIN_ROWS = 4
 INT4_GEMV_MAX_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
@@ -93,7 +97,12 @@ class CPUBackend(TorchBackend):
         self.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w))
         w4 = QuantizedTensor("Q4_1", torch.zeros(64, 20, dtype=torch.uint8), (64, 32))
         self.linear(torch.zeros(many, 32), Int4PackedWeight.from_quantized(w4))
-        if self._amx_config is not None:  # one and two row tiles
+        # greedy steps' int8 head and its exact re-scoring, then the AMX kernels (one and two row tiles)
+        head = Q8_0Weight.from_quantized(QuantizedTensor("Q8_0", torch.zeros(32, 34, dtype=torch.uint8), (32, 32)),
+                                         head=True)
+        for rows in (1, AMX_HEAD_MIN_ROWS, AMX_MAX_ROWS):
+            self.logits(torch.zeros(rows, 32), head, argmax_cols=32)
+        if self._amx_config is not None:
             for rows in (AMX_MIN_ROWS, AMX_MAX_ROWS):
                 self.linear(torch.zeros(rows, 32, dtype=torch.bfloat16), Int4PackedWeight.from_quantized(w4))
         # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
@@ -262,16 +271,24 @@ class CPUBackend(TorchBackend):
         return y
 
     def logits(self, hidden: torch.Tensor, weight: Any, argmax_cols: int | None = None) -> torch.Tensor:
-        """Argmax-only steps of a few rows take the int8 copy of a Q8_0 head (``_weight_int8pack_mm``
-        on bf16 activations), then ``q8_0_rescore`` recomputes exactly every entry that could be a
-        row's maximum, so greedy tokens are those of the exact head."""
+        """Argmax-only steps take the int8 copy of a Q8_0 head (ATen's ``_weight_int8pack_mm`` for a
+        few rows; with AMX, ``int8_amx_matmul`` from 4 rows up to 256), then ``q8_0_rescore``
+        recomputes exactly every entry that could be a row's maximum, so greedy tokens are those of
+        the exact head. Other steps take the exact Q8_0 head."""
         head = weight.argmax_head if isinstance(weight, Q8_0Weight) else None
-        if (head is None or argmax_cols is None or self._invariant
-                or hidden.shape[0] >= Q8_0_GEMM_MIN_ROWS):
+        m = hidden.shape[0]
+        amx = (head is not None and self.uses_amx and AMX_HEAD_MIN_ROWS <= m <= AMX_MAX_ROWS
+               and weight.shape[0] % 32 == 0)
+        if head is None or argmax_cols is None or self._invariant or (m >= Q8_0_GEMM_MIN_ROWS and not amx):
             return super().logits(hidden, weight, argmax_cols)
         x = hidden.float().contiguous()
         xb = x.to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
+        if amx:
+            out = torch.empty(m, weight.shape[0], dtype=torch.float32)
+            int8_amx_matmul(xb.view(torch.uint16).numpy(), head.qw.numpy(), head.scale_f32, out.numpy(),
+                            self._amx_config, self.threads)
+        else:
+            out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
         q8_0_rescore(x.numpy(), xb.float().numpy(), weight.qs, weight.d, head.err_norm, head.w_norm,
                      min(argmax_cols, out.shape[1]), out.numpy())
         return out

@@ -121,6 +121,11 @@ class RowInt8Head:
             norm[n0:n0 + chunk] = _round_up_f32(approx.norm(dim=1).numpy())
         return cls(qw, scale, err, norm)
 
+    @functools.cached_property
+    def scale_f32(self) -> np.ndarray:
+        """``scale`` widened, for ``int8_amx_matmul``."""
+        return self.scale.float().numpy()
+
     @property
     def nbytes(self) -> int:
         return self.qw.numel() + 2 * self.scale.numel() + self.err_norm.nbytes + self.w_norm.nbytes

@@ -148,6 +148,27 @@ def tile_dp_bf16(typingctx, c, a, b):
     return types.void(c, a, b), codegen
 
 
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` element type, which llvmlite's IR builder does not name."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+def cvt_ne2ps2bf16(builder):
+    """For intrinsics' codegen: ``<32 x bfloat> vcvtne2ps2bf16(<16 x float> hi, <16 x float> lo)``
+    (AVX512-BF16), ``lo`` in lanes 0-15; rounds to nearest even, NaN stays NaN."""
+    v16 = ir.VectorType(ir.FloatType(), 16)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(_BFloat(), 32), [v16, v16]),
+                                          "llvm.x86.avx512bf16.cvtne2ps2bf16.512")
+
+
 @intrinsic
 def f32_from_bits(typingctx, bits):
     """Reinterpret an integer's low 32 bits as a float32 (vectorizes to nothing)."""

@@ -19,39 +19,25 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from edgellm.kernels.cpu.amx import (tile_config, tile_dp_bf16, tile_load,
-                                     tile_release, tile_store, tile_zero)
+from edgellm.kernels.cpu.amx import (
+    cvt_ne2ps2bf16,
+    tile_config,
+    tile_dp_bf16,
+    tile_load,
+    tile_release,
+    tile_store,
+    tile_zero,
+)
 
 MAX_ROWS = 32
 GROUP = 32
 FASTMATH = {"reassoc", "contract"}
 
 
-class _BFloat(ir.Type):
-    """LLVM's ``bfloat`` element type, which llvmlite's IR builder does not name."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
 # pairs (row k, row k + 1) of each column, from [16 of row k, 16 of row k + 1]
 _INTERLEAVE = ir.Constant(ir.VectorType(ir.IntType(32), 32), [(j % 2) * 16 + j // 2 for j in range(32)])
-
-
-def _cvt_bf16(builder):
-    """``<32 x bfloat> vcvtne2ps2bf16(<16 x float> hi, <16 x float> lo)``: ``lo`` fills lanes 0-15."""
-    v16 = ir.VectorType(ir.FloatType(), 16)
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(_BFloat(), 32), [v16, v16]),
-                                          "llvm.x86.avx512bf16.cvtne2ps2bf16.512")
 
 
 @intrinsic
@@ -80,7 +66,7 @@ def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_in
         sh = builder.insert_element(ir.Constant(v16(i32), ir.Undefined), sh, ir.Constant(i32, 0))
         sh = builder.shuffle_vector(sh, sh, ir.Constant(v16(i32), None))
         fifteen = ir.Constant(v16(i32), [ir.Constant(i32, 15)] * 16)
-        cvt = _cvt_bf16(builder)
+        cvt = cvt_ne2ps2bf16(builder)
         for h in range(2):
             off = ir.Constant(ir.IntType(64), 16 * h)
             s = builder.load(vec_ptr(t_scale, a_scale, off, types.int64, f32), align=4)
@@ -118,7 +104,7 @@ def _store_bf16_32(typingctx, src, src_index, dst, dst_index):
         lo = builder.load(builder.bitcast(builder.gep(src_ary.data, [i]), v16), align=4)
         hi = builder.load(builder.bitcast(builder.gep(src_ary.data, [builder.add(i, ir.Constant(i.type, 16))]), v16),
                           align=4)
-        out = builder.call(_cvt_bf16(builder), [hi, lo])
+        out = builder.call(cvt_ne2ps2bf16(builder), [hi, lo])
         builder.store(out, builder.bitcast(builder.gep(dst_ary.data, [j]), ir.PointerType(out.type)), align=2)
         return context.get_dummy_value()
 

@@ -147,7 +147,6 @@ def _approx_error(logit, err_norm, w_norm, x_n, act_n, out_rel):
     return x_n * err_norm + act_n * w_norm + abs(logit) * out_rel
 
 
-@njit(cache=True, fastmath=FASTMATH)
 def q8_0_rescore(x: np.ndarray, x_used: np.ndarray, qs: np.ndarray, d: np.ndarray, err_norm: np.ndarray,
                  w_norm: np.ndarray, n_valid: int, logits: np.ndarray) -> int:
     """Make each row's argmax over ``logits[:, :n_valid]`` that of the exact Q8_0 logits.
@@ -157,35 +156,61 @@ def q8_0_rescore(x: np.ndarray, x_used: np.ndarray, qs: np.ndarray, d: np.ndarra
     error of entry ``n`` is at most ``eps_n = ||x|| err_norm[n] + (||x - x_used|| + c ||x_used||)
     w_norm[n] + |logit| 2^-7``. Every entry that could reach the largest lower bound is recomputed
     exactly (as ``q8_0_matmul`` would); the others stay approximations below the exact maximum.
+    Rows are independent: from ``RESCORE_PARALLEL_ROWS`` rows they are shared among threads.
     Returns how many entries were recomputed.
     """
-    m_all, k = x.shape
-    w = np.empty(k, np.float32)
+    args = (x, x_used, qs, d, err_norm, w_norm, n_valid, logits)
+    return _rescore_parallel(*args) if x.shape[0] >= RESCORE_PARALLEL_ROWS else _rescore_serial(*args)
+
+
+RESCORE_PARALLEL_ROWS = 4
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w) -> int:
+    """``q8_0_rescore`` for one row: ``x``, ``x_used`` and ``row`` are that row's; ``w`` is scratch."""
+    k = x.shape[0]
     c = np.float32(APPROX_REL + 2.0 * k * 2.0 ** -24)
     out_rel = np.float32(APPROX_OUT_REL)
+    xx = np.float32(0.0)
+    dd = np.float32(0.0)
+    uu = np.float32(0.0)
+    for i in range(k):
+        xx += x[i] * x[i]
+        diff = x[i] - x_used[i]
+        dd += diff * diff
+        uu += x_used[i] * x_used[i]
+    # a float32 sum of squares can round low by ~k ulps: widen the norms a little
+    x_n = np.float32(np.sqrt(xx) * 1.001)
+    act_n = np.float32((np.sqrt(dd) + c * np.sqrt(uu)) * 1.001)
+    lower = -np.inf
+    for n in range(n_valid):
+        lower = max(lower, row[n] - _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel))
     recomputed = 0
-    for m in range(m_all):
-        xx = np.float32(0.0)
-        dd = np.float32(0.0)
-        uu = np.float32(0.0)
-        for i in range(k):
-            xx += x[m, i] * x[m, i]
-            diff = x[m, i] - x_used[m, i]
-            dd += diff * diff
-            uu += x_used[m, i] * x_used[m, i]
-        # a float32 sum of squares can round low by ~k ulps: widen the norms a little
-        x_n = np.float32(np.sqrt(xx) * 1.001)
-        act_n = np.float32((np.sqrt(dd) + c * np.sqrt(uu)) * 1.001)
-        row = logits[m]
-        lower = -np.inf
-        for n in range(n_valid):
-            lower = max(lower, row[n] - _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel))
-        for n in range(n_valid):
-            if row[n] + _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel) >= lower:
-                _dequant_row(qs, d, n, w)
-                a = np.float32(0.0)
-                for i in range(k):
-                    a += x[m, i] * w[i]
-                row[n] = a
-                recomputed += 1
+    for n in range(n_valid):
+        if row[n] + _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel) >= lower:
+            _dequant_row(qs, d, n, w)
+            a = np.float32(0.0)
+            for i in range(k):
+                a += x[i] * w[i]
+            row[n] = a
+            recomputed += 1
+    return recomputed
+
+
+@njit(cache=True)
+def _rescore_serial(x, x_used, qs, d, err_norm, w_norm, n_valid, logits):
+    w = np.empty(x.shape[1], np.float32)
+    recomputed = 0
+    for m in range(x.shape[0]):
+        recomputed += _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w)
+    return recomputed
+
+
+@njit(cache=True, parallel=True)
+def _rescore_parallel(x, x_used, qs, d, err_norm, w_norm, n_valid, logits):
+    recomputed = 0
+    for m in prange(x.shape[0]):
+        w = np.empty(x.shape[1], np.float32)
+        recomputed += _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w)
     return recomputed

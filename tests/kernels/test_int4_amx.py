@@ -13,8 +13,16 @@ from numba import njit
 from edgellm.backends import cpu as cpu_backend
 from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.cpu_weights import Int4PackedWeight
-from edgellm.kernels.cpu.amx import make_config, request_amx, tile_config, tile_dp_bf16, tile_load, tile_release
-from edgellm.kernels.cpu.amx import tile_store, tile_zero
+from edgellm.kernels.cpu.amx import (
+    make_config,
+    request_amx,
+    tile_config,
+    tile_dp_bf16,
+    tile_load,
+    tile_release,
+    tile_store,
+    tile_zero,
+)
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from tests.kernels.test_bf16_expand import quantized
 
