@@ -99,7 +99,8 @@ _ENGINE = [
     click.option("--kv-cache-memory", type=MemorySize(), default=None,
                  help="KV cache size: bytes (2GiB, 512M) or a fraction of free memory (0.3)."),
     click.option("--kv-cache-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
-                 help="K/V cache dtype (default: auto, the activation dtype); bfloat16 halves its memory."),
+                 help="K/V cache dtype (default: auto, what the k/v projections produce: bfloat16 for "
+                      "packed GGUF weights on the CPU, else the model dtype)."),
     click.option("--batch-invariant", is_flag=True, default=None,
                  help="Same output for a request alone or in any batch, at some cost in speed "
                       "(also $EDGELLM_BATCH_INVARIANT=1)."),

@@ -97,7 +97,8 @@ class EngineConfig:
     model: str = "smollm2-135m-instruct"
     device: str = "auto"  # auto | cpu | cuda | rocm | xpu | torch (generic reference)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    # auto: the activation dtype; bfloat16 halves the cache's memory (the CPU kernels widen it exactly)
+    # auto: the dtype the k/v projections produce (bf16 for packed GGUF weights on the CPU, else the
+    # model dtype); bfloat16 halves the cache's memory (the CPU kernels widen it exactly)
     kv_cache_dtype: str = "auto"
     weights: str = "auto"  # auto (as stored) | dequantize (GGUF tensors to dense)
     block_size: int = 16

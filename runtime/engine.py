@@ -109,7 +109,7 @@ class LLMEngine:
     def _kv_dtype(self) -> torch.dtype:
         if self.config.kv_cache_dtype not in (None, "auto"):
             return self.backend.resolve_dtype(self.config.kv_cache_dtype)
-        return self.backend.kv_cache_dtype(self.dtype)
+        return self.backend.kv_cache_dtype(self.model.kv_source_dtype)
 
     def _kv_budget(self) -> int:
         want = self.config.kv_cache_memory

@@ -83,6 +83,12 @@ class LlamaForCausalLM:
         if leftover:
             raise ValueError(f"unexpected weights for a {c.architecture} model: {leftover[:5]}")
 
+    @property
+    def kv_source_dtype(self) -> torch.dtype:
+        """What the k/v projections produce, the ``auto`` KV cache dtype: bf16 where the backend runs
+        packed weights on bf16 activations (a float32 cache would only hold widened bf16 values)."""
+        return self.layers[0].qkv_in if self.layers else self.dtype
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -120,11 +120,16 @@ def test_abort_frees_blocks_at_once(q4_llm):
 
 
 def test_bf16_kv_cache_holds_twice_the_tokens_and_answers_the_same(smollm2_gguf):
-    llm = LLM(str(smollm2_gguf), kv_cache_dtype="bfloat16", kv_cache_memory=64 << 20)
-    ref = LLM(str(smollm2_gguf), kv_cache_memory=64 << 20)
+    """``auto`` is what the k/v projections produce: bf16 for packed weights on the CPU's bf16
+    activations, the model dtype for dense weights; float32 can still be asked for."""
+    llm = LLM(str(smollm2_gguf), kv_cache_memory=64 << 20)
+    ref = LLM(str(smollm2_gguf), kv_cache_dtype="float32", kv_cache_memory=64 << 20)
     assert llm.engine.kv_caches[0].dtype == torch.bfloat16
+    assert ref.engine.kv_caches[0].dtype == torch.float32
     assert llm.engine.block_manager.num_blocks == 2 * ref.engine.block_manager.num_blocks
     params = SamplingParams(temperature=0, max_tokens=12)
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
     assert "Paris" in llm.chat(prompt, params).outputs[0].text
     assert "Paris" in ref.chat(prompt, params).outputs[0].text
+    dense = LLM(str(smollm2_gguf), weights="dequantize", kv_cache_memory=16 << 20)
+    assert dense.engine.kv_caches[0].dtype == torch.float32
