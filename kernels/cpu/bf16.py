@@ -8,8 +8,44 @@ one kernel source serves both dtypes (Numba compiles a version per dtype).
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
+
+
+@intrinsic
+def widen_bits(typingctx, bits):
+    """The float32 whose top half is the bf16 ``bits`` (uint16): exact.
+
+    Spelled out on 32-bit lanes: Numba's own ``np.uint32(b) << 16`` is typed uint64, which
+    vectorizes at a quarter of the width."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def round_bits(typingctx, x):
+    """``x`` (float32) rounded to the nearest even bf16, as uint16 bits; a NaN stays a quiet NaN."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        c = lambda v: ir.Constant(i32, v)  # noqa: E731
+        bits = builder.bitcast(args[0], i32)
+        high = builder.lshr(bits, c(16))
+        rounded = builder.lshr(builder.add(builder.add(bits, c(0x7FFF)), builder.and_(high, c(1))), c(16))
+        is_nan = builder.icmp_unsigned(">", builder.and_(bits, c(0x7FFFFFFF)), c(0x7F800000))
+        out = builder.select(is_nan, builder.or_(high, c(0x40)), rounded)
+        return builder.trunc(out, ir.IntType(16))
+
+    return types.uint16(x), codegen
 
 
 def load_row(src: np.ndarray, scratch: np.ndarray) -> np.ndarray:
@@ -23,9 +59,10 @@ def _load_row_impl(src, scratch):
         return lambda src, scratch: src
     if src.dtype == types.uint16:
         def widen(src, scratch):
+            out = scratch.view(np.float32)
             for d in range(src.shape[0]):
-                scratch[d] = np.uint32(src[d]) << np.uint32(16)
-            return scratch.view(np.float32)
+                out[d] = widen_bits(src[d])
+            return out
         return widen
     return None
 
@@ -44,13 +81,7 @@ def _store_row_impl(dst, src):
         return copy
     if dst.dtype == types.uint16:
         def round_to_bf16(dst, src):
-            bits = src.view(np.uint32)
             for d in range(src.shape[0]):
-                b = bits[d]
-                if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a quiet NaN
-                    dst[d] = np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
-                else:  # round to nearest even
-                    r = np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
-                    dst[d] = np.uint16((b + r) >> np.uint32(16))
+                dst[d] = round_bits(src[d])
         return round_to_bf16
     return None

@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from edgellm.kernels.cpu.bf16 import load_row, store_row
+from edgellm.kernels.cpu.bf16 import load_row, store_row, widen_bits
 from edgellm.kernels.cpu.expf import exp_parts
 from edgellm.kernels.cpu.prefetch import prefetch_rows
 
@@ -44,10 +44,11 @@ def _block_f32_impl(src, scratch):
         return lambda src, scratch: src
     if src.dtype == types.uint16:
         def widen(src, scratch):
+            out = scratch.view(np.float32)
             for j in range(src.shape[0]):
                 for d in range(src.shape[1]):
-                    scratch[j, d] = np.uint32(src[j, d]) << np.uint32(16)
-            return scratch.view(np.float32)
+                    out[j, d] = widen_bits(src[j, d])
+            return out
         return widen
     return None
 
