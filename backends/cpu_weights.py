@@ -17,7 +17,7 @@ import torch
 
 from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
-from edgellm.kernels.cpu.q8_0 import QK, repack_q8_0
+from edgellm.kernels.cpu.q8_0 import q8_0_row_int8, repack_q8_0
 from edgellm.quant import QuantizedTensor
 
 
@@ -102,24 +102,17 @@ class RowInt8Head:
     w_norm: np.ndarray  # float32 [N]
 
     @classmethod
-    def from_q8_0(cls, qs: np.ndarray, d: np.ndarray, chunk: int = 4096) -> RowInt8Head:
+    def from_q8_0(cls, qs: np.ndarray, d: np.ndarray) -> RowInt8Head:
+        """One parallel float64 pass over the rows (``q8_0_row_int8``): ~70 ms for a 49k x 576 head on
+        2 cores, where the torch version took 0.3 s of every start-up."""
         n, k = qs.shape
-        qw = torch.empty(n, k, dtype=torch.int8)
-        scale = torch.empty(n, dtype=torch.bfloat16)
-        err = np.empty(n, np.float32)
-        norm = np.empty(n, np.float32)
-        for n0 in range(0, n, chunk):
-            w = torch.from_numpy(qs[n0:n0 + chunk]).double() * torch.from_numpy(d[n0:n0 + chunk]).double(
-            ).repeat_interleave(QK, dim=1)
-            s = (w.abs().amax(1) / 127).to(torch.bfloat16)
-            s64 = s.double()
-            q = torch.where(s64[:, None] > 0, (w / s64.clamp_min(1e-30)[:, None]).round(), 0.0).clamp(-127, 127)
-            approx = q * s64[:, None]
-            qw[n0:n0 + chunk] = q.to(torch.int8)
-            scale[n0:n0 + chunk] = s
-            err[n0:n0 + chunk] = _round_up_f32((w - approx).norm(dim=1).numpy())
-            norm[n0:n0 + chunk] = _round_up_f32(approx.norm(dim=1).numpy())
-        return cls(qw, scale, err, norm)
+        qw = np.empty((n, k), np.int8)
+        scale = np.empty(n, np.uint16)
+        err = np.empty(n, np.float64)
+        norm = np.empty(n, np.float64)
+        q8_0_row_int8(qs, d, qw, scale, err, norm)
+        return cls(torch.from_numpy(qw), torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16),
+                   _round_up_f32(err), _round_up_f32(norm))
 
     @functools.cached_property
     def scale_f32(self) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from edgellm.kernels.cpu.bf16 import round_bits, widen_bits
 from edgellm.kernels.cpu.paged_attention import FASTMATH
 
 QK = 32  # weights per GGML block
@@ -30,6 +31,36 @@ def repack_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[:, :, 0].astype(np.float32)
     qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(n, -1)
     return qs, d
+
+
+@njit(cache=True, parallel=True)
+def q8_0_row_int8(qs: np.ndarray, d: np.ndarray, qw: np.ndarray, scale_bits: np.ndarray, err_norm: np.ndarray,
+                  w_norm: np.ndarray) -> None:
+    """Requantize Q8_0 rows ``w = d * qs`` to one int8 scale per row, in float64 (exact inputs).
+
+    ``scale = bf16(max |w| / 127)`` (through float32, as torch converts a double to bf16),
+    ``qw = clamp(round_half_even(w / scale), -127, 127)``; ``err_norm = ||w - qw * scale||`` and
+    ``w_norm = ||qw * scale||`` in float64, for the caller to round up to float32.
+    """
+    n, k = qs.shape
+    for r in prange(n):
+        amax = 0.0
+        for i in range(k):
+            amax = max(amax, abs(np.float64(qs[r, i]) * np.float64(d[r, i // QK])))
+        bits = round_bits(np.float32(amax / 127.0))
+        scale = np.float64(widen_bits(bits))
+        err = 0.0
+        norm = 0.0
+        for i in range(k):
+            w = np.float64(qs[r, i]) * np.float64(d[r, i // QK])
+            q = min(127.0, max(-127.0, np.rint(w / scale))) if scale > 0 else 0.0
+            approx = q * scale
+            qw[r, i] = np.int8(q)
+            err += (w - approx) * (w - approx)
+            norm += approx * approx
+        scale_bits[r] = bits
+        err_norm[r] = np.sqrt(err)
+        w_norm[r] = np.sqrt(norm)
 
 
 @njit(cache=True, fastmath=FASTMATH)

@@ -67,3 +67,23 @@ def test_raw_rows_widen_every_half_scale_exactly():
     out = np.empty((halves.numel(), 32), np.float32)
     q8_0_rows_raw(raw.numpy(), np.arange(halves.numel()), out)
     assert torch.equal(torch.from_numpy(out[:, 0]), halves.float())
+
+
+def test_row_int8_requantization_is_the_float64_reference():
+    """The int8 copy of a head: torch's float64 arithmetic, written out, gives the same bits."""
+    from edgellm.backends.cpu_weights import RowInt8Head
+
+    w = torch.randn(300, 576, generator=torch.Generator().manual_seed(3)) * 0.05
+    w[7] = 0.0  # an all-zero row: scale 0, every q 0
+    qs, d = repack_q8_0(quantize_rows("Q8_0", w).numpy())
+    head = RowInt8Head.from_q8_0(qs, d)
+    wd = torch.from_numpy(qs).double() * torch.from_numpy(d).double().repeat_interleave(32, dim=1)
+    scale = (wd.abs().amax(1) / 127).to(torch.bfloat16)
+    s64 = scale.double()
+    q = torch.where(s64[:, None] > 0, (wd / s64.clamp_min(1e-30)[:, None]).round(), 0.0).clamp(-127, 127)
+    approx = q * s64[:, None]
+    assert torch.equal(head.qw, q.to(torch.int8))
+    assert torch.equal(head.scale.view(torch.int16), scale.view(torch.int16))
+    for got, exact in ((head.err_norm, (wd - approx).norm(dim=1)), (head.w_norm, approx.norm(dim=1))):
+        assert (got.astype(np.float64) >= exact.numpy()).all()  # rounded up: a bound, never below
+        assert (got == np.nextafter(exact.numpy().astype(np.float32), np.float32(np.inf))).all()
