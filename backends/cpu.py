@@ -314,7 +314,8 @@ class CPUBackend(TorchBackend):
         kernel, whose per-tile arithmetic is instead the same at any chunking.
         """
         qf, kf = q.float().contiguous(), k.float().contiguous()
-        out = torch.empty(q.shape, dtype=torch.float32)
+        # the kernels write v's dtype (float32 or bf16, rounded once) directly
+        out = torch.empty(q.shape, dtype=v.dtype if v.dtype in _NUMBA_DTYPES else torch.float32)
         slots, starts, lens, tables = self._meta_arrays(meta)
         kv = self._kv_view(kv_cache)
         qsl = meta.query_start_loc_list or meta.query_start_loc.tolist()
@@ -330,7 +331,7 @@ class CPUBackend(TorchBackend):
         if n_numba:
             work = t_numba * q.shape[1] * meta.max_seq_len
             paged_attention_step(
-                out.numpy()[:t_numba], q_np[:t_numba], k_np[:t_numba], v_np[:t_numba], kv, slots[:t_numba],
+                _as_numpy(out)[:t_numba], q_np[:t_numba], k_np[:t_numba], v_np[:t_numba], kv, slots[:t_numba],
                 starts[:n_numba + 1], lens[:n_numba], tables[:n_numba], float(scale), int(sliding_window or 0),
                 float(soft_cap or 0.0), DEFAULT_Q_TILE, self.threads if work >= SERIAL_ATTENTION_WORK else 1,
             )
@@ -338,7 +339,7 @@ class CPUBackend(TorchBackend):
         for i in range(n_numba, n_seqs):
             self._prompt_attention(qsl[i], qsl[i + 1], lens_list[i], meta.block_tables[i], qf, kf, v, kv_cache,
                                    meta.block_size, scale, sliding_window, out)
-        return out if v.dtype == torch.float32 else out.to(v.dtype)
+        return out if out.dtype == v.dtype else out.to(v.dtype)
 
     @staticmethod
     def _prompt_attention(q0: int, q1: int, ctx: int, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -152,7 +152,8 @@ def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, 
             r = i * group + g
             inv = np.float32(1.0) / row_sum[r]
             for d in range(head_dim):
-                out[t0 + i, hk * group + g, d] = acc[r, d] * inv
+                acc[r, d] *= inv
+            store_row(out[t0 + i, hk * group + g], acc[r])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -253,7 +254,8 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
     for g in range(group):
         inv = np.float32(1.0) / sums[g]
         for d in range(head_dim):
-            out[t, hk * group + g, d] = acc[g, d] * inv
+            acc[g, d] *= inv
+        store_row(out[t, hk * group + g], acc[g])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -261,6 +263,7 @@ def _merge_partials(out, q, items, partials, n_kv):
     """Combine the key-range parts of split decodes: rescale each part to the common max and sum."""
     group = q.shape[1] // n_kv
     head_dim = q.shape[2]
+    row = np.empty(head_dim, np.float32)
     i = 0
     while i < items.shape[0]:
         if items[i, 6] < 0:
@@ -275,17 +278,17 @@ def _merge_partials(out, q, items, partials, n_kv):
             for p in range(i + 1, j):
                 m = max(m, partials[items[p, 6], g, 0])
             total = np.float32(0.0)
-            for d in range(head_dim):
-                out[t, hk * group + g, d] = 0.0
+            row[:] = 0.0
             for p in range(i, j):
                 part = partials[items[p, 6], g]
                 w = np.float32(np.exp(part[0] - m))
                 total += part[1] * w
                 for d in range(head_dim):
-                    out[t, hk * group + g, d] += part[2 + d] * w
+                    row[d] += part[2 + d] * w
             inv = np.float32(1.0) / total
             for d in range(head_dim):
-                out[t, hk * group + g, d] *= inv
+                row[d] *= inv
+            store_row(out[t, hk * group + g], row)
         i = j
 
 
@@ -384,7 +387,8 @@ def _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, windo
 def paged_attention(out: np.ndarray, q: np.ndarray, kv: np.ndarray, query_start_loc: np.ndarray,
                     seq_lens: np.ndarray, block_tables: np.ndarray, scale: float, window: int,
                     soft_cap: float, q_tile: int, n_threads: int) -> None:
-    """``out[T, H, D] = softmax(q k^T * scale, causal [, window] [, soft cap]) v`` over the paged cache.
+    """``out[T, H, D] = softmax(q k^T * scale, causal [, window] [, soft cap]) v`` over the paged cache;
+    ``out`` is float32 or bf16 bits (uint16), rounded once from the float32 result.
 
     ``window <= 0`` and ``soft_cap <= 0`` switch those off; ``n_threads`` is Numba's thread count.
     """
