@@ -53,6 +53,20 @@ def _block_f32_impl(src, scratch):
     return None
 
 
+def _f32(x):
+    """A cache element as float32: itself, or bf16 bits widened (exact)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_f32, inline="always")
+def _f32_impl(x):
+    if x == types.float32:
+        return lambda x: x
+    if x == types.uint16:
+        return lambda x: widen_bits(x)
+    return None
+
+
 @njit(cache=True)
 def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
     """Store this step's ``k, v [T, Hkv, D]`` (float32 or bf16 bits) at their cache slots; negative
@@ -163,8 +177,10 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
 
     With a single query per sequence there is nothing to tile, so the two-pass form beats the online
     softmax: no per-block rescaling, the group's query heads share every K and V row load, and the
-    exponentials run as one long vectorized loop. ``slot >= 0`` stores the unnormalized result and
-    its (max, sum) in ``partials[slot]`` for ``_merge_partials`` (a long context split across threads).
+    exponentials run as one long vectorized loop. A bf16 cache is widened element by element inside
+    the dot products (no scratch copy: 5 % faster at 32 sequences). ``slot >= 0`` stores the
+    unnormalized result and its (max, sum) in ``partials[slot]`` for ``_merge_partials`` (a long
+    context split across threads).
     """
     head_dim = q.shape[2]
     group = q.shape[1] // kv.shape[2]
@@ -172,8 +188,6 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
     n = hi - lo
     scores = np.empty((group, n), np.float32)
     exp_bits = np.empty(n, np.int32)
-    k_scratch = np.empty((block_size, head_dim), np.uint32)
-    v_scratch = np.empty((block_size, head_dim), np.uint32)
     qt = np.empty((group, head_dim), np.float32)
     for g in range(group):
         for d in range(head_dim):
@@ -183,7 +197,7 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
         if bi < last:  # the next K block streams in while this one is scored
             prefetch_rows(kv[0, table[bi + 1], hk])
         prefetch_rows(kv[1, table[bi], hk])  # and V, for the p @ V pass
-        kb = _block_f32(kv[0, table[bi], hk], k_scratch)
+        kb = kv[0, table[bi], hk]  # widened element by element: no scratch pass
         base = bi * block_size
         j0, j1 = max(lo - base, 0), min(hi - base, block_size)
         for g in range(group):
@@ -195,10 +209,10 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                 a2 = np.float32(0.0)
                 a3 = np.float32(0.0)
                 for d in range(head_dim):
-                    a0 += qg[d] * kb[j, d]
-                    a1 += qg[d] * kb[j + 1, d]
-                    a2 += qg[d] * kb[j + 2, d]
-                    a3 += qg[d] * kb[j + 3, d]
+                    a0 += qg[d] * _f32(kb[j, d])
+                    a1 += qg[d] * _f32(kb[j + 1, d])
+                    a2 += qg[d] * _f32(kb[j + 2, d])
+                    a3 += qg[d] * _f32(kb[j + 3, d])
                 o = base + j - lo
                 scores[g, o] = a0
                 scores[g, o + 1] = a1
@@ -208,7 +222,7 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
             while j < j1:
                 a = np.float32(0.0)
                 for d in range(head_dim):
-                    a += qg[d] * kb[j, d]
+                    a += qg[d] * _f32(kb[j, d])
                 scores[g, base + j - lo] = a
                 j += 1
     sums = np.empty(group, np.float32)
@@ -225,7 +239,7 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
         sums[g] = _exp_shifted(row, 0, n, m, exp_bits)
     acc = np.zeros((group, head_dim), np.float32)
     for bi in range(lo // block_size, (hi - 1) // block_size + 1):
-        vb = _block_f32(kv[1, table[bi], hk], v_scratch)
+        vb = kv[1, table[bi], hk]
         base = bi * block_size
         j, j1 = max(lo - base, 0), min(hi - base, block_size)
         while j + 4 <= j1:  # four V rows per pass: one load and store of acc per four products
@@ -236,13 +250,14 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                 p2 = scores[g, o + 2]
                 p3 = scores[g, o + 3]
                 for d in range(head_dim):
-                    acc[g, d] += p0 * vb[j, d] + p1 * vb[j + 1, d] + p2 * vb[j + 2, d] + p3 * vb[j + 3, d]
+                    acc[g, d] += (p0 * _f32(vb[j, d]) + p1 * _f32(vb[j + 1, d]) + p2 * _f32(vb[j + 2, d])
+                                  + p3 * _f32(vb[j + 3, d]))
             j += 4
         while j < j1:
             for g in range(group):
                 p = scores[g, base + j - lo]
                 for d in range(head_dim):
-                    acc[g, d] += p * vb[j, d]
+                    acc[g, d] += p * _f32(vb[j, d])
             j += 1
     if slot >= 0:
         for g in range(group):
