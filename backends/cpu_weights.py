@@ -90,7 +90,8 @@ class Int4PackedWeight:
 @dataclass
 class RowInt8Head:
     """A per-row int8 copy of a Q8_0 output head for ATen's int8 GEMV (``_weight_int8pack_mm``, bf16
-    activations: ~4x the Numba Q8_0 kernel for one row), with what bounds its error.
+    activations: ~4x the Numba Q8_0 kernel for one row) and, with AMX, ``int8_amx_matmul`` (which
+    takes the scales widened), with what bounds its error.
 
     ``w' = qw * scale`` per row; ``err_norm = ||w - w'||`` against the exact Q8_0 row and ``w_norm =
     ||w'||``, both rounded up, let ``q8_0_rescore`` find every entry that could be a row's argmax.
@@ -100,6 +101,7 @@ class RowInt8Head:
     scale: torch.Tensor  # bf16 [N]
     err_norm: np.ndarray  # float32 [N]
     w_norm: np.ndarray  # float32 [N]
+    scale_f32: np.ndarray  # float32 [N], ``scale`` widened
 
     @classmethod
     def from_q8_0(cls, qs: np.ndarray, d: np.ndarray) -> RowInt8Head:
@@ -111,17 +113,14 @@ class RowInt8Head:
         err = np.empty(n, np.float64)
         norm = np.empty(n, np.float64)
         q8_0_row_int8(qs, d, qw, scale, err, norm)
-        return cls(torch.from_numpy(qw), torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16),
-                   _round_up_f32(err), _round_up_f32(norm))
-
-    @functools.cached_property
-    def scale_f32(self) -> np.ndarray:
-        """``scale`` widened, for ``int8_amx_matmul``."""
-        return self.scale.float().numpy()
+        scale_bf16 = torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16)
+        return cls(torch.from_numpy(qw), scale_bf16, _round_up_f32(err), _round_up_f32(norm),
+                   scale_bf16.float().numpy())
 
     @property
     def nbytes(self) -> int:
-        return self.qw.numel() + 2 * self.scale.numel() + self.err_norm.nbytes + self.w_norm.nbytes
+        return (self.qw.numel() + 2 * self.scale.numel() + self.err_norm.nbytes + self.w_norm.nbytes
+                + self.scale_f32.nbytes)
 
 
 def _round_up_f32(x: np.ndarray) -> np.ndarray:
