@@ -242,6 +242,23 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
         vb = kv[1, table[bi], hk]
         base = bi * block_size
         j, j1 = max(lo - base, 0), min(hi - base, block_size)
+        while j + 8 <= j1:  # eight V rows per pass: one load and store of acc per eight products
+            o = base + j - lo
+            for g in range(group):
+                p0 = scores[g, o]
+                p1 = scores[g, o + 1]
+                p2 = scores[g, o + 2]
+                p3 = scores[g, o + 3]
+                p4 = scores[g, o + 4]
+                p5 = scores[g, o + 5]
+                p6 = scores[g, o + 6]
+                p7 = scores[g, o + 7]
+                for d in range(head_dim):
+                    acc[g, d] += ((p0 * _f32(vb[j, d]) + p1 * _f32(vb[j + 1, d]))
+                                  + (p2 * _f32(vb[j + 2, d]) + p3 * _f32(vb[j + 3, d]))
+                                  + ((p4 * _f32(vb[j + 4, d]) + p5 * _f32(vb[j + 5, d]))
+                                     + (p6 * _f32(vb[j + 6, d]) + p7 * _f32(vb[j + 7, d]))))
+            j += 8
         while j + 4 <= j1:  # four V rows per pass: one load and store of acc per four products
             o = base + j - lo
             for g in range(group):
