@@ -167,32 +167,3 @@ def cvt_ne2ps2bf16(builder):
     v16 = ir.VectorType(ir.FloatType(), 16)
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(_BFloat(), 32), [v16, v16]),
                                           "llvm.x86.avx512bf16.cvtne2ps2bf16.512")
-
-
-@intrinsic
-def f32_from_bits(typingctx, bits):
-    """Reinterpret an integer's low 32 bits as a float32 (vectorizes to nothing)."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        if v.type.width > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        elif v.type.width < 32:
-            v = builder.zext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
-@intrinsic
-def f32_bits(typingctx, x):
-    """A float32's bits as a uint32."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(x), codegen

@@ -259,17 +259,6 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                                   + ((p4 * _f32(vb[j + 4, d]) + p5 * _f32(vb[j + 5, d]))
                                      + (p6 * _f32(vb[j + 6, d]) + p7 * _f32(vb[j + 7, d]))))
             j += 8
-        while j + 4 <= j1:  # four V rows per pass: one load and store of acc per four products
-            o = base + j - lo
-            for g in range(group):
-                p0 = scores[g, o]
-                p1 = scores[g, o + 1]
-                p2 = scores[g, o + 2]
-                p3 = scores[g, o + 3]
-                for d in range(head_dim):
-                    acc[g, d] += (p0 * _f32(vb[j, d]) + p1 * _f32(vb[j + 1, d]) + p2 * _f32(vb[j + 2, d])
-                                  + p3 * _f32(vb[j + 3, d]))
-            j += 4
         while j < j1:
             for g in range(group):
                 p = scores[g, base + j - lo]
