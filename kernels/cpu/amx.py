@@ -64,10 +64,14 @@ def _tile_id(t) -> ir.Constant:
     return ir.Constant(ir.IntType(8), t.literal_value)
 
 
-def _element_ptr(context, builder, aryty, ary_val, index_val, index_ty):
+def element_ptr(context, builder, aryty, ary_val, index_val, index_ty, pointee=None, offset=0):
+    """For intrinsics' codegen: a pointer to ``ary.flat[index + offset]`` as ``pointee*`` (default
+    ``i8*``), e.g. an ``<16 x float>*`` for one vector load or store."""
     ary = context.make_array(aryty)(context, builder, ary_val)
     index = context.cast(builder, index_val, index_ty, types.intp)
-    return builder.bitcast(builder.gep(ary.data, [index]), ir.PointerType(ir.IntType(8)))
+    if offset:
+        index = builder.add(index, ir.Constant(index.type, offset))
+    return builder.bitcast(builder.gep(ary.data, [index]), ir.PointerType(pointee or ir.IntType(8)))
 
 
 def _is_tile(t) -> bool:
@@ -81,7 +85,7 @@ def tile_config(typingctx, cfg):
         return None
 
     def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], context.get_constant(types.intp, 0), types.intp)
+        ptr = element_ptr(context, builder, sig.args[0], args[0], context.get_constant(types.intp, 0), types.intp)
         _call(builder, "llvm.x86.ldtilecfg", [ptr], [ptr.type])
         return context.get_dummy_value()
 
@@ -118,7 +122,7 @@ def _load_store(name):
             return None
 
         def codegen(context, builder, sig, args):
-            ptr = _element_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
+            ptr = element_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2])
             stride_val = context.cast(builder, args[3], sig.args[3], types.int64)
             _call(builder, name, [_tile_id(sig.args[0]), ptr, stride_val],
                   [ir.IntType(8), ptr.type, ir.IntType(64)])

@@ -1,18 +1,17 @@
-"""Packed int4 weights times a few bf16 rows on AMX tiles, reading ATen's int4 layout in place.
+"""Packed int4 weights times bf16 rows on AMX tiles, reading ATen's int4 layout in place.
 
-ATen's ``_weight_int4pack_mm_for_cpu`` dequantizes the whole weight once per group of four rows, so
-its cost grows linearly with the batch: at 32 rows it is the biggest part of a decode step. Here each
-weight is widened once per call, whatever the row count (up to 32), and multiplied on AMX tiles.
+ATen's ``_weight_int4pack_mm_for_cpu`` dequantizes the whole weight again for every four rows, so
+its cost grows linearly with the batch: at 32 rows it was the biggest part of a decode step. Here
+each weight is widened once per call, whatever the row count, and multiplied on AMX tiles.
 
 The weight stays in ATen's packed layout, ``packed [N/64, K, 32]`` uint8, where byte ``i`` of
 ``(block, k)`` holds column ``64 block + i`` in its low nibble and ``64 block + 32 + i`` in its high
-one, with ``scale_zeros [K/32, N, 2]`` bf16: ``w = (q - 8) * scale + zero``. The arithmetic is exact
-where ATen's is: ``q - 8`` is an exact bf16, so the tiles sum ``x * (q - 8)`` over a group of 32 in
-float32, and each group's sum is scaled in float32 afterwards (the zero term multiplies the group's
-sum of ``x``). Only the float32 accumulation order differs from ATen's.
+one, with ``scale_zeros [K/32, N, 2]`` bf16: ``w = (q - 8) * scale + zero``. Each weight is computed
+in float32 and rounded once to bf16, exactly as the bf16 expansion (``bf16_expand.py``) does for big
+steps; the tiles multiply bf16 pairs and accumulate in float32, and the result is rounded to bf16.
 
 Work is dealt out in panels of 32 output columns (two 16-column tiles of one nibble half), so each
-thread widens its own panels; one or two 16-row tiles hold up to 32 rows.
+thread widens its own panels; two 16-row tiles take 32 rows at a time.
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import (
     cvt_ne2ps2bf16,
+    element_ptr,
     tile_config,
     tile_dp_bf16,
     tile_load,
@@ -57,11 +57,6 @@ def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_in
         a_packed, a_row0, a_row1, a_shift, a_scale, a_zero, a_out, a_idx = args
         t_packed, t_row0, t_row1, t_shift, t_scale, t_zero, t_out, t_idx = sig.args
 
-        def vec_ptr(aryty, ary, index, index_ty, elem, lanes=16):
-            ary = context.make_array(aryty)(context, builder, ary)
-            idx = context.cast(builder, index, index_ty, types.intp)
-            return builder.bitcast(builder.gep(ary.data, [idx]), ir.PointerType(ir.VectorType(elem, lanes)))
-
         sh = context.cast(builder, a_shift, t_shift, types.int32)
         sh = builder.insert_element(ir.Constant(v16(i32), ir.Undefined), sh, ir.Constant(i32, 0))
         sh = builder.shuffle_vector(sh, sh, ir.Constant(v16(i32), None))
@@ -69,18 +64,19 @@ def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_in
         cvt = cvt_ne2ps2bf16(builder)
         for h in range(2):
             off = ir.Constant(ir.IntType(64), 16 * h)
-            s = builder.load(vec_ptr(t_scale, a_scale, off, types.int64, f32), align=4)
-            z = builder.load(vec_ptr(t_zero, a_zero, off, types.int64, f32), align=4)
+            s = builder.load(element_ptr(context, builder, t_scale, a_scale, off, types.int64, v16(f32)), align=4)
+            z = builder.load(element_ptr(context, builder, t_zero, a_zero, off, types.int64, v16(f32)), align=4)
             w = []
             for row, row_ty in ((a_row0, t_row0), (a_row1, t_row1)):
                 start = builder.add(context.cast(builder, row, row_ty, types.int64), off)
-                b = builder.load(vec_ptr(t_packed, a_packed, start, types.int64, ir.IntType(8)), align=1)
+                b = builder.load(element_ptr(context, builder, t_packed, a_packed, start, types.int64,
+                                             v16(ir.IntType(8))), align=1)
                 q = builder.and_(builder.lshr(builder.zext(b, v16(i32)), sh), fifteen)
                 w.append(builder.fadd(builder.fmul(builder.uitofp(q, v16(f32)), s), z))
             both = builder.call(cvt, [w[1], w[0]])  # lanes 0-15: row k, 16-31: row k + 1
             pairs = builder.bitcast(builder.shuffle_vector(both, both, _INTERLEAVE), v16(i32))
             dst = builder.add(context.cast(builder, a_idx, t_idx, types.int64), off)
-            builder.store(pairs, vec_ptr(t_out, a_out, dst, types.int64, i32), align=4)
+            builder.store(pairs, element_ptr(context, builder, t_out, a_out, dst, types.int64, v16(i32)), align=4)
         return context.get_dummy_value()
 
     return types.void(packed, row0, row1, shift, scale, zero, out, out_index), codegen
@@ -95,17 +91,14 @@ def _store_bf16_32(typingctx, src, src_index, dst, dst_index):
         return None
 
     def codegen(context, builder, sig, args):
-        f32 = ir.FloatType()
-        src_ary = context.make_array(sig.args[0])(context, builder, args[0])
-        dst_ary = context.make_array(sig.args[2])(context, builder, args[2])
-        i = context.cast(builder, args[1], sig.args[1], types.intp)
-        j = context.cast(builder, args[3], sig.args[3], types.intp)
-        v16 = ir.PointerType(ir.VectorType(f32, 16))
-        lo = builder.load(builder.bitcast(builder.gep(src_ary.data, [i]), v16), align=4)
-        hi = builder.load(builder.bitcast(builder.gep(src_ary.data, [builder.add(i, ir.Constant(i.type, 16))]), v16),
-                          align=4)
+        def half(offset):  # 16 floats
+            ptr = element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
+                              ir.VectorType(ir.FloatType(), 16), offset)
+            return builder.load(ptr, align=4)
+
+        lo, hi = half(0), half(16)
         out = builder.call(cvt_ne2ps2bf16(builder), [hi, lo])
-        builder.store(out, builder.bitcast(builder.gep(dst_ary.data, [j]), ir.PointerType(out.type)), align=2)
+        builder.store(out, element_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], out.type), align=2)
         return context.get_dummy_value()
 
     return types.void(src, src_index, dst, dst_index), codegen

@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import (
     cvt_ne2ps2bf16,
+    element_ptr,
     tile_config,
     tile_dp_bf16,
     tile_load,
@@ -41,18 +42,14 @@ def _widen_int8_32(typingctx, src, src_index, dst, dst_index):
         return None
 
     def codegen(context, builder, sig, args):
-        src_ary = context.make_array(sig.args[0])(context, builder, args[0])
-        dst_ary = context.make_array(sig.args[2])(context, builder, args[2])
-        i = context.cast(builder, args[1], sig.args[1], types.intp)
-        j = context.cast(builder, args[3], sig.args[3], types.intp)
-        v16i8 = ir.VectorType(ir.IntType(8), 16)
-        v16f = ir.VectorType(ir.FloatType(), 16)
-        halves = []
-        for h in range(2):
-            ptr = builder.gep(src_ary.data, [builder.add(i, ir.Constant(i.type, 16 * h))])
-            halves.append(builder.sitofp(builder.load(builder.bitcast(ptr, ir.PointerType(v16i8)), align=1), v16f))
-        out = builder.call(cvt_ne2ps2bf16(builder), [halves[1], halves[0]])
-        builder.store(out, builder.bitcast(builder.gep(dst_ary.data, [j]), ir.PointerType(out.type)), align=2)
+        def half(offset):  # 16 int8 values as floats
+            ptr = element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
+                              ir.VectorType(ir.IntType(8), 16), offset)
+            return builder.sitofp(builder.load(ptr, align=1), ir.VectorType(ir.FloatType(), 16))
+
+        lo, hi = half(0), half(16)
+        out = builder.call(cvt_ne2ps2bf16(builder), [hi, lo])
+        builder.store(out, element_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], out.type), align=2)
         return context.get_dummy_value()
 
     return types.void(src, src_index, dst, dst_index), codegen
