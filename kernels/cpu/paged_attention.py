@@ -31,26 +31,11 @@ DEFAULT_Q_TILE = 16
 DECODE_KEYS_PER_ITEM = 256
 
 
-def _block_f32(src: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """A ``[block_size, D]`` K or V block as float32: the block itself, or widened into scratch.
-
-    Not built on ``bf16.load_row``: widening row by row measured 2x slower for a bf16 cache here."""
-    raise NotImplementedError("only callable from Numba code")
-
-
-@overload(_block_f32, jit_options={"fastmath": FASTMATH})
-def _block_f32_impl(src, scratch):
-    if src.dtype == types.float32:
-        return lambda src, scratch: src
-    if src.dtype == types.uint16:
-        def widen(src, scratch):
-            out = scratch.view(np.float32)
-            for j in range(src.shape[0]):
-                for d in range(src.shape[1]):
-                    out[j, d] = widen_bits(src[j, d])
-            return out
-        return widen
-    return None
+@njit(inline="always")
+def _block_f32(src, scratch):
+    """A C-contiguous ``[block_size, D]`` K or V block as float32: the block itself, or its bf16
+    bits widened into ``scratch`` (uint32, ``block_size * D`` of them) in one flat pass."""
+    return load_row(src.reshape(-1), scratch).reshape(src.shape)
 
 
 def _f32(x):
@@ -116,8 +101,8 @@ def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, 
     row_sum = np.zeros(rows, np.float32)
     s = np.empty(block_size, np.float32)
     exp_bits = np.empty(block_size, np.int32)
-    k_scratch = np.empty((block_size, head_dim), np.uint32)
-    v_scratch = np.empty((block_size, head_dim), np.uint32)
+    k_scratch = np.empty(block_size * head_dim, np.uint32)
+    v_scratch = np.empty(block_size * head_dim, np.uint32)
     for i in range(t1 - t0):
         for g in range(group):
             for d in range(head_dim):
