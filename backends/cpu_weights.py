@@ -57,7 +57,8 @@ class Int4PackedWeight:
         """The packed weight as ``[N/64, K, 32]`` and the scale-zeros as ``[K/32, N]`` uint32 (each the
         bf16 pair), for ``int4_amx_matmul``: views of the same memory."""
         n, k = self.shape
-        return self.packed.numpy().reshape(n // 64, k, 32), self.scale_zeros.view(torch.int32).squeeze(-1).numpy().view(np.uint32)
+        pairs = self.scale_zeros.view(torch.int32).squeeze(-1).numpy().view(np.uint32)
+        return self.packed.numpy().reshape(n // 64, k, 32), pairs
 
     @property
     def expandable(self) -> bool:
