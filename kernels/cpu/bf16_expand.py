@@ -25,6 +25,8 @@ BLOCK_N = 64  # rows per ATen int4pack block
 
 @numba.njit(inline="always")
 def _round_to_bf16(bits: np.uint32) -> np.uint16:
+    """Round to nearest even without ``bf16.round_bits``' NaN select: weights are finite, and the
+    select made the expansion 1.2-1.4x slower."""
     return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
