@@ -97,14 +97,14 @@ class CPUBackend(TorchBackend):
         self.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w))
         w4 = QuantizedTensor("Q4_1", torch.zeros(64, 20, dtype=torch.uint8), (64, 32))
         self.linear(torch.zeros(many, 32), Int4PackedWeight.from_quantized(w4))
-        # greedy steps' int8 head and its exact re-scoring, then the AMX kernels (one and two row tiles)
+        # greedy steps' int8 head with its serial and parallel re-scoring (and the AMX head), then the
+        # AMX int4 kernel: one call compiles each, whatever the row count
         head = Q8_0Weight.from_quantized(QuantizedTensor("Q8_0", torch.zeros(32, 34, dtype=torch.uint8), (32, 32)),
                                          head=True)
-        for rows in (1, AMX_HEAD_MIN_ROWS, AMX_MAX_ROWS):
+        for rows in (1, AMX_HEAD_MIN_ROWS):
             self.logits(torch.zeros(rows, 32), head, argmax_cols=32)
         if self._amx_config is not None:
-            for rows in (AMX_MIN_ROWS, AMX_MAX_ROWS):
-                self.linear(torch.zeros(rows, 32, dtype=torch.bfloat16), Int4PackedWeight.from_quantized(w4))
+            self.linear(torch.zeros(AMX_MIN_ROWS, 32, dtype=torch.bfloat16), Int4PackedWeight.from_quantized(w4))
         # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
         # attention on strided views of the qkv projection
         norm_w = torch.ones(32)
