@@ -148,6 +148,18 @@ class Backend(ABC):
         each sequence's whole context, read in place through its block table. Returns ``[T, H, D]``
         in ``v``'s dtype (``rotary`` may have widened ``q`` and ``k``)."""
 
+    def rope_attention(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                       positions: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor,
+                       meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+        """Split a fused projection ``qkv [T, (H + 2 Hkv) D]``, ``rotary`` on q and k, then ``attention``.
+        Returns ``[T, H * D]``. Backends whose per-op cost matters fuse the three."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+        q, k = self.rotary(q.reshape(t, num_heads, head_dim), k.reshape(t, num_kv_heads, head_dim), positions,
+                           cos_sin)
+        o = self.attention(q, k, v.reshape(t, num_kv_heads, head_dim), kv_cache, meta, scale, sliding_window)
+        return o.reshape(t, num_heads * head_dim)
+
     # -- KV cache -----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                           head_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -38,7 +38,8 @@ from edgellm.kernels.cpu.amx import request_amx
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox
-from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step, write_kv
+from edgellm.kernels.cpu.paged_attention import (DEFAULT_Q_TILE, paged_attention_step, rope_attention_step,
+                                                   write_kv)
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
 from edgellm.quant import QuantizedTensor
 
@@ -161,7 +162,7 @@ class CPUBackend(TorchBackend):
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(weight, Int4PackedWeight):  # bf16 in, bf16 out; other dtypes convert both ways
-            x2 = x.reshape(-1, x.shape[-1])
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
                 x2 = x2.to(torch.bfloat16).contiguous()
             y = self._int4_linear(x2, weight)
@@ -185,11 +186,15 @@ class CPUBackend(TorchBackend):
         if (x.dtype not in _NUMBA_DTYPES or out_dtype not in _NUMBA_DTYPES or weight.dtype != torch.float32
                 or not x.is_contiguous() or (residual is not None and residual.dtype != torch.float32)):
             return super().rms_norm(x, weight, eps, residual, out_dtype)
-        x2 = x.view(-1, x.shape[-1])
-        res = residual.view(x2.shape) if residual is not None else torch.empty(x2.shape, dtype=torch.float32)
+        flat = x.dim() == 2  # the models' [tokens, hidden]: no views to make (each costs a microsecond)
+        x2 = x if flat else x.view(-1, x.shape[-1])
+        if residual is None:
+            res = torch.empty(x2.shape, dtype=torch.float32)
+        else:
+            res = residual if flat else residual.view(x2.shape)
         out = torch.empty(x2.shape, dtype=out_dtype)
         add_rms_norm(_as_numpy(x2), res.numpy(), weight.numpy(), float(eps), _as_numpy(out), residual is not None)
-        return out.view(x.shape), res.view(x.shape)
+        return (out, res) if flat else (out.view(x.shape), res.view(x.shape))
 
     def rotary(self, q, k, positions, cos_sin):
         """float32 ``q, k`` rotate in place; bf16 ones (views of the qkv projection) into new float32
@@ -207,11 +212,12 @@ class CPUBackend(TorchBackend):
     def act_and_mul(self, x, act="silu"):
         if act != "silu" or x.dtype not in _NUMBA_DTYPES or not x.is_contiguous():
             return super().act_and_mul(x, act)
-        x2 = x.view(-1, x.shape[-1])
+        flat = x.dim() == 2
+        x2 = x if flat else x.view(-1, x.shape[-1])
         out = torch.empty(x2.shape[0], x2.shape[1] // 2, dtype=x.dtype)
         kernel = silu_and_mul_parallel if x2.shape[0] >= PARALLEL_MIN_ROWS and self.threads > 1 else silu_and_mul
         kernel(_as_numpy(x2), _as_numpy(out))
-        return out.view(*x.shape[:-1], -1)
+        return out if flat else out.view(*x.shape[:-1], -1)
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         self._step_rows = int(meta.slot_mapping.shape[0])
@@ -340,6 +346,29 @@ class CPUBackend(TorchBackend):
             self._prompt_attention(qsl[i], qsl[i + 1], lens_list[i], meta.block_tables[i], qf, kf, v, kv_cache,
                                    meta.block_size, scale, sliding_window, out)
         return out if out.dtype == v.dtype else out.to(v.dtype)
+
+    def rope_attention(self, qkv, num_heads, num_kv_heads, head_dim, positions, cos_sin, kv_cache, meta, scale,
+                       sliding_window=None):
+        """Steps whose every row attends in the Numba kernel (decodes, or any step in batch-invariant
+        mode) rotate and attend in one dispatch, reading q, k, v as views of the projection; others
+        go through ``rotary`` and ``attention``."""
+        t = qkv.shape[0]
+        if (not (self._invariant or meta.num_decode_tokens == t) or qkv.dtype not in _NUMBA_DTYPES
+                or cos_sin.dtype != torch.float32 or kv_cache.dtype not in _NUMBA_DTYPES or not qkv.is_contiguous()):
+            return super().rope_attention(qkv, num_heads, num_kv_heads, head_dim, positions, cos_sin, kv_cache,
+                                          meta, scale, sliding_window)
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        qkv_np = _as_numpy(qkv)
+        out = torch.empty(t, q_size, dtype=qkv.dtype)
+        slots, starts, lens, tables = self._meta_arrays(meta)
+        work = t * num_heads * meta.max_seq_len
+        rope_attention_step(
+            _as_numpy(out).reshape(t, num_heads, head_dim), qkv_np[:, :q_size].reshape(t, num_heads, head_dim),
+            qkv_np[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, head_dim),
+            qkv_np[:, q_size + kv_size:].reshape(t, num_kv_heads, head_dim), positions.numpy(), cos_sin.numpy(),
+            self._kv_view(kv_cache), slots, starts, lens, tables, float(scale), int(sliding_window or 0), 0.0,
+            DEFAULT_Q_TILE, self.threads if work >= SERIAL_ATTENTION_WORK else 1)
+        return out
 
     @staticmethod
     def _prompt_attention(q0: int, q1: int, ctx: int, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -21,6 +21,7 @@ from numba.extending import overload
 
 from edgellm.kernels.cpu.bf16 import load_row, store_row, widen_bits
 from edgellm.kernels.cpu.expf import exp_parts
+from edgellm.kernels.cpu.norm_rope import rope_neox
 from edgellm.kernels.cpu.prefetch import prefetch_rows
 
 # 'reassoc' lets LLVM vectorize the q.k dot product and 'contract' fuse multiply-adds; both only
@@ -439,3 +440,18 @@ def paged_attention_step(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.nd
     else:
         paged_attention_serial(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window,
                                soft_cap, q_tile)
+
+
+@njit(cache=True)
+def rope_attention_step(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
+                        cos_sin: np.ndarray, kv: np.ndarray, slot_mapping: np.ndarray,
+                        query_start_loc: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
+                        scale: float, window: int, soft_cap: float, q_tile: int, n_threads: int) -> None:
+    """``rope_neox`` on ``q, k`` (views of the fused projection, float32 or bf16 bits) into float32,
+    then ``paged_attention_step``: a layer's whole attention in one dispatch, the same numbers as
+    the two calls. Worth it for decode steps, where a dispatch costs about as much as the work."""
+    q_rot = np.empty(q.shape, np.float32)
+    k_rot = np.empty(k.shape, np.float32)
+    rope_neox(q, k, positions, cos_sin, q_rot, k_rot)
+    paged_attention_step(out, q_rot, k_rot, v, kv, slot_mapping, query_start_loc, seq_lens, block_tables,
+                         scale, window, soft_cap, q_tile, n_threads)

@@ -36,8 +36,6 @@ class LlamaForCausalLM:
         self.dtype = dtype
         self.layers: list[LlamaLayer] = []
         c = config
-        self.q_size = c.num_heads * c.head_dim
-        self.kv_size = c.num_kv_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
         self.cos_sin = cos_sin_table(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling,
                                      backend.device)
@@ -93,19 +91,14 @@ class LlamaForCausalLM:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         c, b = self.config, self.backend
-        t = input_ids.shape[0]
         h = b.embedding(input_ids, self.embed, self.dtype)
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
             x, residual = b.rms_norm(h, layer.input_norm, c.rms_norm_eps, residual, layer.qkv_in)
             qkv = b.linear(x, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.reshape(t, c.num_heads, c.head_dim)
-            k = k.reshape(t, c.num_kv_heads, c.head_dim)
-            v = v.reshape(t, c.num_kv_heads, c.head_dim)
-            q, k = b.rotary(q, k, positions, self.cos_sin)
-            o = b.attention(q, k, v, cache, meta, self.scale, c.sliding_window)
-            h = b.linear(o.reshape(t, self.q_size), layer.o_proj)
+            o = b.rope_attention(qkv, c.num_heads, c.num_kv_heads, c.head_dim, positions, self.cos_sin, cache, meta,
+                                 self.scale, c.sliding_window)
+            h = b.linear(o, layer.o_proj)
             x, residual = b.rms_norm(h, layer.post_norm, c.rms_norm_eps, residual, layer.gate_up_in)
             h = b.linear(b.act_and_mul(b.linear(x, layer.gate_up), c.hidden_act), layer.down)
         h, _ = b.rms_norm(h, self.norm, c.rms_norm_eps, residual, self.dtype)
