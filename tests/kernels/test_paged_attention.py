@@ -34,6 +34,11 @@ def check_one(backend, q, k, v, kv, meta, scale, window, cap, q_dtype) -> None:
     assert got.dtype == q_dtype
     if q_dtype == torch.float32:
         assert torch.equal(kv_cpu, kv_ref), "K/V must land in exactly the reference's slots and bits"
+        if kv.dtype == torch.bfloat16 and not backend.batch_invariant:
+            # prompt chunks on a bf16 cache run flash attention in bf16 (q rounds); decodes stay exact
+            dec = meta.num_decode_tokens
+            torch.testing.assert_close(got[dec:], want[dec:], rtol=2e-2, atol=2e-2)
+            got, want = got[:dec], want[:dec]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,287 @@
+"""Decode attention on AMX tiles, for a bf16 KV cache with head size 64 and 16-key blocks.
+
+The AVX-512 decode kernel (``paged_attention._attend_decode``) spends most of its time in the q.k
+dot products (a horizontal sum per key and head) and in widening bf16 K/V element by element. On
+AMX both products are tile multiplies:
+
+- scores: ``C[16 keys, heads] = K_block[16 keys, 32 dims] @ Q^T[32 dims, heads]``, K straight from
+  the cache (its rows are the A tile's rows), Q transposed once per work item into VNNI pairs;
+- output: ``C[heads, 16 dims] += P[heads, 32 keys] @ V[32 keys, 16 dims]``, V's rows interleaved in
+  pairs (VNNI) into a scratch tile per 32 keys.
+
+Tiles multiply bf16, so q and p are split into ``hi = bf16(x)`` and ``lo = bf16(x - hi)`` as two
+rows (columns) of the tile: ``hi + lo`` carries 16 bits of mantissa, the products are exact and
+accumulate in float32. The softmax between the two products is the AVX-512 kernel's. Prompt tiles
+and other cache shapes stay on the AVX-512 kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.amx import element_ptr, tile_config, tile_dp_bf16, tile_load, tile_release, tile_store, tile_zero
+from edgellm.kernels.cpu.bf16 import round_bits, store_row, widen_bits
+from edgellm.kernels.cpu.norm_rope import rope_neox
+from edgellm.kernels.cpu.paged_attention import (
+    DECODE_KEYS_PER_ITEM,
+    _attend_tile,
+    _exp_shifted,
+    _merge_partials,
+    _plan,
+    write_kv,
+)
+
+HEAD_DIM = 64
+KEY_TILE = 16  # keys per scores tile (one A tile of K rows)
+KEY_CHUNK = 32  # keys per output tile product (one P tile row)
+MAX_GROUP = 8  # query heads per kv head: hi and lo of each fill at most 16 tile columns
+
+
+def supports(kv: np.ndarray, group: int) -> bool:
+    """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) and a GQA group
+    size take this kernel."""
+    return (kv.dtype == np.uint16 and kv.shape[4] == HEAD_DIM and kv.shape[3] % KEY_TILE == 0
+            and 1 <= group <= MAX_GROUP)
+
+
+@intrinsic
+def _vnni_rows(typingctx, a, a_index, b, b_index, dst, dst_index):
+    """Interleave two 64-element bf16 rows ``a`` (key 2r) and ``b`` (key 2r + 1) into the VNNI row
+    ``r`` of four B tiles: ``dst.flat[dst_index + 512 c + 2 n + e] = (a, b)[e][16 c + n]``."""
+    ok = all(isinstance(t, types.Array) and t.dtype == types.uint16 for t in (a, b, dst))
+    if not (ok and all(isinstance(t, types.Integer) for t in (a_index, b_index, dst_index))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v64 = ir.VectorType(ir.IntType(16), HEAD_DIM)
+        ra = builder.load(element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], v64), align=2)
+        rb = builder.load(element_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], v64), align=2)
+        for c in range(HEAD_DIM // 16):
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 32),
+                               [16 * c + i // 2 + (HEAD_DIM if i % 2 else 0) for i in range(32)])
+            row = builder.shuffle_vector(ra, rb, mask)
+            builder.store(row, element_ptr(context, builder, sig.args[4], args[4], args[5], sig.args[5], row.type,
+                                           512 * c), align=2)
+        return context.get_dummy_value()
+
+    return types.void(a, a_index, b, b_index, dst, dst_index), codegen
+
+
+@njit(cache=True, inline="always")
+def _split(x: np.float32) -> tuple[np.uint16, np.uint16]:
+    hi = round_bits(x)
+    return hi, round_bits(np.float32(x - widen_bits(hi)))
+
+
+@njit(cache=True, inline="always")
+def _k_row(kv, table, hk, key):
+    """Flat index of ``kv[0, table[key // block_size], hk, key % block_size, 0]``."""
+    block_size = kv.shape[3]
+    return ((table[key // block_size] * kv.shape[2] + hk) * block_size + key % block_size) * HEAD_DIM
+
+
+@njit(cache=True)
+def _attend_decode_amx(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, slot, qb, sc, scores,
+                       exp_bits, pa, vb, acc, zero_row):
+    """``_attend_decode`` on tiles (the calling thread has configured them): one decode row, kv head
+    ``hk``, keys ``lo:hi``; the same outputs and partials."""
+    group = q.shape[1] // kv.shape[2]
+    block_size = kv.shape[3]
+    n = hi - lo
+    # Q^T as VNNI B tiles: qb[c, r, 2 col + e] = dim 32 c + 2 r + e of column col (hi rows, then lo)
+    qb[:] = 0
+    for g in range(group):
+        for d in range(HEAD_DIM):
+            h, l = _split(np.float32(q[t, hk * group + g, d] * scale))
+            c, r, e = d // 32, (d % 32) // 2, d % 2
+            qb[c, r, 2 * g + e] = h
+            qb[c, r, 2 * (group + g) + e] = l
+    # scores: Q^T stays in tiles 2, 3; key tiles alternate between two (C, A, A) sets so one tile's
+    # loads overlap the other's products; every C tile goes to its own rows of ``sc``, read after
+    tile_load(2, qb, 0, 64)
+    tile_load(3, qb, 512, 64)
+    t_first = lo // KEY_TILE
+    n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
+    for i in range(0, n_tiles, 2):
+        tile_zero(0)
+        row = _k_row(kv, table, hk, (t_first + i) * KEY_TILE)
+        tile_load(1, kv, row, 2 * HEAD_DIM)
+        tile_load(4, kv, row + 32, 2 * HEAD_DIM)
+        tile_dp_bf16(0, 1, 2)
+        tile_dp_bf16(0, 4, 3)
+        if i + 1 < n_tiles:
+            tile_zero(5)
+            row = _k_row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
+            tile_load(6, kv, row, 2 * HEAD_DIM)
+            tile_load(7, kv, row + 32, 2 * HEAD_DIM)
+            tile_dp_bf16(5, 6, 2)
+            tile_dp_bf16(5, 7, 3)
+            tile_store(5, sc, (i + 1) * KEY_TILE * 16, 64)
+        tile_store(0, sc, i * KEY_TILE * 16, 64)
+    off = lo - t_first * KEY_TILE
+    for g in range(group):
+        for j in range(n):
+            scores[g, j] = sc[off + j, g] + sc[off + j, group + g]
+    sums = np.empty(group, np.float32)
+    maxes = np.empty(group, np.float32)
+    for g in range(group):
+        srow = scores[g]
+        if soft_cap > 0:
+            for j in range(n):
+                srow[j] = soft_cap * np.tanh(srow[j] / soft_cap)
+        m = srow[0]
+        for j in range(1, n):
+            m = max(m, srow[j])
+        maxes[g] = m
+        sums[g] = _exp_shifted(srow, 0, n, m, exp_bits)
+    # p @ V: P rows (hi, then lo) as the A tile, V pairs as four B tiles, four C tiles of 16 dims
+    pa[:] = 0
+    tile_zero(0)
+    tile_zero(1)
+    tile_zero(2)
+    tile_zero(3)
+    v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
+    rows = np.empty(KEY_CHUNK, np.int64)
+    for j0 in range(0, n, KEY_CHUNK):
+        cnt = min(KEY_CHUNK, n - j0)
+        for g in range(group):
+            for j in range(KEY_CHUNK):
+                h, l = _split(scores[g, j0 + j] if j < cnt else np.float32(0.0))
+                pa[g, j] = h
+                pa[group + g, j] = l
+        key = lo + j0  # walk the chunk's rows block by block: no division per key
+        bi, off = key // block_size, key % block_size
+        for j in range(cnt):
+            rows[j] = v_off + ((table[bi] * kv.shape[2] + hk) * block_size + off) * HEAD_DIM
+            off += 1
+            if off == block_size:
+                bi += 1
+                off = 0
+        for r in range(cnt // 2):
+            _vnni_rows(kv, rows[2 * r], kv, rows[2 * r + 1], vb, 32 * r)
+        if cnt % 2:  # keys past the range read zeros: 0 * garbage could be NaN
+            _vnni_rows(kv, rows[cnt - 1], zero_row, 0, vb, 32 * (cnt // 2))
+        for r in range((cnt + 1) // 2, KEY_CHUNK // 2 if cnt < KEY_CHUNK else 0):
+            _vnni_rows(zero_row, 0, zero_row, 0, vb, 32 * r)
+        tile_load(4, pa, 0, 64)
+        tile_load(5, vb, 0, 64)
+        tile_dp_bf16(0, 4, 5)
+        tile_load(5, vb, 512, 64)
+        tile_dp_bf16(1, 4, 5)
+        tile_load(5, vb, 1024, 64)
+        tile_dp_bf16(2, 4, 5)
+        tile_load(5, vb, 1536, 64)
+        tile_dp_bf16(3, 4, 5)
+    tile_store(0, acc, 0, 4 * HEAD_DIM)
+    tile_store(1, acc, 16, 4 * HEAD_DIM)
+    tile_store(2, acc, 32, 4 * HEAD_DIM)
+    tile_store(3, acc, 48, 4 * HEAD_DIM)
+    for g in range(group):
+        for d in range(HEAD_DIM):
+            acc[g, d] += acc[group + g, d]
+    if slot >= 0:
+        for g in range(group):
+            partials[slot, g, 0] = maxes[g]
+            partials[slot, g, 1] = sums[g]
+            for d in range(HEAD_DIM):
+                partials[slot, g, 2 + d] = acc[g, d]
+        return
+    for g in range(group):
+        inv = np.float32(1.0) / sums[g]
+        for d in range(HEAD_DIM):
+            acc[g, d] *= inv
+        store_row(out[t, hk * group + g], acc[g])
+
+
+@njit(cache=True)
+def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
+                   partials, worker, n_workers, cfg):
+    """``paged_attention._run_items`` with decodes on tiles (this thread configures them first)."""
+    scale32 = np.float32(scale)
+    cap32 = np.float32(soft_cap)
+    group = q.shape[1] // kv.shape[2]
+    qb = np.empty((HEAD_DIM // 32, 16, 32), np.uint16)
+    sc = np.empty((DECODE_KEYS_PER_ITEM + 2 * KEY_TILE, 16), np.float32)
+    scores = np.empty((group, DECODE_KEYS_PER_ITEM), np.float32)
+    exp_bits = np.empty(DECODE_KEYS_PER_ITEM, np.int32)
+    pa = np.empty((16, KEY_CHUNK), np.uint16)
+    vb = np.empty((HEAD_DIM // 16, 16, 32), np.uint16)
+    acc = np.empty((16, HEAD_DIM), np.float32)
+    zero_row = np.zeros(HEAD_DIM, np.uint16)
+    configured = False
+    for i in range(order.shape[0]):
+        lap, k = divmod(i, n_workers)
+        if (k if lap % 2 == 0 else n_workers - 1 - k) != worker:
+            continue
+        item = order[i]
+        b = items[item, 0]
+        seq_q0 = query_start_loc[b]
+        nq = query_start_loc[b + 1] - seq_q0
+        if nq == 1:
+            if not configured:
+                tile_config(cfg)
+                configured = True
+            _attend_decode_amx(out, q, kv, block_tables[b], items[item, 4], items[item, 5], seq_q0, items[item, 1],
+                               scale32, cap32, partials, items[item, 6], qb, sc, scores, exp_bits, pa, vb, acc,
+                               zero_row)
+            continue
+        _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
+                     items[item, 3], items[item, 1], scale32, window, cap32)
+    if configured:
+        tile_release()
+
+
+@njit(cache=True, parallel=True)
+def _attention_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads,
+                   cfg):
+    items, order, partials = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window,
+                                   q.shape[1] // kv.shape[2], q.shape[2])
+    n_workers = max(1, min(n_threads, order.shape[0]))
+    for w in prange(n_workers):
+        _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
+                       partials, w, n_workers, cfg)
+    if partials.shape[0]:
+        _merge_partials(out, q, items, partials, kv.shape[2])
+
+
+@njit(cache=True)
+def _attention_amx_serial(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile,
+                          cfg):
+    """``_attention_amx`` on the calling thread (steps too small to wake the pool for)."""
+    items, order, partials = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window,
+                                   q.shape[1] // kv.shape[2], q.shape[2])
+    _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
+                   partials, 0, 1, cfg)
+    if partials.shape[0]:
+        _merge_partials(out, q, items, partials, kv.shape[2])
+
+
+@njit(cache=True)
+def paged_attention_step_amx(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: np.ndarray,
+                             slot_mapping: np.ndarray, query_start_loc: np.ndarray, seq_lens: np.ndarray,
+                             block_tables: np.ndarray, scale: float, window: int, soft_cap: float, q_tile: int,
+                             n_threads: int, cfg: np.ndarray) -> None:
+    """``paged_attention.paged_attention_step`` with decodes on AMX tiles (``supports(kv, group)``)."""
+    write_kv(kv, k, v, slot_mapping)
+    if n_threads > 1:
+        _attention_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile,
+                       n_threads, cfg)
+    else:
+        _attention_amx_serial(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap,
+                              q_tile, cfg)
+
+
+@njit(cache=True)
+def rope_attention_step_amx(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
+                            cos_sin: np.ndarray, kv: np.ndarray, slot_mapping: np.ndarray,
+                            query_start_loc: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
+                            scale: float, window: int, soft_cap: float, q_tile: int, n_threads: int,
+                            cfg: np.ndarray) -> None:
+    """``paged_attention.rope_attention_step`` with decodes on AMX tiles."""
+    q_rot = np.empty(q.shape, np.float32)
+    k_rot = np.empty(k.shape, np.float32)
+    rope_neox(q, k, positions, cos_sin, q_rot, k_rot)
+    paged_attention_step_amx(out, q_rot, k_rot, v, kv, slot_mapping, query_start_loc, seq_lens, block_tables,
+                             scale, window, soft_cap, q_tile, n_threads, cfg)
