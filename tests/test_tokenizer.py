@@ -90,8 +90,23 @@ def test_gguf_tokenizer_is_converted_once_then_cached(smollm2_gguf, monkeypatch)
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(spy))
     tok = load_gguf_tokenizer(str(smollm2_gguf), metadata)
-    assert calls == [None], "the second load must come from the cache, not the GGUF file"
+    assert all(f is None for f in calls), "the second load must come from the cache, not the GGUF file"
     assert tok.chat_template == metadata["tokenizer.chat_template"]
+
+
+def test_cached_tokenizer_skips_auto_tokenizer_and_behaves_the_same(smollm2_gguf):
+    """The cache loads through the tokenizer's own class (no AutoTokenizer import at start-up): same
+    ids, special tokens and chat template as AutoTokenizer gives for the same folder."""
+    metadata = read_header(str(smollm2_gguf)).metadata
+    tok = load_gguf_tokenizer(str(smollm2_gguf), metadata)
+    ref = AutoTokenizer.from_pretrained(str(tokenizer_cache_dir(str(smollm2_gguf))))
+    assert type(tok) is type(ref)
+    for text in ["Hello world", " The capital of France is", "<|im_start|>user\nhé 👋<|im_end|>", "  two  spaces\n"]:
+        assert tok(text).input_ids == ref(text).input_ids
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert (tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    assert tok.all_special_ids == ref.all_special_ids and tok.eos_token_id == ref.eos_token_id
 
 
 def test_cache_root_follows_environment(monkeypatch, tmp_path):
