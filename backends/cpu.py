@@ -39,9 +39,9 @@ from edgellm.kernels.cpu.attention_amx import paged_attention_step_amx, rope_att
 from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
-from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox
+from edgellm.kernels.cpu.norm_rope import add_rms_norm, add_rms_norm_parallel, rope_neox, rope_neox_parallel
 from edgellm.kernels.cpu.paged_attention import (DEFAULT_Q_TILE, paged_attention_step, rope_attention_step,
-                                                   write_kv)
+                                                   write_kv, write_kv_parallel)
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
 from edgellm.quant import QuantizedTensor
 
@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 # Below this many (query row x key) pairs a step's attention runs on the calling thread: waking the
 # pool costs a few microseconds idle and a whole time slice when another process holds a core.
 SERIAL_ATTENTION_WORK = 1024  # below this, waking the second thread costs more than it saves
+# Norms, rotary and cache writes of this many rows split them among the threads (a prompt chunk, a
+# big batch); fewer rows run on the calling thread. Rows are independent: the numbers do not change.
+ROW_PARALLEL_MIN_ROWS = 16
 # ATen's int4 kernel costs ~linear time per row; past this many rows expanding the weight to bf16
 # and one oneDNN GEMM (AMX / AVX512-BF16) is cheaper (bench_kernels.py).
 INT4_KERNEL_MAX_ROWS = 32
@@ -111,9 +114,10 @@ class CPUBackend(TorchBackend):
         # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
         # attention on strided views of the qkv projection
         norm_w = torch.ones(32)
-        x, res = self.rms_norm(torch.zeros(1, 32), norm_w, 1e-6, None, torch.bfloat16)
-        x, res = self.rms_norm(x, norm_w, 1e-6, res, torch.bfloat16)
-        self.rms_norm(x, norm_w, 1e-6, res, torch.float32)
+        for rows in (1, ROW_PARALLEL_MIN_ROWS):  # a decode on the calling thread, a prompt's rows split
+            x, res = self.rms_norm(torch.zeros(rows, 32), norm_w, 1e-6, None, torch.bfloat16)
+            x, res = self.rms_norm(x, norm_w, 1e-6, res, torch.bfloat16)
+            self.rms_norm(x, norm_w, 1e-6, res, torch.float32)
         for rows in (1, PARALLEL_MIN_ROWS):
             self.act_and_mul(torch.zeros(rows, 64, dtype=torch.bfloat16))
         q, k, v = (t.view(1, 1, 32) for t in torch.zeros(1, 96, dtype=torch.bfloat16).split(32, dim=-1))
@@ -133,6 +137,15 @@ class CPUBackend(TorchBackend):
         kv = torch.zeros(2, 1, 1, 16, 64, dtype=torch.bfloat16)
         self.rope_attention(torch.zeros(1, 192, dtype=torch.bfloat16), 1, 1, 64, torch.zeros(1, dtype=torch.long),
                             torch.zeros(1, 64), kv, meta, 1.0)
+        # and a prompt chunk's: rotary and cache writes split among threads, bf16 flash attention
+        n = ROW_PARALLEL_MIN_ROWS
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+            seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+            block_size=16, max_query_len=n, max_seq_len=n, num_decode_tokens=0, query_start_loc_list=[0, n],
+            seq_lens_list=[n])
+        self.rope_attention(torch.zeros(n, 192, dtype=torch.bfloat16), 1, 1, 64, torch.arange(n), torch.zeros(n, 64),
+                            kv, meta, 1.0)
         self._kv_views.clear()
         elapsed = time.perf_counter() - t0
         logger.debug("CPU kernels ready in %.2f s", elapsed)
@@ -200,7 +213,11 @@ class CPUBackend(TorchBackend):
         else:
             res = residual if flat else residual.view(x2.shape)
         out = torch.empty(x2.shape, dtype=out_dtype)
-        add_rms_norm(_as_numpy(x2), res.numpy(), weight.numpy(), float(eps), _as_numpy(out), residual is not None)
+        args = (_as_numpy(x2), res.numpy(), weight.numpy(), float(eps), _as_numpy(out), residual is not None)
+        if x2.shape[0] >= ROW_PARALLEL_MIN_ROWS and self.threads > 1:
+            add_rms_norm_parallel(*args, self.threads)
+        else:
+            add_rms_norm(*args)
         return (out, res) if flat else (out.view(x.shape), res.view(x.shape))
 
     def rotary(self, q, k, positions, cos_sin):
@@ -213,7 +230,11 @@ class CPUBackend(TorchBackend):
         else:
             q_out = torch.empty(q.shape, dtype=torch.float32)
             k_out = torch.empty(k.shape, dtype=torch.float32)
-        rope_neox(_as_numpy(q), _as_numpy(k), positions.numpy(), cos_sin.numpy(), q_out.numpy(), k_out.numpy())
+        args = (_as_numpy(q), _as_numpy(k), positions.numpy(), cos_sin.numpy(), q_out.numpy(), k_out.numpy())
+        if q.shape[0] >= ROW_PARALLEL_MIN_ROWS and self.threads > 1:
+            rope_neox_parallel(*args, self.threads)
+        else:
+            rope_neox(*args)
         return q_out, k_out
 
     def act_and_mul(self, x, act="silu"):
@@ -340,7 +361,10 @@ class CPUBackend(TorchBackend):
         q_np, k_np = qf.numpy(), kf.numpy()
         v_np = _as_numpy(v if v.dtype in _NUMBA_DTYPES else v.float())
         if sdpa:
-            write_kv(kv, k_np[t_numba:], v_np[t_numba:], slots[t_numba:])
+            if q.shape[0] - t_numba >= ROW_PARALLEL_MIN_ROWS and self.threads > 1:
+                write_kv_parallel(kv, k_np[t_numba:], v_np[t_numba:], slots[t_numba:], self.threads)
+            else:
+                write_kv(kv, k_np[t_numba:], v_np[t_numba:], slots[t_numba:])
         if n_numba:
             work = t_numba * q.shape[1] * meta.max_seq_len
             args = (_as_numpy(out)[:t_numba], q_np[:t_numba], k_np[:t_numba], v_np[:t_numba], kv, slots[:t_numba],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import prange
 
 from edgellm.kernels.cpu.bf16 import load_row, store_row
 
@@ -57,3 +58,23 @@ def rope_neox(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.n
                 x2 = src[half + i]
                 dst[i] = x1 * c - x2 * s
                 dst[half + i] = x2 * c + x1 * s
+
+
+@numba.njit(cache=True, parallel=True)
+def add_rms_norm_parallel(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray,
+                          has_residual: bool, n_threads: int) -> None:
+    """``add_rms_norm`` with the rows split into ``n_threads`` ranges (each row's numbers unchanged)."""
+    rows = x.shape[0]
+    for w in prange(n_threads):
+        r0, r1 = w * rows // n_threads, (w + 1) * rows // n_threads
+        add_rms_norm(x[r0:r1], residual[r0:r1], weight, eps, out[r0:r1], has_residual)
+
+
+@numba.njit(cache=True, parallel=True)
+def rope_neox_parallel(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray, q_out: np.ndarray,
+                       k_out: np.ndarray, n_threads: int) -> None:
+    """``rope_neox`` with the tokens split into ``n_threads`` ranges."""
+    rows = q.shape[0]
+    for w in prange(n_threads):
+        r0, r1 = w * rows // n_threads, (w + 1) * rows // n_threads
+        rope_neox(q[r0:r1], k[r0:r1], positions[r0:r1], cos_sin, q_out[r0:r1], k_out[r0:r1])

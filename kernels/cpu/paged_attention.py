@@ -70,6 +70,15 @@ def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndar
             store_row(kv[1, blk, h, off], load_row(v[t, h], wide))
 
 
+@njit(cache=True, parallel=True)
+def write_kv_parallel(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray, n_threads: int) -> None:
+    """``write_kv`` with the tokens split into ``n_threads`` ranges (a prompt chunk's many rows)."""
+    rows = k.shape[0]
+    for w in prange(n_threads):
+        r0, r1 = w * rows // n_threads, (w + 1) * rows // n_threads
+        write_kv(kv, k[r0:r1], v[r0:r1], slot_mapping[r0:r1])
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _exp_shifted(s: np.ndarray, j0: int, j1: int, shift: np.float32, bits: np.ndarray) -> np.float32:
     """``s[j] = exp(s[j] - shift)`` for ``j0 <= j < j1`` (all arguments <= 0); returns their sum.

@@ -21,7 +21,7 @@ def _rand(*shape, seed=0, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 40: rows split among threads
 @pytest.mark.parametrize("x_dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_writes_bf16_as_the_float32_norm_rounded(rows, x_dtype, with_residual):
@@ -101,3 +101,35 @@ def test_int4_linear_takes_bf16_in_and_gives_bf16_out(rows):
     assert y.dtype == BF16 and y32.dtype == torch.float32
     assert torch.equal(y.float(), y32)  # the float32 path rounds to bf16 inside: no second rounding
     assert np.isfinite(y.float().numpy()).all()
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_row_parallel_norm_rotary_and_cache_writes_match_serial_bit_for_bit(threads):
+    from edgellm.kernels.cpu.norm_rope import add_rms_norm, add_rms_norm_parallel, rope_neox, rope_neox_parallel
+    from edgellm.kernels.cpu.paged_attention import write_kv, write_kv_parallel
+
+    t, h, hk, d = 37, 6, 2, 64
+    x = _rand(t, 576, seed=1).to(BF16).view(torch.uint16).numpy()
+    w = (_rand(576, seed=2).abs() + 0.5).numpy()
+    res_a, res_b = _rand(t, 576, seed=3).numpy(), _rand(t, 576, seed=3).numpy()
+    out_a, out_b = np.empty((t, 576), np.uint16), np.empty((t, 576), np.uint16)
+    add_rms_norm(x, res_a, w, 1e-5, out_a, True)
+    add_rms_norm_parallel(x, res_b, w, 1e-5, out_b, True, threads)
+    assert np.array_equal(out_a, out_b) and np.array_equal(res_a, res_b)
+
+    qkv = _rand(t, (h + 2 * hk) * d, seed=4).to(BF16).view(torch.uint16).numpy()
+    q, k = qkv[:, :h * d].reshape(t, h, d), qkv[:, h * d:(h + hk) * d].reshape(t, hk, d)
+    v = qkv[:, (h + hk) * d:].reshape(t, hk, d)
+    pos = np.arange(t) * 3
+    cos_sin = _rand(3 * t, d, seed=5).numpy()
+    rot = [(np.empty((t, h, d), np.float32), np.empty((t, hk, d), np.float32)) for _ in range(2)]
+    rope_neox(q, k, pos, cos_sin, *rot[0])
+    rope_neox_parallel(q, k, pos, cos_sin, *rot[1], threads)
+    assert np.array_equal(rot[0][0], rot[1][0]) and np.array_equal(rot[0][1], rot[1][1])
+
+    slots = np.random.default_rng(0).permutation(64)[:t].astype(np.int64)
+    slots[5] = -1  # padding: skipped
+    caches = [np.zeros((2, 4, hk, 16, d), np.uint16) for _ in range(2)]
+    write_kv(caches[0], rot[0][1], v, slots)
+    write_kv_parallel(caches[1], rot[0][1], v, slots, threads)
+    assert np.array_equal(caches[0], caches[1])
