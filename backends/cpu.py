@@ -40,8 +40,13 @@ from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, add_rms_norm_parallel, rope_neox, rope_neox_parallel
-from edgellm.kernels.cpu.paged_attention import (DEFAULT_Q_TILE, paged_attention_step, rope_attention_step,
-                                                   write_kv, write_kv_parallel)
+from edgellm.kernels.cpu.paged_attention import (
+    DEFAULT_Q_TILE,
+    paged_attention_step,
+    rope_attention_step,
+    write_kv,
+    write_kv_parallel,
+)
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
 from edgellm.quant import QuantizedTensor
 

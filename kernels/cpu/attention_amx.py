@@ -21,13 +21,22 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from edgellm.kernels.cpu.amx import element_ptr, tile_config, tile_dp_bf16, tile_load, tile_release, tile_store, tile_zero
-from edgellm.kernels.cpu.bf16 import round_bits, store_row, widen_bits
+from edgellm.kernels.cpu.amx import (
+    element_ptr,
+    tile_config,
+    tile_dp_bf16,
+    tile_load,
+    tile_release,
+    tile_store,
+    tile_zero,
+)
+from edgellm.kernels.cpu.bf16 import round_bits, widen_bits
 from edgellm.kernels.cpu.norm_rope import rope_neox
 from edgellm.kernels.cpu.paged_attention import (
     DECODE_KEYS_PER_ITEM,
     _attend_tile,
-    _exp_shifted,
+    _decode_finish,
+    _decode_softmax,
     _merge_partials,
     _plan,
     write_kv,
@@ -94,10 +103,10 @@ def _attend_decode_amx(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partia
     qb[:] = 0
     for g in range(group):
         for d in range(HEAD_DIM):
-            h, l = _split(np.float32(q[t, hk * group + g, d] * scale))
+            q_hi, q_lo = _split(np.float32(q[t, hk * group + g, d] * scale))
             c, r, e = d // 32, (d % 32) // 2, d % 2
-            qb[c, r, 2 * g + e] = h
-            qb[c, r, 2 * (group + g) + e] = l
+            qb[c, r, 2 * g + e] = q_hi
+            qb[c, r, 2 * (group + g) + e] = q_lo
     # scores: Q^T stays in tiles 2, 3; key tiles alternate between two (C, A, A) sets so one tile's
     # loads overlap the other's products; every C tile goes to its own rows of ``sc``, read after
     tile_load(2, qb, 0, 64)
@@ -124,18 +133,7 @@ def _attend_decode_amx(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partia
     for g in range(group):
         for j in range(n):
             scores[g, j] = sc[off + j, g] + sc[off + j, group + g]
-    sums = np.empty(group, np.float32)
-    maxes = np.empty(group, np.float32)
-    for g in range(group):
-        srow = scores[g]
-        if soft_cap > 0:
-            for j in range(n):
-                srow[j] = soft_cap * np.tanh(srow[j] / soft_cap)
-        m = srow[0]
-        for j in range(1, n):
-            m = max(m, srow[j])
-        maxes[g] = m
-        sums[g] = _exp_shifted(srow, 0, n, m, exp_bits)
+    maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
     # p @ V: P rows (hi, then lo) as the A tile, V pairs as four B tiles, four C tiles of 16 dims
     pa[:] = 0
     tile_zero(0)
@@ -148,9 +146,9 @@ def _attend_decode_amx(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partia
         cnt = min(KEY_CHUNK, n - j0)
         for g in range(group):
             for j in range(KEY_CHUNK):
-                h, l = _split(scores[g, j0 + j] if j < cnt else np.float32(0.0))
-                pa[g, j] = h
-                pa[group + g, j] = l
+                p_hi, p_lo = _split(scores[g, j0 + j] if j < cnt else np.float32(0.0))
+                pa[g, j] = p_hi
+                pa[group + g, j] = p_lo
         key = lo + j0  # walk the chunk's rows block by block: no division per key
         bi, off = key // block_size, key % block_size
         for j in range(cnt):
@@ -181,18 +179,7 @@ def _attend_decode_amx(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partia
     for g in range(group):
         for d in range(HEAD_DIM):
             acc[g, d] += acc[group + g, d]
-    if slot >= 0:
-        for g in range(group):
-            partials[slot, g, 0] = maxes[g]
-            partials[slot, g, 1] = sums[g]
-            for d in range(HEAD_DIM):
-                partials[slot, g, 2 + d] = acc[g, d]
-        return
-    for g in range(group):
-        inv = np.float32(1.0) / sums[g]
-        for d in range(HEAD_DIM):
-            acc[g, d] *= inv
-        store_row(out[t, hk * group + g], acc[g])
+    _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
 
 
 @njit(cache=True)

@@ -166,6 +166,44 @@ def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, 
 
 
 @njit(cache=True, fastmath=FASTMATH)
+def _decode_softmax(scores, group, n, soft_cap, exp_bits):
+    """In place over ``scores[g, :n]``: the soft cap (``soft_cap > 0``), then ``exp(s - max)``; returns
+    each row's ``(max, sum)``, unnormalized as ``p @ V`` and ``_merge_partials`` want them."""
+    sums = np.empty(group, np.float32)
+    maxes = np.empty(group, np.float32)
+    for g in range(group):
+        row = scores[g]
+        if soft_cap > 0:
+            for j in range(n):
+                row[j] = soft_cap * np.tanh(row[j] / soft_cap)
+        m = row[0]
+        for j in range(1, n):
+            m = max(m, row[j])
+        maxes[g] = m
+        sums[g] = _exp_shifted(row, 0, n, m, exp_bits)
+    return maxes, sums
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group):
+    """A decode item's ``acc [group rows, D]``: into ``partials[slot]`` with its (max, sum) when the
+    context was split (``slot >= 0``), else normalized into ``out``."""
+    head_dim = out.shape[2]
+    if slot >= 0:
+        for g in range(group):
+            partials[slot, g, 0] = maxes[g]
+            partials[slot, g, 1] = sums[g]
+            for d in range(head_dim):
+                partials[slot, g, 2 + d] = acc[g, d]
+        return
+    for g in range(group):
+        inv = np.float32(1.0) / sums[g]
+        for d in range(head_dim):
+            acc[g, d] *= inv
+        store_row(out[t, hk * group + g], acc[g])
+
+
+@njit(cache=True, fastmath=FASTMATH)
 def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, slot):
     """One query row (a decode) for kv head ``hk`` over keys ``lo:hi``: all scores first, then one
     softmax, then ``p @ V``.
@@ -220,18 +258,7 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                     a += qg[d] * _f32(kb[j, d])
                 scores[g, base + j - lo] = a
                 j += 1
-    sums = np.empty(group, np.float32)
-    maxes = np.empty(group, np.float32)
-    for g in range(group):
-        row = scores[g]
-        if soft_cap > 0:
-            for j in range(n):
-                row[j] = soft_cap * np.tanh(row[j] / soft_cap)
-        m = row[0]
-        for j in range(1, n):
-            m = max(m, row[j])
-        maxes[g] = m
-        sums[g] = _exp_shifted(row, 0, n, m, exp_bits)
+    maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
     acc = np.zeros((group, head_dim), np.float32)
     for bi in range(lo // block_size, (hi - 1) // block_size + 1):
         vb = kv[1, table[bi], hk]
@@ -260,18 +287,7 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                 for d in range(head_dim):
                     acc[g, d] += p * _f32(vb[j, d])
             j += 1
-    if slot >= 0:
-        for g in range(group):
-            partials[slot, g, 0] = maxes[g]
-            partials[slot, g, 1] = sums[g]
-            for d in range(head_dim):
-                partials[slot, g, 2 + d] = acc[g, d]
-        return
-    for g in range(group):
-        inv = np.float32(1.0) / sums[g]
-        for d in range(head_dim):
-            acc[g, d] *= inv
-        store_row(out[t, hk * group + g], acc[g])
+    _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
 
 
 @njit(cache=True, fastmath=FASTMATH)

@@ -105,7 +105,12 @@ def test_int4_linear_takes_bf16_in_and_gives_bf16_out(rows):
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_row_parallel_norm_rotary_and_cache_writes_match_serial_bit_for_bit(threads):
-    from edgellm.kernels.cpu.norm_rope import add_rms_norm, add_rms_norm_parallel, rope_neox, rope_neox_parallel
+    from edgellm.kernels.cpu.norm_rope import (
+        add_rms_norm,
+        add_rms_norm_parallel,
+        rope_neox,
+        rope_neox_parallel,
+    )
     from edgellm.kernels.cpu.paged_attention import write_kv, write_kv_parallel
 
     t, h, hk, d = 37, 6, 2, 64
