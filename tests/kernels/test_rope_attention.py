@@ -33,12 +33,20 @@ def _run(backend, unfused: bool, seqs, n_kv, kv_dtype, qkv_dtype, paged_batch, w
 DECODES = [(37, 1), (300, 1), (16, 1), (1, 1)]  # one context longer than a decode work item (256 keys)
 
 
+def _backend(amx: bool, monkeypatch) -> CPUBackend:
+    """The CPU backend with its AMX kernels (where the CPU has AMX) or with the AVX-512 ones only."""
+    monkeypatch.setenv("EDGELLM_AMX", "1" if amx else "0")
+    return CPUBackend(threads=2, warmup=False)
+
+
 @pytest.mark.parametrize("n_kv", [1, 2, 6])
 @pytest.mark.parametrize("kv_dtype,qkv_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                                                 (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("window", [None, 20])
-def test_fused_decode_step_matches_rotary_then_attention(n_kv, kv_dtype, qkv_dtype, window, paged_batch):
-    cpu = CPUBackend(threads=2)
+@pytest.mark.parametrize("amx", [True, False], ids=["amx-if-present", "avx512"])
+def test_fused_decode_step_matches_rotary_then_attention(n_kv, kv_dtype, qkv_dtype, window, amx, paged_batch,
+                                                         monkeypatch):
+    cpu = _backend(amx, monkeypatch)
     got, kv_got = _run(cpu, False, DECODES, n_kv, kv_dtype, qkv_dtype, paged_batch, window)
     want, kv_want = _run(cpu, True, DECODES, n_kv, kv_dtype, qkv_dtype, paged_batch, window)
     assert got.shape == (4, H * D) and got.dtype == qkv_dtype
@@ -48,10 +56,11 @@ def test_fused_decode_step_matches_rotary_then_attention(n_kv, kv_dtype, qkv_dty
 
 
 @pytest.mark.parametrize("invariant", [False, True])
-def test_steps_with_prompts_give_the_same_numbers(invariant, paged_batch):
+@pytest.mark.parametrize("amx", [True, False], ids=["amx-if-present", "avx512"])
+def test_steps_with_prompts_give_the_same_numbers(invariant, amx, paged_batch, monkeypatch):
     """Prompt chunks take the fused kernel only in batch-invariant mode; either way nothing changes."""
     seqs = [(40, 1), (70, 30), (20, 20)]
-    cpu = CPUBackend(threads=2)
+    cpu = _backend(amx, monkeypatch)
     got, kv_got = _run(cpu, False, seqs, 2, torch.bfloat16, torch.bfloat16, paged_batch, invariant=invariant)
     want, kv_want = _run(cpu, True, seqs, 2, torch.bfloat16, torch.bfloat16, paged_batch, invariant=invariant)
     assert torch.equal(got, want) and torch.equal(kv_got, kv_want)
