@@ -39,6 +39,7 @@ from edgellm.kernels.cpu.paged_attention import (
     _decode_softmax,
     _merge_partials,
     _plan,
+    dealt_items,
     write_kv,
 )
 
@@ -198,11 +199,7 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
     acc = np.empty((16, HEAD_DIM), np.float32)
     zero_row = np.zeros(HEAD_DIM, np.uint16)
     configured = False
-    for i in range(order.shape[0]):
-        lap, k = divmod(i, n_workers)
-        if (k if lap % 2 == 0 else n_workers - 1 - k) != worker:
-            continue
-        item = order[i]
+    for item in dealt_items(order, worker, n_workers):
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0

@@ -393,17 +393,27 @@ def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: 
     return items, np.argsort(cost, kind="mergesort"), partials
 
 
+@njit(cache=True)
+def dealt_items(order: np.ndarray, worker: int, n_workers: int) -> np.ndarray:
+    """The items of ``order`` dealt to ``worker`` in snake order (0 1 .. P-1 P-1 .. 0 0 1 ..): with
+    items sorted costliest first, every worker gets a similar share without dynamic scheduling."""
+    mine = np.empty(order.shape[0] // n_workers + 1, np.int64)
+    count = 0
+    for i in range(order.shape[0]):
+        lap, k = divmod(i, n_workers)
+        if (k if lap % 2 == 0 else n_workers - 1 - k) == worker:
+            mine[count] = order[i]
+            count += 1
+    return mine[:count]
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items,
                order, partials, worker, n_workers):
-    """Run the items dealt to ``worker``: snake order (0 1 .. P-1 P-1 .. 0 0 1 ..) over ``order``."""
+    """Run the items dealt to ``worker`` (``dealt_items``)."""
     scale32 = np.float32(scale)
     cap32 = np.float32(soft_cap)
-    for i in range(order.shape[0]):
-        lap, k = divmod(i, n_workers)
-        if (k if lap % 2 == 0 else n_workers - 1 - k) != worker:
-            continue
-        item = order[i]
+    for item in dealt_items(order, worker, n_workers):
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
