@@ -119,6 +119,11 @@ class Backend(ABC):
         """
         return self.linear(hidden, weight).float()
 
+    def greedy_tokens(self, hidden: torch.Tensor, weight: Any, vocab: int) -> torch.Tensor:
+        """Each row's argmax over the first ``vocab`` logits of ``hidden [T, D]`` (int64 ``[T]``; the
+        first index among equal maxima), for steps that take nothing else from the head."""
+        return self.logits(hidden, weight, vocab)[:, :vocab].argmax(dim=-1)
+
     def linear_input_dtype(self, weight: Any, dtype: torch.dtype) -> torch.dtype:
         """The activation dtype in which ``linear`` takes ``weight``'s input at least cost, for the
         op before it to produce directly (``rms_norm``'s ``out_dtype``). Default: the model's."""

@@ -310,16 +310,29 @@ class CPUBackend(TorchBackend):
         return y
 
     def logits(self, hidden: torch.Tensor, weight: Any, argmax_cols: int | None = None) -> torch.Tensor:
-        """Argmax-only steps take the int8 copy of a Q8_0 head (ATen's ``_weight_int8pack_mm`` for a
-        few rows; with AMX, ``int8_amx_matmul`` from 4 rows up to 256), then ``q8_0_rescore``
-        recomputes exactly every entry that could be a row's maximum, so greedy tokens are those of
-        the exact head. Other steps take the exact Q8_0 head."""
+        """Argmax-only steps take the approximate head (``_approx_head``); other steps the exact Q8_0 head."""
+        approx = None if argmax_cols is None else self._approx_head(hidden, weight, argmax_cols)
+        return super().logits(hidden, weight, argmax_cols) if approx is None else approx[0]
+
+    def greedy_tokens(self, hidden: torch.Tensor, weight: Any, vocab: int) -> torch.Tensor:
+        approx = self._approx_head(hidden, weight, vocab)
+        return super().greedy_tokens(hidden, weight, vocab) if approx is None else approx[1]
+
+    def _approx_head(self, hidden: torch.Tensor, weight: Any, vocab: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(logits, argmax)`` of a Q8_0 head for callers that take only each row's argmax over the
+        first ``vocab`` columns, or None where this does not apply (not a Q8_0 head, batch-invariant
+        mode, or a big step without AMX).
+
+        The int8 copy of the head (ATen's ``_weight_int8pack_mm`` for a few rows; with AMX,
+        ``int8_amx_matmul`` from 4 rows up to 256) gives approximate logits; ``q8_0_rescore``
+        recomputes exactly every entry that could be a row's maximum and returns the exact argmax.
+        """
         head = weight.argmax_head if isinstance(weight, Q8_0Weight) else None
         m = hidden.shape[0]
         amx = (head is not None and self.uses_amx and AMX_HEAD_MIN_ROWS <= m <= AMX_MAX_ROWS
                and weight.shape[0] % 32 == 0)
-        if head is None or argmax_cols is None or self._invariant or (m >= Q8_0_GEMM_MIN_ROWS and not amx):
-            return super().logits(hidden, weight, argmax_cols)
+        if head is None or self._invariant or (m >= Q8_0_GEMM_MIN_ROWS and not amx):
+            return None
         x = hidden.float().contiguous()
         xb = x.to(torch.bfloat16)
         if amx:
@@ -328,9 +341,10 @@ class CPUBackend(TorchBackend):
                             self._amx_config, self.threads)
         else:
             out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
+        best = torch.empty(m, dtype=torch.int64)
         q8_0_rescore(x.numpy(), xb.float().numpy(), weight.qs, weight.d, head.err_norm, head.w_norm,
-                     min(argmax_cols, out.shape[1]), out.numpy())
-        return out
+                     min(vocab, out.shape[1]), out.numpy(), best.numpy())
+        return out, best
 
     def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(weight, Q8_0Weight) or (isinstance(weight, QuantizedTensor) and weight.fmt == "Q8_0"):

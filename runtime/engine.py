@@ -15,7 +15,7 @@ from edgellm.backends import get_backend
 from edgellm.config import EngineConfig
 from edgellm.detokenizer import IncrementalDetokenizer
 from edgellm.kv_cache import BlockManager
-from edgellm.model_runner import ModelRunner
+from edgellm.model_runner import ModelRunner, StepLogits
 from edgellm.models import MODEL_REGISTRY
 from edgellm.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob, Usage
 from edgellm.sampler import SampledToken, Sampler, SamplingRow
@@ -200,9 +200,9 @@ class LLMEngine:
             m = s.seq.request.metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-        logits = self.runner.execute(sched)
+        head = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
-        touched = self._sample_and_append(sched, logits)
+        touched = self._sample_and_append(sched, head)
         outputs = []
         for req in touched:
             if req.finished:
@@ -213,7 +213,7 @@ class LLMEngine:
                 s.delta_text, s.delta_token_ids, s.delta_logprobs = "", [], []
         return outputs
 
-    def _sample_and_append(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
+    def _sample_and_append(self, sched: SchedulerOutput, head: StepLogits) -> list[Request]:
         seqs, rows, row_logits = [], [], []
         for i, s in enumerate(x for x in sched.scheduled if x.samples):
             seq, req = s.seq, s.seq.request
@@ -226,10 +226,12 @@ class LLMEngine:
                 row_logits.append(i)
         touched: dict[str, Request] = {}
         if seqs:
-            if len(row_logits) != logits.shape[0]:  # n > 1 forks sample several rows from one
-                logits = logits[torch.tensor(row_logits)]
+            out = head.greedy if head.greedy is not None else head.logits
+            if len(row_logits) != out.shape[0]:  # n > 1 forks sample several rows from one
+                out = out[torch.tensor(row_logits)]
+            tokens = [SampledToken(t) for t in out.tolist()] if head.greedy is not None else self.sampler(out, rows)
             now = time.time()
-            for seq, tok in zip(seqs, self.sampler(logits, rows)):
+            for seq, tok in zip(seqs, tokens):
                 self._append(seq, tok, now)
                 touched[seq.request.request_id] = seq.request
         return list(touched.values())

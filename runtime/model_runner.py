@@ -1,4 +1,5 @@
-"""Turns a scheduled batch into flat tensors, runs the model, and returns logits for the samplers."""
+"""Turns a scheduled batch into flat tensors, runs the model, and returns logits for the samplers
+(or, when every sampled row is greedy and takes nothing else from the head, their tokens)."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,14 @@ class ModelInput:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
+
+
+@dataclass
+class StepLogits:
+    """A step's head output for the samplers: float32 ``logits [rows, vocab]`` on the CPU, or, in a
+    step whose every sampled row only takes the argmax, ``greedy [rows]`` token ids and no logits."""
+    logits: torch.Tensor | None = None
+    greedy: torch.Tensor | None = None
 
 
 def _wants_invariance(params) -> bool:
@@ -92,17 +101,16 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run one step; return float32 logits ``[num_sampling_seqs, vocab]`` on the CPU."""
+    def execute(self, sched: SchedulerOutput) -> StepLogits:
+        """Run one step; return its logits, or its greedy tokens when those are all the rows take."""
         if sched.copies:
             self.backend.copy_blocks(self.kv_caches, sched.copies)
         inp = self.prepare(sched)
         self.backend.begin_step(inp.meta)
         hidden = self.model.forward(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
         if inp.logits_indices.numel() == 0:
-            return torch.empty(0, 0)
-        argmax_cols = None
+            return StepLogits(logits=torch.empty(0, 0))
+        hidden = hidden[inp.logits_indices]
         if self.vocab_size is not None and all(_argmax_only(s) for s in sched.scheduled if s.samples):
-            argmax_cols = self.vocab_size
-        logits = self.model.compute_logits(hidden[inp.logits_indices], argmax_cols)
-        return logits.float().cpu()
+            return StepLogits(greedy=self.model.compute_greedy(hidden, self.vocab_size).cpu())
+        return StepLogits(logits=self.model.compute_logits(hidden).float().cpu())

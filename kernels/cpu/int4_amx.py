@@ -104,23 +104,6 @@ def _store_bf16_32(typingctx, src, src_index, dst, dst_index):
     return types.void(src, src_index, dst, dst_index), codegen
 
 
-@intrinsic
-def _scale_zero(typingctx, pair):
-    """``(scale, zero - 8 scale)`` from a uint32 holding the bf16 bits of ``scale`` (low half) and
-    ``zero`` (high half), in 32-bit lanes."""
-    if pair != types.uint32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32, f32 = ir.IntType(32), ir.FloatType()
-        scale = builder.bitcast(builder.shl(args[0], ir.Constant(i32, 16)), f32)
-        zero = builder.bitcast(builder.and_(args[0], ir.Constant(i32, 0xFFFF0000)), f32)
-        shifted = builder.fsub(zero, builder.fmul(scale, ir.Constant(f32, 8.0)))
-        return context.make_tuple(builder, sig.return_type, [scale, shifted])
-
-    return types.UniTuple(types.float32, 2)(pair), codegen
-
-
 @njit(cache=True, inline="always")
 def _widen_panel(packed, block, shift, k0, scale, zero, b32):
     """``b32 [16, 32]`` (C-contiguous): both B tiles (VNNI rows of bf16 pairs as uint32; tile 0 in columns 0-15,
@@ -131,11 +114,40 @@ def _widen_panel(packed, block, shift, k0, scale, zero, b32):
         _dequant_vnni(packed, row0, row0 + 32, shift, scale, zero, b32, 32 * r)
 
 
+@intrinsic
+def _scale_zero_32(typingctx, sz, index, scale, zero):
+    """``scale[i], zero[i] - 8 scale[i]`` from ``sz.flat[index + i]`` for ``i < 32``: each uint32 holds
+    the bf16 bits of a column's scale (low half) and zero (high half); two 16-lane vectors."""
+    if not (isinstance(sz, types.Array) and sz.dtype == types.uint32 and sz.layout == "C"
+            and all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (scale, zero))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        v16 = lambda t: ir.VectorType(t, 16)  # noqa: E731
+        t_sz, t_idx, t_scale, t_zero = sig.args
+        a_sz, a_idx, a_scale, a_zero = args
+        c16 = ir.Constant(v16(i32), [16] * 16)
+        hi = ir.Constant(v16(i32), [0xFFFF0000 - (1 << 32)] * 16)
+        eight = ir.Constant(v16(f32), [8.0] * 16)
+        for h in range(2):
+            p = element_ptr(context, builder, t_sz, a_sz, a_idx, t_idx, v16(i32), 16 * h)
+            v = builder.load(p, align=4)
+            sc = builder.bitcast(builder.shl(v, c16), v16(f32))
+            ze = builder.bitcast(builder.and_(v, hi), v16(f32))
+            ze = builder.fsub(ze, builder.fmul(sc, eight))
+            off = ir.Constant(ir.IntType(64), 16 * h)
+            builder.store(sc, element_ptr(context, builder, t_scale, a_scale, off, types.int64, v16(f32)), align=4)
+            builder.store(ze, element_ptr(context, builder, t_zero, a_zero, off, types.int64, v16(f32)), align=4)
+        return context.get_dummy_value()
+
+    return types.void(sz, index, scale, zero), codegen
+
+
 @njit(cache=True, inline="always")
 def _widen_group(packed, sz, block, shift, n0, g, scale, zero, b32):
     """Group ``g`` of the panel at columns ``n0:n0+32`` into ``b32``, with its scales and zeros."""
-    for j in range(32):
-        scale[j], zero[j] = _scale_zero(sz[g, n0 + j])
+    _scale_zero_32(sz, g * sz.shape[1] + n0, scale, zero)
     _widen_panel(packed, block, shift, g * GROUP, scale, zero, b32)
 
 

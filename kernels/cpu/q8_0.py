@@ -179,27 +179,44 @@ def _approx_error(logit, err_norm, w_norm, x_n, act_n, out_rel):
 
 
 def q8_0_rescore(x: np.ndarray, x_used: np.ndarray, qs: np.ndarray, d: np.ndarray, err_norm: np.ndarray,
-                 w_norm: np.ndarray, n_valid: int, logits: np.ndarray) -> int:
-    """Make each row's argmax over ``logits[:, :n_valid]`` that of the exact Q8_0 logits.
+                 w_norm: np.ndarray, n_valid: int, logits: np.ndarray, best: np.ndarray) -> int:
+    """Make each row's argmax over ``logits[:, :n_valid]`` that of the exact Q8_0 logits, and write
+    it to ``best [M]`` (int64; the first index among equal maxima, as ``torch.argmax``).
 
     ``logits`` come from an approximate head (per-row int8 weights ``w'``, bf16 activations
     ``x_used``); ``err_norm[n] = ||w_n - w'_n||`` and ``w_norm[n] = ||w'_n||``. By Cauchy-Schwarz the
     error of entry ``n`` is at most ``eps_n = ||x|| err_norm[n] + (||x - x_used|| + c ||x_used||)
     w_norm[n] + |logit| 2^-7``. Every entry that could reach the largest lower bound is recomputed
-    exactly (as ``q8_0_matmul`` would); the others stay approximations below the exact maximum.
+    exactly (as ``q8_0_matmul`` would); the others stay approximations below the exact maximum, so
+    the best recomputed entry is the row's exact argmax.
     Rows are independent: from ``RESCORE_PARALLEL_ROWS`` rows they are shared among threads.
     Returns how many entries were recomputed.
     """
-    args = (x, x_used, qs, d, err_norm, w_norm, n_valid, logits)
+    args = (x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best)
     return _rescore_parallel(*args) if x.shape[0] >= RESCORE_PARALLEL_ROWS else _rescore_serial(*args)
 
 
 RESCORE_PARALLEL_ROWS = 4
+# The bounds pass keeps LANES running maxima (one vector) and each CHUNK's largest upper bound, so
+# the recompute pass visits only the chunks that can hold a candidate.
+LANES = 16
+CHUNK = 256
+
+
+@njit(inline="always")
+def _bounds(row, err_norm, w_norm, x_n, act_n, out_rel, n0, lanes, highs):
+    """Fold entries ``n0 : n0 + LANES`` into the lane-wise lower-bound and upper-bound maxima."""
+    for j in range(LANES):
+        v = row[n0 + j]
+        e = _approx_error(v, err_norm[n0 + j], w_norm[n0 + j], x_n, act_n, out_rel)
+        lanes[j] = max(lanes[j], v - e)
+        highs[j] = max(highs[j], v + e)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w) -> int:
-    """``q8_0_rescore`` for one row: ``x``, ``x_used`` and ``row`` are that row's; ``w`` is scratch."""
+def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high):
+    """``q8_0_rescore`` for one row: ``x``, ``x_used`` and ``row`` are that row's; ``w`` and
+    ``chunk_high`` (one per CHUNK entries) are scratch. Returns (recomputed, argmax)."""
     k = x.shape[0]
     c = np.float32(APPROX_REL + 2.0 * k * 2.0 ** -24)
     out_rel = np.float32(APPROX_OUT_REL)
@@ -214,34 +231,58 @@ def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w) -> int:
     # a float32 sum of squares can round low by ~k ulps: widen the norms a little
     x_n = np.float32(np.sqrt(xx) * 1.001)
     act_n = np.float32((np.sqrt(dd) + c * np.sqrt(uu)) * 1.001)
-    lower = -np.inf
-    for n in range(n_valid):
-        lower = max(lower, row[n] - _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel))
+    lanes = np.full(LANES, -np.inf, np.float32)
+    highs = np.empty(LANES, np.float32)
+    n_chunks = -(-n_valid // CHUNK)
+    for ci in range(n_chunks):
+        c0, c1 = ci * CHUNK, min(ci * CHUNK + CHUNK, n_valid)
+        highs[:] = -np.inf
+        n = c0
+        while n + LANES <= c1:
+            _bounds(row, err_norm, w_norm, x_n, act_n, out_rel, n, lanes, highs)
+            n += LANES
+        high = highs.max()
+        for m in range(n, c1):  # a ragged end
+            e = _approx_error(row[m], err_norm[m], w_norm[m], x_n, act_n, out_rel)
+            lanes[0] = max(lanes[0], row[m] - e)
+            high = max(high, row[m] + e)
+        chunk_high[ci] = high
+    lower = lanes.max()
     recomputed = 0
-    for n in range(n_valid):
-        if row[n] + _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel) >= lower:
-            _dequant_row(qs, d, n, w)
-            a = np.float32(0.0)
-            for i in range(k):
-                a += x[i] * w[i]
-            row[n] = a
-            recomputed += 1
-    return recomputed
+    best, best_value = -1, -np.inf
+    for ci in range(n_chunks):
+        if chunk_high[ci] < lower:
+            continue
+        for n in range(ci * CHUNK, min(ci * CHUNK + CHUNK, n_valid)):
+            if row[n] + _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel) >= lower:
+                _dequant_row(qs, d, n, w)
+                a = np.float32(0.0)
+                for i in range(k):
+                    a += x[i] * w[i]
+                row[n] = a
+                recomputed += 1
+                if a > best_value or best < 0:
+                    best, best_value = n, a
+    return recomputed, best
 
 
 @njit(cache=True)
-def _rescore_serial(x, x_used, qs, d, err_norm, w_norm, n_valid, logits):
+def _rescore_serial(x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best):
     w = np.empty(x.shape[1], np.float32)
+    chunk_high = np.empty(-(-n_valid // CHUNK), np.float32)
     recomputed = 0
     for m in range(x.shape[0]):
-        recomputed += _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w)
+        r, best[m] = _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w, chunk_high)
+        recomputed += r
     return recomputed
 
 
 @njit(cache=True, parallel=True)
-def _rescore_parallel(x, x_used, qs, d, err_norm, w_norm, n_valid, logits):
+def _rescore_parallel(x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best):
     recomputed = 0
     for m in prange(x.shape[0]):
         w = np.empty(x.shape[1], np.float32)
-        recomputed += _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w)
+        chunk_high = np.empty(-(-n_valid // CHUNK), np.float32)
+        r, best[m] = _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w, chunk_high)
+        recomputed += r
     return recomputed

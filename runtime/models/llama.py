@@ -107,3 +107,8 @@ class LlamaForCausalLM:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, argmax_cols: int | None = None) -> torch.Tensor:
         return self.backend.logits(hidden, self.lm_head, argmax_cols)
+
+    @torch.inference_mode()
+    def compute_greedy(self, hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+        """Each row's greedy token over the first ``vocab`` logits (int64 ``[T]``)."""
+        return self.backend.greedy_tokens(hidden, self.lm_head, vocab)

@@ -126,6 +126,20 @@ def test_argmax_only_logits_keep_the_exact_argmax(rows):
     # only the first argmax_cols columns are the caller's: the argmax over them stays exact
     part = be.logits(x[:rows], head, argmax_cols=1000)
     assert torch.equal(part[:, :1000].argmax(-1), exact[:, :1000].argmax(-1))
+    # greedy steps take the tokens straight from the re-scoring (1000: a ragged last chunk)
+    assert torch.equal(be.greedy_tokens(x[:rows], head, 2048), exact.argmax(-1))
+    assert torch.equal(be.greedy_tokens(x[:rows], head, 1000), exact[:, :1000].argmax(-1))
+
+
+def test_greedy_tokens_take_the_first_of_equal_maxima():
+    w = torch.randn(600, 64, generator=torch.Generator().manual_seed(3)) * 0.05
+    w[[70, 300, 599]] = w[5].clone()  # four identical rows: four equal maximum logits
+    wq = QuantizedTensor("Q8_0", quantize_rows("Q8_0", w), (600, 64))
+    be = CPUBackend(threads=2, warmup=False)
+    head = be.prepare_weight(wq, torch.float32, "lm_head")
+    x = wq.dequantize()[[5, 5, 5, 5]] * 20
+    assert be.greedy_tokens(x, head, 600).tolist() == [5] * 4
+    assert be.greedy_tokens(x, head, 600).tolist() == REF.logits(x, wq).argmax(-1).tolist()
 
 
 def test_argmax_only_logits_fall_back_to_exact_when_not_allowed():

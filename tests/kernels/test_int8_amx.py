@@ -50,3 +50,4 @@ def test_greedy_steps_through_amx_keep_the_exact_argmax(m, monkeypatch):
     exact = TorchBackend().logits(hidden, q8).argmax(-1)
     assert calls == [m]
     assert torch.equal(fast, exact)
+    assert torch.equal(backend.greedy_tokens(hidden, head, n), exact)
