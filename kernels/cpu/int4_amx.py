@@ -47,6 +47,8 @@ def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_in
     for ``i < 32``, in 16-lane AVX-512 vectors; ``vcvtne2ps2bf16`` rounds to nearest even, as
     ``torch.Tensor.to(torch.bfloat16)`` does."""
     arrays = (packed, scale, zero, out)
+    if not (isinstance(shift, types.IntegerLiteral) and shift.literal_value in (0, 4)):
+        return None  # a constant nibble half: the low one needs only a mask, the high one only a shift
     if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and packed.dtype == types.uint8
             and scale.dtype == types.float32 and zero.dtype == types.float32 and out.dtype == types.uint32):
         return None
@@ -57,9 +59,8 @@ def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_in
         a_packed, a_row0, a_row1, a_shift, a_scale, a_zero, a_out, a_idx = args
         t_packed, t_row0, t_row1, t_shift, t_scale, t_zero, t_out, t_idx = sig.args
 
-        sh = context.cast(builder, a_shift, t_shift, types.int32)
-        sh = builder.insert_element(ir.Constant(v16(i32), ir.Undefined), sh, ir.Constant(i32, 0))
-        sh = builder.shuffle_vector(sh, sh, ir.Constant(v16(i32), None))
+        high = t_shift.literal_value == 4
+        four = ir.Constant(v16(i32), [ir.Constant(i32, 4)] * 16)
         fifteen = ir.Constant(v16(i32), [ir.Constant(i32, 15)] * 16)
         cvt = cvt_ne2ps2bf16(builder)
         for h in range(2):
@@ -71,7 +72,8 @@ def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_in
                 start = builder.add(context.cast(builder, row, row_ty, types.int64), off)
                 b = builder.load(element_ptr(context, builder, t_packed, a_packed, start, types.int64,
                                              v16(ir.IntType(8))), align=1)
-                q = builder.and_(builder.lshr(builder.zext(b, v16(i32)), sh), fifteen)
+                wide = builder.zext(b, v16(i32))
+                q = builder.lshr(wide, four) if high else builder.and_(wide, fifteen)
                 w.append(builder.fadd(builder.fmul(builder.uitofp(q, v16(f32)), s), z))
             both = builder.call(cvt, [w[1], w[0]])  # lanes 0-15: row k, 16-31: row k + 1
             pairs = builder.bitcast(builder.shuffle_vector(both, both, _INTERLEAVE), v16(i32))
@@ -111,7 +113,10 @@ def _widen_panel(packed, block, shift, k0, scale, zero, b32):
     rows = packed.shape[1]
     for r in range(16):
         row0 = (block * rows + k0 + 2 * r) * 32
-        _dequant_vnni(packed, row0, row0 + 32, shift, scale, zero, b32, 32 * r)
+        if shift == 0:
+            _dequant_vnni(packed, row0, row0 + 32, 0, scale, zero, b32, 32 * r)
+        else:
+            _dequant_vnni(packed, row0, row0 + 32, 4, scale, zero, b32, 32 * r)
 
 
 @intrinsic
