@@ -176,6 +176,10 @@ class Backend(ABC):
         return [torch.empty(2, num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype,
                             device=self.device) for _ in range(num_layers)]
 
+    def populate_kv(self, kv_caches: list[torch.Tensor], start: int, end: int) -> None:  # noqa: B027
+        """Make blocks ``start:end`` of every layer's cache resident before steps write them, keeping
+        their contents. Optional: device memory is committed when it is allocated."""
+
     def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: copy block ``src`` to ``dst`` in every layer."""
         if not pairs:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata, Capabilities
+from edgellm.backends.cpu_memory import populate
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
@@ -251,6 +252,11 @@ class CPUBackend(TorchBackend):
         kernel = silu_and_mul_parallel if x2.shape[0] >= PARALLEL_MIN_ROWS and self.threads > 1 else silu_and_mul
         kernel(_as_numpy(x2), _as_numpy(out))
         return out if flat else out.view(*x.shape[:-1], -1)
+
+    def populate_kv(self, kv_caches: list[torch.Tensor], start: int, end: int) -> None:
+        for cache in kv_caches:
+            for plane in cache:  # K, then V: blocks start:end of each are one contiguous range
+                populate(plane[start:end])
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         self._step_rows = int(meta.slot_mapping.shape[0])

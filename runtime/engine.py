@@ -200,6 +200,7 @@ class LLMEngine:
             m = s.seq.request.metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
+        self.runner.ensure_resident(self.block_manager.high_water)
         head = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
         touched = self._sample_and_append(sched, head)

@@ -33,6 +33,8 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
+        # every block below this id has been handed out at least once; fresh blocks go in id order
+        self.high_water = 0
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found cached
 
@@ -63,6 +65,7 @@ class BlockManager:
                 del self.cached[block.hash]
             block.hash = block.tokens = None
         block.ref_count = 1
+        self.high_water = max(self.high_water, block_id + 1)
         return block
 
     def _hashes(self, seq: Sequence, num_full: int) -> list[int]:

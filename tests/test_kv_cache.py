@@ -81,3 +81,15 @@ def test_fork_shares_blocks_and_copies_on_write():
     bm.free_seq(parent)
     bm.free_seq(child)
     assert bm.num_free_blocks == 8
+
+
+def test_high_water_marks_every_block_handed_out_once():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a, b = make_seq(10), make_seq(5)
+    bm.allocate_slots(a, 10)
+    bm.allocate_slots(b, 5)
+    assert bm.high_water == 5 and sorted(a.block_table + b.block_table) == list(range(5))
+    bm.free_seq(a)
+    c = make_seq(20)
+    bm.allocate_slots(c, 20)  # a's freed blocks (never cached) first, then fresh ones in id order
+    assert bm.high_water == 7 and sorted(c.block_table) == [0, 1, 2, 5, 6]

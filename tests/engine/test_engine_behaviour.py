@@ -133,3 +133,16 @@ def test_bf16_kv_cache_holds_twice_the_tokens_and_answers_the_same(smollm2_gguf)
     assert "Paris" in ref.chat(prompt, params).outputs[0].text
     dense = LLM(str(smollm2_gguf), weights="dequantize", kv_cache_memory=16 << 20)
     assert dense.engine.kv_caches[0].dtype == torch.float32
+
+
+def test_kv_pool_is_made_resident_ahead_of_use(q4_llm):
+    from edgellm.model_runner import RESIDENT_AHEAD
+    from tests.kernels.test_cpu_memory import _resident_pages
+
+    engine = q4_llm.engine
+    runner = engine.runner
+    q4_llm.generate(["Count: one, two, three"], SamplingParams(max_tokens=20, temperature=0))
+    high = engine.block_manager.high_water
+    assert 0 < high <= runner._resident <= min(runner.num_blocks, high + RESIDENT_AHEAD)
+    k_plane = runner.kv_caches[0][0, :runner._resident]  # every block handed out, and the next ones
+    assert _resident_pages(k_plane) >= k_plane.numel() * k_plane.element_size() // 4096
