@@ -22,8 +22,11 @@ def _resident_pages(t: torch.Tensor) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
 def test_populate_maps_every_page_and_keeps_contents():
-    size = 40 << 20  # past glibc's largest mmap threshold: fresh pages, none mapped yet
-    t = torch.empty(size, dtype=torch.uint8)
+    import mmap
+
+    size = 8 << 20
+    region = mmap.mmap(-1, size)  # fresh anonymous pages: none mapped yet
+    t = torch.frombuffer(region, dtype=torch.uint8)
     t[:4096] = 7
     t[-1] = 9
     assert _resident_pages(t) <= 4
