@@ -63,9 +63,9 @@ def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Ca
     }
     if backend.uses_amx and p4.expandable:
         cands["Q4 AMX"] = (lambda x: backend._int4_amx_linear(x.bfloat16(), p4), p4.nbytes)
-    if n >= VOCAB_SIZED:  # an output head: greedy steps take its int8 copy and re-score (CPUBackend.logits)
+    if n >= VOCAB_SIZED:  # an output head: greedy steps take its int8 copy and re-score (CPUBackend.greedy_tokens)
         head = backend.prepare_weight(q8, torch.float32, "lm_head")
-        cands["Q8_0 head, greedy step"] = (lambda x: backend.logits(x, head, argmax_cols=n), n * k)
+        cands["Q8_0 head, greedy step"] = (lambda x: backend.greedy_tokens(x, head, n), n * k)
     return cands
 
 
