@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 # Blocks made resident ahead of the pool's high-water mark at a time (1024 tokens at block size 16;
 # ~23 MB for SmolLM2-135M): pages faulted in bulk cost ~1.5 us each, one by one inside a step's
-# kernels far more (a 32-chat serving run went 568 -> 630 output tokens/s).
+# kernels far more (32 concurrent chats: 553-584 -> 607-627 output tokens/s).
 RESIDENT_AHEAD = 64
 
 
