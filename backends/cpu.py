@@ -249,8 +249,10 @@ class CPUBackend(TorchBackend):
         flat = x.dim() == 2
         x2 = x if flat else x.view(-1, x.shape[-1])
         out = torch.empty(x2.shape[0], x2.shape[1] // 2, dtype=x.dtype)
-        kernel = silu_and_mul_parallel if x2.shape[0] >= PARALLEL_MIN_ROWS and self.threads > 1 else silu_and_mul
-        kernel(_as_numpy(x2), _as_numpy(out))
+        if x2.shape[0] >= PARALLEL_MIN_ROWS and self.threads > 1:
+            silu_and_mul_parallel(_as_numpy(x2), _as_numpy(out), self.threads)
+        else:
+            silu_and_mul(_as_numpy(x2), _as_numpy(out))
         return out if flat else out.view(*x.shape[:-1], -1)
 
     def populate_kv(self, kv_caches: list[torch.Tensor], start: int, end: int) -> None:

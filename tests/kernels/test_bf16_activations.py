@@ -79,8 +79,9 @@ def test_silu_and_mul_serial_and_parallel_agree_bit_for_bit():
     a = torch.empty(9, 96, dtype=BF16)
     b = torch.empty(9, 96, dtype=BF16)
     silu_and_mul(x.view(torch.uint16).numpy(), a.view(torch.uint16).numpy())
-    silu_and_mul_parallel(x.view(torch.uint16).numpy(), b.view(torch.uint16).numpy())
-    assert torch.equal(a, b)
+    for threads in (2, 3, 16):  # more threads than rows too
+        silu_and_mul_parallel(x.view(torch.uint16).numpy(), b.view(torch.uint16).numpy(), threads)
+        assert torch.equal(a, b)
 
 
 def test_other_activations_fall_back_to_the_reference():
