@@ -14,6 +14,16 @@ from numba import prange
 from edgellm.kernels.cpu.bf16 import load_row, store_row
 
 
+@numba.njit(cache=True, fastmath={"reassoc"})
+def _sum_squares(row: np.ndarray) -> float:
+    """Sum of ``row``'s squares in float64, in vector partial sums: an order fixed by this compiled
+    code, the same for a row whatever batch it is in (a sequential sum stalls on each add)."""
+    acc = 0.0
+    for j in range(row.shape[0]):
+        acc += np.float64(row[j]) * np.float64(row[j])
+    return acc
+
+
 @numba.njit(cache=True, fastmath=False)
 def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray,
                  has_residual: bool) -> None:
@@ -26,12 +36,9 @@ def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: f
     normed = np.empty(dim, np.float32)
     for r in range(rows):
         xr = load_row(x[r], wide)
-        acc = 0.0
         for j in range(dim):
-            v = xr[j] + residual[r, j] if has_residual else xr[j]
-            residual[r, j] = v
-            acc += np.float64(v) * np.float64(v)
-        inv = np.float32(1.0 / np.sqrt(acc / dim + eps))
+            residual[r, j] = xr[j] + residual[r, j] if has_residual else xr[j]
+        inv = np.float32(1.0 / np.sqrt(_sum_squares(residual[r]) / dim + eps))
         for j in range(dim):
             normed[j] = np.float32(residual[r, j] * inv) * weight[j]
         store_row(out[r], normed)
