@@ -38,6 +38,7 @@ from edgellm.kernels.cpu.paged_attention import (
     _attend_tile,
     _decode_finish,
     _decode_softmax,
+    _exp_rows,
     _merge_partials,
     _plan,
     dealt_items,
@@ -82,9 +83,16 @@ def _vnni_rows(typingctx, a, a_index, b, b_index, dst, dst_index):
 
 
 @njit(cache=True, inline="always")
-def _split(x: np.float32) -> tuple[np.uint16, np.uint16]:
-    hi = round_bits(x)
-    return hi, round_bits(np.float32(x - widen_bits(hi)))
+def _split_row(src, j0, cnt, hi, lo):
+    """Each ``x = src[j0 + j]`` (``j < cnt``) as ``hi[j] = bf16(x)``, ``lo[j] = bf16(x - hi[j])``, and
+    zeros up to the rows' end: 1-D rows and no branch inside, so the loop vectorizes."""
+    for j in range(cnt):
+        h = round_bits(src[j0 + j])
+        hi[j] = h
+        lo[j] = round_bits(np.float32(src[j0 + j] - widen_bits(h)))
+    for j in range(cnt, hi.shape[0]):
+        hi[j] = 0
+        lo[j] = 0
 
 
 @njit(cache=True, inline="always")
@@ -95,21 +103,26 @@ def _k_row(kv, table, hk, key):
 
 
 @njit(cache=True)
-def _attend_decode_amx(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, slot, qb, sc, scores,
-                       exp_bits, pa, vb, acc, zero_row):
+def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap, partials, slot, qb, qb32, sc,
+                       scores, exp_bits, pa, vb, acc, zero_row, rows, maxes, sums, q_row, q_hi, q_lo):
     """``_attend_decode`` on tiles (the calling thread has configured them): one decode row, kv head
-    ``hk``, keys ``lo:hi``; the same outputs and partials."""
+    ``hk``, keys ``lo:hi``; the same outputs and partials. ``qb`` and ``pa`` hold zeros past their
+    first ``2 group`` columns and rows (``_run_items_amx`` zeroes them once)."""
     group = q.shape[1] // kv.shape[2]
     block_size = kv.shape[3]
     n = hi - lo
-    # Q^T as VNNI B tiles: qb[c, r, 2 col + e] = dim 32 c + 2 r + e of column col (hi rows, then lo)
-    qb[:] = 0
+    # Q^T as VNNI B tiles: qb[c, r, 2 col + e] = dim 32 c + 2 r + e of column col (hi rows, then lo),
+    # so the uint32 ``qb32[16 p + col]`` holds dims 2p, 2p + 1. Each row splits in vectors first.
+    # (Flat views are made once per thread: a view per item counts references on shared arrays.)
+    hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
     for g in range(group):
+        base = (t * q.shape[1] + hk * group + g) * HEAD_DIM
         for d in range(HEAD_DIM):
-            q_hi, q_lo = _split(np.float32(q[t, hk * group + g, d] * scale))
-            c, r, e = d // 32, (d % 32) // 2, d % 2
-            qb[c, r, 2 * g + e] = q_hi
-            qb[c, r, 2 * (group + g) + e] = q_lo
+            q_row[d] = q_flat[base + d] * scale
+        _split_row(q_row, 0, HEAD_DIM, q_hi, q_lo)
+        for p in range(HEAD_DIM // 2):
+            qb32[16 * p + g] = hi32[p]
+            qb32[16 * p + group + g] = lo32[p]
     # scores: Q^T stays in tiles 2, 3; key tiles alternate between two (C, A, A) sets so one tile's
     # loads overlap the other's products; every C tile goes to its own rows of ``sc``, read after
     tile_load(2, qb, 0, 64)
@@ -146,24 +159,28 @@ def _attend_decode_amx(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partia
             tile_store(5, sc, (i + 1) * KEY_TILE * 16, 64)
         tile_store(0, sc, i * KEY_TILE * 16, 64)
     off = lo - t_first * KEY_TILE
-    for g in range(group):
-        for j in range(n):
-            scores[g, j] = sc[off + j, g] + sc[off + j, group + g]
-    maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
+    for g in range(group):  # each head's scores (hi and lo columns summed) and their max
+        row = scores[g]
+        m = sc[off, g] + sc[off, group + g]
+        row[0] = m
+        for j in range(1, n):
+            s = sc[off + j, g] + sc[off + j, group + g]
+            row[j] = s
+            m = max(m, s)
+        maxes[g] = m
+    if soft_cap > 0:
+        maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
+    else:
+        _exp_rows(scores, maxes, sums, group, n, exp_bits)
     # p @ V: P rows (hi, then lo) as the A tile, V pairs as four B tiles, four C tiles of 16 dims
-    pa[:] = 0
     tile_zero(0)
     tile_zero(1)
     tile_zero(2)
     tile_zero(3)
-    rows = np.empty(KEY_CHUNK, np.int64)
     for j0 in range(0, n, KEY_CHUNK):
         cnt = min(KEY_CHUNK, n - j0)
         for g in range(group):
-            for j in range(KEY_CHUNK):
-                p_hi, p_lo = _split(scores[g, j0 + j] if j < cnt else np.float32(0.0))
-                pa[g, j] = p_hi
-                pa[group + g, j] = p_lo
+            _split_row(scores[g], j0, cnt, pa[g], pa[group + g])
         key = lo + j0  # walk the chunk's rows block by block: no division per key
         bi, off = key // block_size, key % block_size
         for j in range(cnt):
@@ -208,10 +225,19 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
     sc = np.empty((DECODE_KEYS_PER_ITEM + 2 * KEY_TILE, 16), np.float32)
     scores = np.empty((group, DECODE_KEYS_PER_ITEM), np.float32)
     exp_bits = np.empty(DECODE_KEYS_PER_ITEM, np.int32)
-    pa = np.empty((16, KEY_CHUNK), np.uint16)
+    pa = np.zeros((16, KEY_CHUNK), np.uint16)
+    qb[:] = 0
+    qb32 = qb.reshape(-1).view(np.uint32)
+    q_flat = q.reshape(-1)
+    q_row = np.empty(HEAD_DIM, np.float32)
+    q_hi = np.empty(HEAD_DIM, np.uint16)
+    q_lo = np.empty(HEAD_DIM, np.uint16)
     vb = np.empty((HEAD_DIM // 16, 16, 32), np.uint16)
     acc = np.empty((16, HEAD_DIM), np.float32)
     zero_row = np.zeros(HEAD_DIM, np.uint16)
+    rows = np.empty(KEY_CHUNK, np.int64)
+    maxes = np.empty(group, np.float32)
+    sums = np.empty(group, np.float32)
     configured = False
     for item in dealt_items(order, worker, n_workers):
         b = items[item, 0]
@@ -221,9 +247,9 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
             if not configured:
                 tile_config(cfg)
                 configured = True
-            _attend_decode_amx(out, q, kv, block_tables[b], items[item, 4], items[item, 5], seq_q0, items[item, 1],
-                               scale32, cap32, partials, items[item, 6], qb, sc, scores, exp_bits, pa, vb, acc,
-                               zero_row)
+            _attend_decode_amx(out, q, q_flat, kv, block_tables[b], items[item, 4], items[item, 5], seq_q0,
+                               items[item, 1], scale32, cap32, partials, items[item, 6], qb, qb32, sc, scores,
+                               exp_bits, pa, vb, acc, zero_row, rows, maxes, sums, q_row, q_hi, q_lo)
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)

@@ -180,8 +180,15 @@ def _decode_softmax(scores, group, n, soft_cap, exp_bits):
         for j in range(1, n):
             m = max(m, row[j])
         maxes[g] = m
-        sums[g] = _exp_shifted(row, 0, n, m, exp_bits)
+    _exp_rows(scores, maxes, sums, group, n, exp_bits)
     return maxes, sums
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _exp_rows(scores, maxes, sums, group, n, exp_bits):
+    """``scores[g, :n] = exp(scores[g, :n] - maxes[g])`` in place, their sums into ``sums[g]``."""
+    for g in range(group):
+        sums[g] = _exp_shifted(scores[g], 0, n, maxes[g], exp_bits)
 
 
 @njit(cache=True, fastmath=FASTMATH)
