@@ -31,8 +31,6 @@ from edgellm.kernels.cpu.amx import (
     tile_zero,
 )
 from edgellm.kernels.cpu.bf16 import round_bits, widen_bits
-from edgellm.kernels.cpu.norm_rope import rope_neox
-from edgellm.kernels.cpu.prefetch import prefetch
 from edgellm.kernels.cpu.paged_attention import (
     DECODE_KEYS_PER_ITEM,
     _attend_tile,
@@ -42,8 +40,10 @@ from edgellm.kernels.cpu.paged_attention import (
     _merge_partials,
     _plan,
     dealt_items,
+    rope_and_write,
     write_kv,
 )
+from edgellm.kernels.cpu.prefetch import prefetch
 
 HEAD_DIM = 64
 KEY_TILE = 16  # keys per scores tile (one A tile of K rows)
@@ -298,14 +298,15 @@ def paged_attention_step_amx(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: n
 
 
 @njit(cache=True)
-def rope_attention_step_amx(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
-                            cos_sin: np.ndarray, kv: np.ndarray, slot_mapping: np.ndarray,
-                            query_start_loc: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
-                            scale: float, window: int, soft_cap: float, q_tile: int, n_threads: int,
-                            cfg: np.ndarray) -> None:
+def rope_attention_step_amx(out: np.ndarray, qkv: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray,
+                            kv: np.ndarray, slot_mapping: np.ndarray, query_start_loc: np.ndarray,
+                            seq_lens: np.ndarray, block_tables: np.ndarray, scale: float, window: int,
+                            soft_cap: float, q_tile: int, n_threads: int, cfg: np.ndarray) -> None:
     """``paged_attention.rope_attention_step`` with decodes on AMX tiles."""
-    q_rot = np.empty(q.shape, np.float32)
-    k_rot = np.empty(k.shape, np.float32)
-    rope_neox(q, k, positions, cos_sin, q_rot, k_rot)
-    paged_attention_step_amx(out, q_rot, k_rot, v, kv, slot_mapping, query_start_loc, seq_lens, block_tables,
-                             scale, window, soft_cap, q_tile, n_threads, cfg)
+    q_rot, _ = rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, out.shape[1])
+    if n_threads > 1:
+        _attention_amx(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile,
+                       n_threads, cfg)
+    else:
+        _attention_amx_serial(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap,
+                              q_tile, cfg)

@@ -48,6 +48,20 @@ def round_bits(typingctx, x):
     return types.uint16(x), codegen
 
 
+def as_f32(x):
+    """An element as float32: itself, or bf16 bits widened (exact)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(as_f32, inline="always")
+def _as_f32_impl(x):
+    if x == types.float32:
+        return lambda x: x
+    if x == types.uint16:
+        return lambda x: widen_bits(x)
+    return None
+
+
 def load_row(src: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """A row as float32: ``src`` itself, or its bf16 bits widened into ``scratch`` (uint32, as long)."""
     raise NotImplementedError("only callable from Numba code")

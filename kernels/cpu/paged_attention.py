@@ -16,12 +16,12 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
-from edgellm.kernels.cpu.bf16 import load_row, store_row, widen_bits
+from edgellm.kernels.cpu.bf16 import as_f32 as _f32
+from edgellm.kernels.cpu.bf16 import load_row, store_row
 from edgellm.kernels.cpu.expf import exp_parts
-from edgellm.kernels.cpu.norm_rope import rope_neox
+from edgellm.kernels.cpu.norm_rope import rope_neox_qk
 from edgellm.kernels.cpu.prefetch import prefetch_rows
 
 # 'reassoc' lets LLVM vectorize the q.k dot product and 'contract' fuse multiply-adds; both only
@@ -37,20 +37,6 @@ def _block_f32(src, scratch):
     """A C-contiguous ``[block_size, D]`` K or V block as float32: the block itself, or its bf16
     bits widened into ``scratch`` (uint32, ``block_size * D`` of them) in one flat pass."""
     return load_row(src.reshape(-1), scratch).reshape(src.shape)
-
-
-def _f32(x):
-    """A cache element as float32: itself, or bf16 bits widened (exact)."""
-    raise NotImplementedError("only callable from Numba code")
-
-
-@overload(_f32, inline="always")
-def _f32_impl(x):
-    if x == types.float32:
-        return lambda x: x
-    if x == types.uint16:
-        return lambda x: widen_bits(x)
-    return None
 
 
 @njit(cache=True)
@@ -485,15 +471,42 @@ def paged_attention_step(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.nd
 
 
 @njit(cache=True)
-def rope_attention_step(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
-                        cos_sin: np.ndarray, kv: np.ndarray, slot_mapping: np.ndarray,
-                        query_start_loc: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
-                        scale: float, window: int, soft_cap: float, q_tile: int, n_threads: int) -> None:
-    """``rope_neox`` on ``q, k`` (views of the fused projection, float32 or bf16 bits) into float32,
-    then ``paged_attention_step``: a layer's whole attention in one dispatch, the same numbers as
-    the two calls. Worth it for decode steps, where a dispatch costs about as much as the work."""
-    q_rot = np.empty(q.shape, np.float32)
-    k_rot = np.empty(k.shape, np.float32)
-    rope_neox(q, k, positions, cos_sin, q_rot, k_rot)
-    paged_attention_step(out, q_rot, k_rot, v, kv, slot_mapping, query_start_loc, seq_lens, block_tables,
-                         scale, window, soft_cap, q_tile, n_threads)
+def rope_attention_step(out: np.ndarray, qkv: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray,
+                        kv: np.ndarray, slot_mapping: np.ndarray, query_start_loc: np.ndarray,
+                        seq_lens: np.ndarray, block_tables: np.ndarray, scale: float, window: int,
+                        soft_cap: float, q_tile: int, n_threads: int) -> None:
+    """A layer's whole attention from its fused projection rows ``qkv [T, (H + 2 Hkv) D]`` (float32 or
+    bf16 bits, C-contiguous) in one dispatch: ``rope_neox_qk`` into float32 q and k, the cache
+    writes, then ``paged_attention`` into ``out [T, H, D]``; the same numbers as the separate
+    calls. Worth it for decode steps, where a dispatch costs about as much as the work."""
+    q_rot, k_rot = rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, out.shape[1])
+    if n_threads > 1:
+        paged_attention(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap,
+                        q_tile, n_threads)
+    else:
+        paged_attention_serial(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window,
+                               soft_cap, q_tile)
+
+
+@njit(cache=True)
+def rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, n_q):
+    """The fused steps' first half: q and k of ``qkv`` rotated into new float32 arrays (returned),
+    k and v written to their cache slots (v straight from the projection rows)."""
+    n_k, dim = kv.shape[2], kv.shape[4]
+    q_rot = np.empty((qkv.shape[0], n_q, dim), np.float32)
+    k_rot = np.empty((qkv.shape[0], n_k, dim), np.float32)
+    rope_neox_qk(qkv, positions, cos_sin, q_rot, k_rot)
+    block_size = kv.shape[3]
+    wide = np.empty(dim, np.uint32)
+    v0 = (n_q + n_k) * dim
+    for t in range(qkv.shape[0]):
+        slot = slot_mapping[t]
+        if slot < 0:
+            continue
+        blk = slot // block_size
+        off = slot % block_size
+        row = qkv[t]
+        for h in range(n_k):
+            store_row(kv[0, blk, h, off], k_rot[t, h])
+            store_row(kv[1, blk, h, off], load_row(row[v0 + h * dim:v0 + (h + 1) * dim], wide))
+    return q_rot, k_rot
