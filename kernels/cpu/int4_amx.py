@@ -225,7 +225,7 @@ def int4_amx_matmul(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, out: np.n
     ``packed`` is ATen's int4 weight viewed as ``[N/64, K, 32]``, ``sz`` its scale-zeros ``[K/32, N]``
     as uint32 (each the bf16 pair), ``cfg`` from ``amx.make_config()``.
     """
-    xp = _pad_rows(x)
+    xp = x if x.shape[0] % 16 == 0 and x.flags.c_contiguous else _pad_rows(x)  # A tiles read whole 16-row blocks
     n_panels = out.shape[1] // 32
     workers = max(1, min(n_threads, n_panels))
     for w in prange(workers):
