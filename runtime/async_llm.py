@@ -135,6 +135,21 @@ class AsyncLLM:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self._inbox.put(("abort", rid))
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one thread-safe call (one wake-up per step,
+        not one per stream: at 32 streams the per-call cost showed in the serving figures)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                batches.setdefault(target[0], []).append((target[1], out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for _, out in items:
+                    self._inbox.put(("abort", out.request_id))
+
     def _drain_inbox(self, block: bool) -> bool:
         while True:
             try:
@@ -168,5 +183,9 @@ class AsyncLLM:
                     self.engine.abort_request(rid)
                     self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_all(outputs)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)

@@ -10,7 +10,7 @@ import hmac
 import logging
 import time
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgellm.server.errors import APIError
 
@@ -92,12 +92,31 @@ class GateMiddleware:
                 error = APIError(429, f"too many requests in flight (limit {self.gate.max_in_flight}); "
                                  "retry shortly", code="rate_limit_exceeded", headers={"Retry-After": "1"})
             else:
-                try:
-                    await self.app(scope, receive, send)
-                finally:
-                    self.gate.release()
+                await self._admitted(scope, receive, send)
                 return
         if error is not None:
             await error.response(path)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run an admitted request; its slot frees as soon as its last body byte is handed to the
+        transport (a client may send its next request the moment it sees the end, before the app's
+        own clean-up returns), or when the app returns without sending one."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.gate.release()
+
+        async def sending(message: Message) -> None:
+            await send(message)  # the bytes are in the transport: no other request has been read since
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            release()
