@@ -289,6 +289,13 @@ def paged_attention_step_amx(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: n
                              n_threads: int, cfg: np.ndarray) -> None:
     """``paged_attention.paged_attention_step`` with decodes on AMX tiles (``supports(kv, group)``)."""
     write_kv(kv, k, v, slot_mapping)
+    _attend_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads, cfg)
+
+
+@njit(cache=True)
+def _attend_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads,
+                cfg):
+    """``_attention_amx`` on ``n_threads`` threads, or on the calling thread alone when it is 1."""
     if n_threads > 1:
         _attention_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile,
                        n_threads, cfg)
@@ -304,9 +311,5 @@ def rope_attention_step_amx(out: np.ndarray, qkv: np.ndarray, positions: np.ndar
                             soft_cap: float, q_tile: int, n_threads: int, cfg: np.ndarray) -> None:
     """``paged_attention.rope_attention_step`` with decodes on AMX tiles."""
     q_rot, _ = rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, out.shape[1])
-    if n_threads > 1:
-        _attention_amx(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile,
-                       n_threads, cfg)
-    else:
-        _attention_amx_serial(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap,
-                              q_tile, cfg)
+    _attend_amx(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads,
+                cfg)

@@ -462,6 +462,12 @@ def paged_attention_step(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.nd
     ``n_threads == 1`` runs on the calling thread without touching the thread pool.
     """
     write_kv(kv, k, v, slot_mapping)
+    attend(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads)
+
+
+@njit(cache=True)
+def attend(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads):
+    """``paged_attention`` on ``n_threads`` threads, or on the calling thread alone when it is 1."""
     if n_threads > 1:
         paged_attention(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap,
                         q_tile, n_threads)
@@ -479,13 +485,8 @@ def rope_attention_step(out: np.ndarray, qkv: np.ndarray, positions: np.ndarray,
     bf16 bits, C-contiguous) in one dispatch: ``rope_neox_qk`` into float32 q and k, the cache
     writes, then ``paged_attention`` into ``out [T, H, D]``; the same numbers as the separate
     calls. Worth it for decode steps, where a dispatch costs about as much as the work."""
-    q_rot, k_rot = rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, out.shape[1])
-    if n_threads > 1:
-        paged_attention(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap,
-                        q_tile, n_threads)
-    else:
-        paged_attention_serial(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window,
-                               soft_cap, q_tile)
+    q_rot, _ = rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, out.shape[1])
+    attend(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads)
 
 
 @njit(cache=True)
