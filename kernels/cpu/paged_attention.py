@@ -16,7 +16,8 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from edgellm.kernels.cpu.bf16 import as_f32 as _f32
 from edgellm.kernels.cpu.bf16 import load_row, store_row
@@ -39,12 +40,27 @@ def _block_f32(src, scratch):
     return load_row(src.reshape(-1), scratch).reshape(src.shape)
 
 
+def _head(x, t, h, dim):
+    """Head ``h`` of token ``t``: ``x[t, h]`` of a ``[T, H, D]`` array, or the ``dim`` columns from
+    ``h * dim`` of a ``[T, H * D]`` one (rows of a fused projection)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_head, inline="always")
+def _head_impl(x, t, h, dim):
+    if isinstance(x, types.Array) and x.ndim == 3:
+        return lambda x, t, h, dim: x[t, h]
+    if isinstance(x, types.Array) and x.ndim == 2:
+        return lambda x, t, h, dim: x[t, h * dim:(h + 1) * dim]
+    return None
+
+
 @njit(cache=True)
 def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
-    """Store this step's ``k, v [T, Hkv, D]`` (float32 or bf16 bits) at their cache slots; negative
-    slots skip."""
-    block_size = kv.shape[3]
-    wide = np.empty(k.shape[2], np.uint32)
+    """Store this step's ``k, v [T, Hkv, D]`` (float32 or bf16 bits; ``v`` may also be ``[T, Hkv * D]``
+    rows) at their cache slots; negative slots skip."""
+    block_size, dim = kv.shape[3], kv.shape[4]
+    wide = np.empty(dim, np.uint32)
     for t in range(k.shape[0]):
         slot = slot_mapping[t]
         if slot < 0:
@@ -53,7 +69,7 @@ def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndar
         off = slot % block_size
         for h in range(k.shape[1]):
             store_row(kv[0, blk, h, off], load_row(k[t, h], wide))
-            store_row(kv[1, blk, h, off], load_row(v[t, h], wide))
+            store_row(kv[1, blk, h, off], load_row(_head(v, t, h, dim), wide))
 
 
 @njit(cache=True, parallel=True)
@@ -497,17 +513,5 @@ def rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, n_q):
     q_rot = np.empty((qkv.shape[0], n_q, dim), np.float32)
     k_rot = np.empty((qkv.shape[0], n_k, dim), np.float32)
     rope_neox_qk(qkv, positions, cos_sin, q_rot, k_rot)
-    block_size = kv.shape[3]
-    wide = np.empty(dim, np.uint32)
-    v0 = (n_q + n_k) * dim
-    for t in range(qkv.shape[0]):
-        slot = slot_mapping[t]
-        if slot < 0:
-            continue
-        blk = slot // block_size
-        off = slot % block_size
-        row = qkv[t]
-        for h in range(n_k):
-            store_row(kv[0, blk, h, off], k_rot[t, h])
-            store_row(kv[1, blk, h, off], load_row(row[v0 + h * dim:v0 + (h + 1) * dim], wide))
+    write_kv(kv, k_rot, qkv[:, (n_q + n_k) * dim:], slot_mapping)
     return q_rot, k_rot
