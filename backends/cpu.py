@@ -2,8 +2,9 @@
 
 - Linear: a few rows go through ATen's int4 kernel. On CPUs with AMX, steps of 10-256 rows widen
   each int4 weight once onto AMX tiles (``kernels/cpu/int4_amx.py``, ATen's int4 layout read in
-  place). Bigger steps (above 32 rows without AMX) expand each weight to bf16 in a scratch buffer
-  (``kernels/cpu/bf16_expand.py``) for one oneDNN GEMM.
+  place); without AMX but with AVX512-BF16 (Zen 4), steps from 4 rows up widen it once into
+  registers' bf16 pairs for ``vdpbf16ps`` (``kernels/cpu/dpbf16.py``). Other big steps expand each
+  weight to bf16 in a scratch buffer (``kernels/cpu/bf16_expand.py``) for one oneDNN GEMM.
 - Attention: decodes read K/V in place through block tables (``kernels/cpu/paged_attention.py``);
   prompt chunks use torch's flash attention.
 - Q8_0 weights (head, embedding) stay int8 and go through Numba kernels (``kernels/cpu/q8_0.py``).
@@ -38,6 +39,8 @@ from edgellm.kernels.cpu.amx import make_config as make_tile_config
 from edgellm.kernels.cpu.amx import request_amx
 from edgellm.kernels.cpu.attention_amx import paged_attention_step_amx, rope_attention_step_amx
 from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
+from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul
+from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.norm_rope import (
@@ -78,6 +81,15 @@ AMX_MAX_ROWS = 256
 # Greedy steps from this many rows take the int8 head on AMX (kernels/cpu/int8_amx.py): 1.3x ATen's
 # int8 kernel at 4 rows, 5x at 32 (ATen's grows with every row; one row stays ATen's).
 AMX_HEAD_MIN_ROWS = 4
+# Without AMX, on CPUs with AVX512-BF16 (kernels/cpu/dpbf16.py), steps from DPBF16_MIN_ROWS rows widen
+# each int4 weight once per call and multiply it in registers with vdpbf16ps. On a Zen 4 (2 threads) it
+# is 2.2x ATen's kernel at 32 rows and 1.05-1.25x the bf16 expansion + oneDNN GEMM at 256-2048 rows
+# (~430 GFLOP/s); at 1-2 rows ATen's kernel is faster (its cost is the weight read, ours the widening).
+DPBF16_MIN_ROWS = 4
+DPBF16_MAX_ROWS = 1 << 20
+# The int8 head widens its 28M weights once per call (4.5 ms for 49152 x 576): from 8 rows up that beats
+# ATen's int8 kernel, whose cost grows with every row (5.4 vs 4.5 ms at 8 rows, 23 vs 7.6 ms at 32).
+DPBF16_HEAD_MIN_ROWS = 8
 INT4_GEMV_MAX_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
@@ -102,6 +114,11 @@ class CPUBackend(TorchBackend):
         self._meta_np: tuple[np.ndarray, ...] = ()
         use_amx = os.environ.get("EDGELLM_AMX", "1") != "0" and request_amx()
         self._amx_config = make_tile_config() if use_amx else None
+        # without AMX, AVX512-BF16 dot products (AMD Zen 4, Intel Cooper Lake) take batched int4 steps
+        # and the int8 head instead; EDGELLM_DPBF16=0 turns them off
+        self._dpbf16 = (not use_amx and os.environ.get("EDGELLM_DPBF16", "1") != "0" and dpbf16_supported())
+        self._batched_rows = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
+                              (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))
         if warmup:
             self.warmup()
 
@@ -122,8 +139,9 @@ class CPUBackend(TorchBackend):
                                          head=True)
         for rows in (1, AMX_HEAD_MIN_ROWS):
             self.logits(torch.zeros(rows, 32), head, argmax_cols=32)
-        if self._amx_config is not None:
-            self.linear(torch.zeros(AMX_MIN_ROWS, 32, dtype=torch.bfloat16), Int4PackedWeight.from_quantized(w4))
+        if self._batched_rows[0] <= self._batched_rows[1]:
+            self.linear(torch.zeros(self._batched_rows[0], 32, dtype=torch.bfloat16),
+                        Int4PackedWeight.from_quantized(w4))
         # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
         # attention on strided views of the qkv projection
         norm_w = torch.ones(32)
@@ -196,9 +214,9 @@ class CPUBackend(TorchBackend):
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         if (bias is None and type(weight) is Int4PackedWeight and x.dtype == torch.bfloat16 and x.dim() == 2
-                and self._amx_config is not None and AMX_MIN_ROWS <= x.shape[0] <= AMX_MAX_ROWS
+                and self._batched_rows[0] <= x.shape[0] <= self._batched_rows[1]
                 and not self._invariant and weight.expandable and x.is_contiguous()):
-            return self._int4_amx_linear(x, weight)  # a batched step's linears: the short path
+            return self._int4_batched_linear(x, weight)  # a batched step's linears: the short path
         if isinstance(weight, Int4PackedWeight):  # bf16 in, bf16 out; other dtypes convert both ways
             x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
@@ -283,17 +301,20 @@ class CPUBackend(TorchBackend):
         if self._invariant:
             return self._int4_linear_invariant(x, w)
         m = x.shape[0]
-        if w.expandable and self._amx_config is not None and AMX_MIN_ROWS <= m <= AMX_MAX_ROWS:
-            return self._int4_amx_linear(x, w)
+        if w.expandable and self._batched_rows[0] <= m <= self._batched_rows[1]:
+            return self._int4_batched_linear(x, w)
         if m <= INT4_KERNEL_MAX_ROWS or not w.expandable:
             return torch._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
         return torch.mm(x, w.expand_bf16_t())
 
-    def _int4_amx_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
-        """``x`` (bf16, contiguous) through ``int4_amx_matmul``."""
+    def _int4_batched_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
+        """``x`` (bf16, contiguous) through ``int4_amx_matmul`` or, without AMX, ``int4_dpbf16_matmul``."""
         out, out_np = _new_array((x.shape[0], w.shape[0]), torch.bfloat16)
         packed, sz = w.amx_operands
-        int4_amx_matmul(x.view(torch.uint16).numpy(), packed, sz, out_np, self._amx_config, self.threads)
+        if self._amx_config is not None:
+            int4_amx_matmul(x.view(torch.uint16).numpy(), packed, sz, out_np, self._amx_config, self.threads)
+        else:
+            int4_dpbf16_matmul(x.view(torch.uint16).numpy(), packed, sz, out_np, self.threads)
         return out
 
     def _int4_linear_invariant(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
@@ -348,16 +369,19 @@ class CPUBackend(TorchBackend):
         """
         head = weight.argmax_head if isinstance(weight, Q8_0Weight) else None
         m = hidden.shape[0]
-        amx = (head is not None and self.uses_amx and AMX_HEAD_MIN_ROWS <= m <= AMX_MAX_ROWS
-               and weight.shape[0] % 32 == 0)
-        if head is None or self._invariant or (m >= Q8_0_GEMM_MIN_ROWS and not amx):
+        min_rows = AMX_HEAD_MIN_ROWS if self.uses_amx else DPBF16_HEAD_MIN_ROWS
+        batched = (head is not None and min_rows <= m <= self._batched_rows[1] and weight.shape[0] % 32 == 0)
+        if head is None or self._invariant or (m >= Q8_0_GEMM_MIN_ROWS and not batched):
             return None
         x = hidden.float().contiguous()
         xb = x.to(torch.bfloat16)
-        if amx:
+        if batched:
             out = torch.empty(m, weight.shape[0], dtype=torch.float32)
-            int8_amx_matmul(xb.view(torch.uint16).numpy(), head.qw.numpy(), head.scale_f32, out.numpy(),
-                            self._amx_config, self.threads)
+            args = (xb.view(torch.uint16).numpy(), head.qw.numpy(), head.scale_f32, out.numpy())
+            if self.uses_amx:
+                int8_amx_matmul(*args, self._amx_config, self.threads)
+            else:
+                int8_dpbf16_matmul(*args, self.threads)
         else:
             out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
         best = torch.empty(m, dtype=torch.int64)

@@ -61,8 +61,8 @@ def linear_candidates(backend: CPUBackend, k: int, n: int) -> dict[str, tuple[Ca
         "Q4 edgellm": (lambda x: backend.linear(x, p4), p4.nbytes),
         "Q8_0 numba": (lambda x: backend.linear(x, p8), p8.nbytes),
     }
-    if backend.uses_amx and p4.expandable:
-        cands["Q4 AMX"] = (lambda x: backend._int4_amx_linear(x.bfloat16(), p4), p4.nbytes)
+    if backend._batched_rows[0] <= backend._batched_rows[1] and p4.expandable:  # AMX tiles or AVX512-BF16
+        cands["Q4 batched"] = (lambda x: backend._int4_batched_linear(x.bfloat16(), p4), p4.nbytes)
     if n >= VOCAB_SIZED:  # an output head: greedy steps take its int8 copy and re-score (CPUBackend.greedy_tokens)
         head = backend.prepare_weight(q8, torch.float32, "lm_head")
         cands["Q8_0 head, greedy step"] = (lambda x: backend.greedy_tokens(x, head, n), n * k)
@@ -78,7 +78,7 @@ def bench_linear(backend: CPUBackend) -> list[str]:
                 x = torch.randn(m, k)
                 cells = []
                 for name, (fn, nbytes) in cands.items():
-                    if name in ("Q4 bf16 expand+GEMM", "Q4 AMX") and n % 64:
+                    if name in ("Q4 bf16 expand+GEMM", "Q4 batched") and n % 64:
                         continue
                     dt = best_seconds(lambda fn=fn, x=x: fn(x))
                     cells.append(f"{name} {dt * 1e6:8.0f}us {nbytes / dt / 1e9:5.1f}GB/s")

@@ -85,7 +85,7 @@ def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_in
 
 
 @intrinsic
-def _store_bf16_32(typingctx, src, src_index, dst, dst_index):
+def store_bf16_32(typingctx, src, src_index, dst, dst_index):
     """``dst.flat[dst_index + i] = bf16(src.flat[src_index + i])`` for ``i < 32`` (bits as uint16),
     one ``vcvtne2ps2bf16``: round to nearest even, NaN stays NaN."""
     if not (isinstance(src, types.Array) and src.dtype == types.float32 and src.layout == "C"
@@ -150,7 +150,7 @@ def _scale_zero_32(typingctx, sz, index, scale, zero):
 
 
 @njit(cache=True, inline="always")
-def _widen_group(packed, sz, block, shift, n0, g, scale, zero, b32):
+def widen_group(packed, sz, block, shift, n0, g, scale, zero, b32):
     """Group ``g`` of the panel at columns ``n0:n0+32`` into ``b32``, with its scales and zeros."""
     _scale_zero_32(sz, g * sz.shape[1] + n0, scale, zero)
     _widen_panel(packed, block, shift, g * GROUP, scale, zero, b32)
@@ -178,7 +178,7 @@ def _panels(xp, packed, sz, out, m, cfg, p0, p1):
         shift = 4 * (p % 2)
         n0 = 64 * block + 32 * (p % 2)
         for g in range(groups if m > MAX_ROWS else 0):
-            _widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
+            widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
         for r0 in range(0, m, MAX_ROWS):
             rows = min(MAX_ROWS, m - r0)
             two = rows > 16
@@ -189,7 +189,7 @@ def _panels(xp, packed, sz, out, m, cfg, p0, p1):
                 tile_zero(3)
             for g in range(groups):
                 if m <= MAX_ROWS:
-                    _widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
+                    widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
                 tile_load(6, tiles, g * 512, 128)
                 tile_load(7, tiles, g * 512 + 16, 128)
                 tile_load(4, xp, r0 * k + g * GROUP, 2 * k)
@@ -205,7 +205,7 @@ def _panels(xp, packed, sz, out, m, cfg, p0, p1):
                 tile_store(2, cbuf, 512, 128)
                 tile_store(3, cbuf, 528, 128)
             for i in range(rows):
-                _store_bf16_32(cbuf, 32 * i, out, (r0 + i) * n + n0)
+                store_bf16_32(cbuf, 32 * i, out, (r0 + i) * n + n0)
     tile_release()
 
 

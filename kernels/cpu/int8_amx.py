@@ -107,7 +107,7 @@ def _panels(xt, qw, scale, out, m, cfg, p0, p1):
 
 
 @njit(cache=True)
-def _vnni_transpose(x):
+def vnni_transpose(x):
     """``xt [K/2, M padded to 16]``: ``xt[r, m]`` is the bf16 pair ``x[m, 2r], x[m, 2r + 1]``."""
     m, k = x.shape
     x32 = x.view(np.uint32) if x.flags.c_contiguous else np.ascontiguousarray(x).view(np.uint32)
@@ -123,7 +123,7 @@ def int8_amx_matmul(x: np.ndarray, qw: np.ndarray, scale: np.ndarray, out: np.nd
                     n_threads: int) -> None:
     """``out [M, N] = (x @ qw^T) * scale``; ``x`` bf16 bits (uint16), ``qw`` int8 ``[N, K]``, ``scale``
     float32 ``[N]``, ``N % 32 == 0``, ``K % 32 == 0``; ``cfg`` from ``amx.make_config()``."""
-    xt = _vnni_transpose(x)
+    xt = vnni_transpose(x)
     n_panels = out.shape[1] // PANEL
     workers = max(1, min(n_threads, n_panels))
     for w in prange(workers):

@@ -1,0 +1,228 @@
+"""Quantized weights times bf16 rows with AVX512-BF16 dot products, for CPUs without AMX (AMD Zen 4
+and later, Intel Cooper Lake).
+
+``vdpbf16ps acc, a, b`` adds ``a[2i] b[2i] + a[2i+1] b[2i+1]`` to each of 16 float32 lanes: the same
+arithmetic as AMX's ``tdpbf16ps`` (bf16 pairs, float32 sums), one 512-bit register at a time. Both
+matmuls here widen each weight once per call into "VNNI" pairs (two consecutive k of one column in
+a uint32) and multiply in register blocks of up to 8 broadcast rows times 32 columns
+(``_dot_block``): 16 accumulators, so the products' latency hides behind each other.
+
+- ``int4_dpbf16_matmul``: ATen's packed int4 layout read in place, each group widened to bf16 in
+  float32 arithmetic and rounded once, as ``int4_amx`` and ``bf16_expand`` do: the same weights.
+- ``int8_dpbf16_matmul``: an output head's per-row int8 copy (exact in bf16) times bf16 rows, scaled
+  per row, as ATen's ``_weight_int8pack_mm`` and ``int8_amx`` compute.
+"""
+from __future__ import annotations
+
+import functools
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.amx import _BFloat, cvt_ne2ps2bf16, element_ptr
+from edgellm.kernels.cpu.int4_amx import store_bf16_32, widen_group
+from edgellm.kernels.cpu.int8_amx import vnni_transpose
+
+BLOCK_ROWS = 8  # broadcast rows per register block: 8 x 2 accumulators + 2 weight vectors + 1 broadcast
+PANEL = 32  # output columns per widened panel (int4) / weight rows per pass (int8)
+GROUP = 32
+
+
+@functools.cache
+def supported() -> bool:
+    """Whether this CPU has AVX512-BF16 (``vdpbf16ps``, ``vcvtne2ps2bf16``)."""
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512bf16") and features.get("avx512f") and features.get("avx512bw"))
+
+
+def _dp(builder):
+    v16f, v32b = ir.VectorType(ir.FloatType(), 16), ir.VectorType(_BFloat(), 32)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f, v32b, v32b]),
+                                          "llvm.x86.avx512bf16.dpbf16ps.512")
+
+
+@intrinsic(prefer_literal=True)
+def _dot_block(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c):
+    """``c.flat[16 vecs r + 16 v + i] = sum_p bf16x2(a.flat[a0 + r a_stride + p]) . bf16x2(b.flat[b0 +
+    p b_stride + 16 v + i])`` for ``r < rows``, ``v < vecs``, ``i < 16``, ``p < pairs``.
+
+    ``a`` and ``b`` hold bf16 pairs as uint32; each ``a`` pair is broadcast to all lanes. ``rows``
+    (1-8) and ``vecs`` (1-2) are compile-time constants: the accumulators live in registers.
+    """
+    if not (isinstance(rows, types.IntegerLiteral) and 1 <= rows.literal_value <= BLOCK_ROWS
+            and isinstance(vecs, types.IntegerLiteral) and vecs.literal_value in (1, 2)):
+        return None
+    if not (all(isinstance(t, types.Array) and t.layout == "C" and t.dtype == types.uint32 for t in (a, b))
+            and isinstance(c, types.Array) and c.layout == "C" and c.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        t_a, t_a0, t_as, _, t_b, t_b0, t_bs, _, t_p, t_c = sig.args
+        v_a, v_a0, v_as, _, v_b, v_b0, v_bs, _, v_p, v_c = args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v16i, v16f, v32b = ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_BFloat(), 32)
+        n_rows, n_vecs = rows.literal_value, vecs.literal_value
+        as64 = lambda v, t: context.cast(builder, v, t, types.int64)  # noqa: E731
+        a0, a_s, b0, b_s = as64(v_a0, t_a0), as64(v_as, t_as), as64(v_b0, t_b0), as64(v_bs, t_bs)
+        dp = _dp(builder)
+        zero = ir.Constant(v16f, None)
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_vecs)] for _ in range(n_rows)]
+        splat = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+        with cgutils.for_range(builder, as64(v_p, t_p)) as loop:
+            p = loop.index
+            row_b = builder.add(b0, builder.mul(p, b_s))
+            wv = [builder.bitcast(builder.load(element_ptr(context, builder, t_b, v_b, row_b, types.int64, v16i,
+                                                         offset=16 * v), align=4), v32b) for v in range(n_vecs)]
+            for r in range(n_rows):
+                idx = builder.add(builder.add(a0, builder.mul(ir.Constant(i64, r), a_s)), p)
+                s = builder.load(element_ptr(context, builder, t_a, v_a, idx, types.int64, i32), align=4)
+                one = builder.insert_element(ir.Constant(v16i, None), s, ir.Constant(i32, 0))
+                bc = builder.bitcast(builder.shuffle_vector(one, one, splat), v32b)
+                for v in range(n_vecs):
+                    builder.store(builder.call(dp, [builder.load(accs[r][v]), bc, wv[v]]), accs[r][v])
+        for r in range(n_rows):
+            for v in range(n_vecs):
+                ptr = element_ptr(context, builder, t_c, v_c, ir.Constant(i64, 16 * (n_vecs * r + v)), types.int64,
+                                  v16f)
+                builder.store(builder.load(accs[r][v]), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c), codegen
+
+
+@njit(cache=True, inline="always")
+def _dot_rows(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c):
+    """``_dot_block`` for a run-time ``rows`` (1-8) and ``vecs`` (1-2)."""
+    if vecs == 2:
+        if rows == 8:
+            _dot_block(a, a0, a_stride, 8, b, b0, b_stride, 2, pairs, c)
+        elif rows == 7:
+            _dot_block(a, a0, a_stride, 7, b, b0, b_stride, 2, pairs, c)
+        elif rows == 6:
+            _dot_block(a, a0, a_stride, 6, b, b0, b_stride, 2, pairs, c)
+        elif rows == 5:
+            _dot_block(a, a0, a_stride, 5, b, b0, b_stride, 2, pairs, c)
+        elif rows == 4:
+            _dot_block(a, a0, a_stride, 4, b, b0, b_stride, 2, pairs, c)
+        elif rows == 3:
+            _dot_block(a, a0, a_stride, 3, b, b0, b_stride, 2, pairs, c)
+        elif rows == 2:
+            _dot_block(a, a0, a_stride, 2, b, b0, b_stride, 2, pairs, c)
+        else:
+            _dot_block(a, a0, a_stride, 1, b, b0, b_stride, 2, pairs, c)
+    else:
+        if rows == 8:
+            _dot_block(a, a0, a_stride, 8, b, b0, b_stride, 1, pairs, c)
+        elif rows == 7:
+            _dot_block(a, a0, a_stride, 7, b, b0, b_stride, 1, pairs, c)
+        elif rows == 6:
+            _dot_block(a, a0, a_stride, 6, b, b0, b_stride, 1, pairs, c)
+        elif rows == 5:
+            _dot_block(a, a0, a_stride, 5, b, b0, b_stride, 1, pairs, c)
+        elif rows == 4:
+            _dot_block(a, a0, a_stride, 4, b, b0, b_stride, 1, pairs, c)
+        elif rows == 3:
+            _dot_block(a, a0, a_stride, 3, b, b0, b_stride, 1, pairs, c)
+        elif rows == 2:
+            _dot_block(a, a0, a_stride, 2, b, b0, b_stride, 1, pairs, c)
+        else:
+            _dot_block(a, a0, a_stride, 1, b, b0, b_stride, 1, pairs, c)
+
+
+@njit(cache=True)
+def _int4_panels(x32, packed, sz, out, p0, p1):
+    """Output columns ``32 p0 : 32 p1`` of ``out [M, N]`` (bf16 bits): each panel widened once into
+    ``tiles [K/32, 16, 32]`` (``[K/2, 32]`` pairs), then every 8 rows of ``x32`` against it."""
+    m, half_k = x32.shape
+    n = out.shape[1]
+    groups = 2 * half_k // GROUP
+    tiles = np.empty((groups, 16, PANEL), np.uint32)
+    cbuf = np.empty((BLOCK_ROWS, PANEL), np.float32)
+    scale = np.empty(PANEL, np.float32)
+    zero = np.empty(PANEL, np.float32)
+    for p in range(p0, p1):
+        block = p // 2
+        n0 = 64 * block + 32 * (p % 2)
+        for g in range(groups):
+            widen_group(packed, sz, block, 4 * (p % 2), n0, g, scale, zero, tiles[g])
+        for r0 in range(0, m, BLOCK_ROWS):
+            rows = min(BLOCK_ROWS, m - r0)
+            _dot_rows(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf)
+            for i in range(rows):
+                store_bf16_32(cbuf, PANEL * i, out, (r0 + i) * n + n0)
+
+
+@njit(cache=True, parallel=True)
+def int4_dpbf16_matmul(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, out: np.ndarray, n_threads: int) -> None:
+    """``out [M, N] = x [M, K] @ W^T`` in bf16 bits (uint16, C-contiguous), ``N % 64 == 0``, ``K % 32 == 0``.
+
+    ``packed`` is ATen's int4 weight viewed as ``[N/64, K, 32]``, ``sz`` its scale-zeros ``[K/32, N]``
+    as uint32 (each the bf16 pair): ``Int4PackedWeight.amx_operands``.
+    """
+    x32 = x.view(np.uint32)
+    n_panels = out.shape[1] // PANEL
+    workers = max(1, min(n_threads, n_panels))
+    for w in prange(workers):
+        _int4_panels(x32, packed, sz, out, w * n_panels // workers, (w + 1) * n_panels // workers)
+
+
+@intrinsic
+def _widen_int8_pairs(typingctx, src, src_index, dst, dst_index):
+    """``dst.flat[dst_index + j]`` = the bf16 pair of int8 ``src.flat[src_index + 2j : +2]`` for
+    ``j < 16`` (32 values, exact), low k in the low half, as ``x.view(uint32)`` reads bf16 rows."""
+    if not (isinstance(src, types.Array) and src.dtype == types.int8 and src.layout == "C"
+            and isinstance(dst, types.Array) and dst.dtype == types.uint32 and dst.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def half(offset):  # 16 int8 values as floats
+            ptr = element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
+                              ir.VectorType(ir.IntType(8), 16), offset)
+            return builder.sitofp(builder.load(ptr, align=1), ir.VectorType(ir.FloatType(), 16))
+
+        out = builder.call(cvt_ne2ps2bf16(builder), [half(16), half(0)])  # element i in lane i: pairs in order
+        ptr = element_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], out.type)
+        builder.store(out, ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(src, src_index, dst, dst_index), codegen
+
+
+@njit(cache=True)
+def _int8_panels(xt, qw, scale, out, p0, p1):
+    """Output columns ``32 p0 : 32 p1`` of ``out [M, N]`` (float32): 32 weight rows widened to bf16
+    pairs ``a [32, K/2]``, each 8 of them broadcast against 32 activation rows (``xt`` VNNI pairs)."""
+    n_rows, k = qw.shape
+    m = out.shape[0]
+    mp = xt.shape[1]
+    half_k = k // 2
+    a = np.empty((PANEL, half_k), np.uint32)
+    cbuf = np.empty((BLOCK_ROWS, PANEL), np.float32)
+    for p in range(p0, p1):
+        n0 = p * PANEL
+        for i in range(PANEL):
+            for g in range(k // GROUP):
+                _widen_int8_pairs(qw, (n0 + i) * k + g * GROUP, a, i * half_k + g * (GROUP // 2))
+        for c0 in range(0, m, PANEL):
+            vecs = 2 if m - c0 > 16 else 1
+            for i0 in range(0, PANEL, BLOCK_ROWS):
+                _dot_rows(a, i0 * half_k, half_k, BLOCK_ROWS, xt, c0, mp, vecs, half_k, cbuf)
+                for i in range(BLOCK_ROWS):
+                    s = scale[n0 + i0 + i]
+                    for j in range(min(16 * vecs, m - c0)):
+                        out[c0 + j, n0 + i0 + i] = cbuf.flat[16 * vecs * i + j] * s
+
+
+@njit(cache=True, parallel=True)
+def int8_dpbf16_matmul(x: np.ndarray, qw: np.ndarray, scale: np.ndarray, out: np.ndarray, n_threads: int) -> None:
+    """``out [M, N] = (x @ qw^T) * scale``: ``x`` bf16 bits (uint16), ``qw`` int8 ``[N, K]``, ``scale``
+    float32 ``[N]``, ``N % 32 == 0``, ``K % 32 == 0``; ``out`` float32."""
+    xt = vnni_transpose(x)
+    n_panels = out.shape[1] // PANEL
+    workers = max(1, min(n_threads, n_panels))
+    for w in prange(workers):
+        _int8_panels(xt, qw, scale, out, w * n_panels // workers, (w + 1) * n_panels // workers)
