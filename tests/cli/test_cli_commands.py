@@ -221,3 +221,19 @@ def test_shell_completion_offers_commands_and_models() -> None:
     env.update(COMP_WORDS="edgellm chat smol", COMP_CWORD="2")
     done = run_python(["-m", "edgellm.cli.main"], env)
     assert "plain,smollm2-135m-instruct" in done.stdout and "plain,smollm2" in done.stdout
+
+
+def test_serve_hands_the_batching_limits_to_the_engine(runner: CliRunner, monkeypatch) -> None:
+    import edgellm.async_llm
+
+    seen = {}
+
+    def fake_engine(model, **options):
+        seen.update(options, model=model)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(edgellm.async_llm, "AsyncLLM", fake_engine)
+    result = runner.invoke(cli, ["serve", "--max-num-seqs", "8", "--max-num-batched-tokens", "1024"])
+    assert result.exit_code == 1 and "stop here" in result.stderr
+    assert seen["max_num_seqs"] == 8 and seen["max_num_batched_tokens"] == 1024
+    assert runner.invoke(cli, ["serve", "--max-num-batched-tokens", "0"]).exit_code == 2
