@@ -39,10 +39,14 @@ from edgellm.kernels.cpu.amx import make_config as make_tile_config
 from edgellm.kernels.cpu.amx import request_amx
 from edgellm.kernels.cpu.attention_amx import paged_attention_step_amx, rope_attention_step_amx
 from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
+from edgellm.kernels.cpu.attention_dpbf16 import paged_attention_step_dp, rope_attention_step_dp
+from edgellm.kernels.cpu.attention_dpbf16 import supports as dp_attention_supports
 from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
+from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
+from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
 from edgellm.kernels.cpu.norm_rope import (
     add_rms_norm,
     add_rms_norm_parallel,
@@ -87,9 +91,12 @@ AMX_HEAD_MIN_ROWS = 4
 # (~430 GFLOP/s); at 1-2 rows ATen's kernel is faster (its cost is the weight read, ours the widening).
 DPBF16_MIN_ROWS = 4
 DPBF16_MAX_ROWS = 1 << 20
-# The int8 head widens its 28M weights once per call (4.5 ms for 49152 x 576): from 8 rows up that beats
-# ATen's int8 kernel, whose cost grows with every row (5.4 vs 4.5 ms at 8 rows, 23 vs 7.6 ms at 32).
-DPBF16_HEAD_MIN_ROWS = 8
+# With AVX512-VNNI the greedy head's int8 copy takes up to this many rows through int8_gemv (int16
+# activations, exact int32 sums): at 49152 x 576 on a Zen 4, 0.3-0.6 ms for one row against ATen's
+# 1.1-2.3 ms, 4.2 ms for 16 rows against 5.3 ms for int8_dpbf16_matmul, which widens the weight once
+# per call and takes over from 32 rows (7.8 vs 8.1 ms there).
+INT8_GEMV_MAX_ROWS = 32
+DPBF16_HEAD_MIN_ROWS = 8  # without VNNI: below this ATen's int8 kernel (the widening costs 4.5 ms a call)
 INT4_GEMV_MAX_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
@@ -117,6 +124,7 @@ class CPUBackend(TorchBackend):
         # without AMX, AVX512-BF16 dot products (AMD Zen 4, Intel Cooper Lake) take batched int4 steps
         # and the int8 head instead; EDGELLM_DPBF16=0 turns them off
         self._dpbf16 = (not use_amx and os.environ.get("EDGELLM_DPBF16", "1") != "0" and dpbf16_supported())
+        self._vnni = os.environ.get("EDGELLM_VNNI", "1") != "0" and vnni_supported()
         self._batched_rows = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
                               (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))
         if warmup:
@@ -137,7 +145,7 @@ class CPUBackend(TorchBackend):
         # AMX int4 kernel: one call compiles each, whatever the row count
         head = Q8_0Weight.from_quantized(QuantizedTensor("Q8_0", torch.zeros(32, 34, dtype=torch.uint8), (32, 32)),
                                          head=True)
-        for rows in (1, AMX_HEAD_MIN_ROWS):
+        for rows in (1, AMX_HEAD_MIN_ROWS, INT8_GEMV_MAX_ROWS):
             self.logits(torch.zeros(rows, 32), head, argmax_cols=32)
         if self._batched_rows[0] <= self._batched_rows[1]:
             self.linear(torch.zeros(self._batched_rows[0], 32, dtype=torch.bfloat16),
@@ -361,32 +369,44 @@ class CPUBackend(TorchBackend):
     def _approx_head(self, hidden: torch.Tensor, weight: Any, vocab: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(logits, argmax)`` of a Q8_0 head for callers that take only each row's argmax over the
         first ``vocab`` columns, or None where this does not apply (not a Q8_0 head, batch-invariant
-        mode, or a big step without AMX).
+        mode, or a big step without a batched int8 kernel).
 
-        The int8 copy of the head (ATen's ``_weight_int8pack_mm`` for a few rows; with AMX,
-        ``int8_amx_matmul`` from 4 rows up to 256) gives approximate logits; ``q8_0_rescore``
-        recomputes exactly every entry that could be a row's maximum and returns the exact argmax.
+        The int8 copy of the head gives approximate logits: with AVX512-VNNI, ``int8_gemv`` for up
+        to 31 rows (activations quantized to int16, exact integer sums); with AMX, ``int8_amx_matmul``
+        from 4 rows up to 256; with AVX512-BF16, ``int8_dpbf16_matmul`` from 32; else ATen's
+        ``_weight_int8pack_mm`` for a few rows. ``q8_0_rescore`` then recomputes exactly every entry
+        that could be a row's maximum, with the activations the kernel used, and returns the exact
+        argmax.
         """
         head = weight.argmax_head if isinstance(weight, Q8_0Weight) else None
-        m = hidden.shape[0]
-        min_rows = AMX_HEAD_MIN_ROWS if self.uses_amx else DPBF16_HEAD_MIN_ROWS
-        batched = (head is not None and min_rows <= m <= self._batched_rows[1] and weight.shape[0] % 32 == 0)
-        if head is None or self._invariant or (m >= Q8_0_GEMM_MIN_ROWS and not batched):
+        if head is None or self._invariant:
+            return None
+        m, (n, k) = hidden.shape[0], weight.shape
+        amx = self.uses_amx and AMX_HEAD_MIN_ROWS <= m <= AMX_MAX_ROWS and n % 32 == 0
+        vnni = self._vnni and m < INT8_GEMV_MAX_ROWS and k % 32 == 0 and not amx
+        batched = amx or (self._dpbf16 and DPBF16_HEAD_MIN_ROWS <= m <= DPBF16_MAX_ROWS and n % 32 == 0)
+        if not (vnni or batched or m < Q8_0_GEMM_MIN_ROWS):
             return None
         x = hidden.float().contiguous()
-        xb = x.to(torch.bfloat16)
-        if batched:
-            out = torch.empty(m, weight.shape[0], dtype=torch.float32)
-            args = (xb.view(torch.uint16).numpy(), head.qw.numpy(), head.scale_f32, out.numpy())
-            if self.uses_amx:
-                int8_amx_matmul(*args, self._amx_config, self.threads)
-            else:
-                int8_dpbf16_matmul(*args, self.threads)
+        out = torch.empty(m, n, dtype=torch.float32)
+        if vnni:
+            xq, s = quantize_rows_int16(x.numpy(), xq_limit(k))
+            int8_gemv(xq, s, head.qw.numpy(), head.scale_f32, out.numpy(), self.threads)
+            x_used = xq.astype(np.float32) * s[:, None]
         else:
-            out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
+            xb = x.to(torch.bfloat16)
+            x_used = xb.float().numpy()
+            if batched:
+                args = (xb.view(torch.uint16).numpy(), head.qw.numpy(), head.scale_f32, out.numpy())
+                if amx:
+                    int8_amx_matmul(*args, self._amx_config, self.threads)
+                else:
+                    int8_dpbf16_matmul(*args, self.threads)
+            else:
+                out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
         best = torch.empty(m, dtype=torch.int64)
-        q8_0_rescore(x.numpy(), xb.float().numpy(), weight.qs, weight.d, head.err_norm, head.w_norm,
-                     min(vocab, out.shape[1]), out.numpy(), best.numpy())
+        q8_0_rescore(x.numpy(), x_used, weight.qs, weight.d, head.err_norm, head.w_norm, min(vocab, n),
+                     out.numpy(), best.numpy())
         return out, best
 
     def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -432,8 +452,11 @@ class CPUBackend(TorchBackend):
             args = (_as_numpy(out)[:t_numba], q_np[:t_numba], k_np[:t_numba], v_np[:t_numba], kv, slots[:t_numba],
                     starts[:n_numba + 1], lens[:n_numba], tables[:n_numba], float(scale), int(sliding_window or 0),
                     float(soft_cap or 0.0), DEFAULT_Q_TILE, self.threads if work >= SERIAL_ATTENTION_WORK else 1)
-            if self._amx_decodes(kv, q.shape[1] // k.shape[1]):
+            kernel = self._decode_kernel(kv, q.shape[1] // k.shape[1])
+            if kernel == "amx":
                 paged_attention_step_amx(*args, self._amx_config)
+            elif kernel == "dpbf16":
+                paged_attention_step_dp(*args)
             else:
                 paged_attention_step(*args)
         lens_list = meta.seq_lens_list or meta.seq_lens.tolist()
@@ -472,15 +495,23 @@ class CPUBackend(TorchBackend):
         args = (_as_numpy(out).reshape(t, num_heads, head_dim), qkv_np, positions.numpy(), cos_sin.numpy(), kv, slots,
                 starts, lens, tables, float(scale), int(sliding_window or 0), 0.0, DEFAULT_Q_TILE,
                 self.threads if work >= SERIAL_ATTENTION_WORK else 1)
-        if self._amx_decodes(kv, num_heads // num_kv_heads):
+        kernel = self._decode_kernel(kv, num_heads // num_kv_heads)
+        if kernel == "amx":
             rope_attention_step_amx(*args, self._amx_config)
+        elif kernel == "dpbf16":
+            rope_attention_step_dp(*args)
         else:
             rope_attention_step(*args)
         return out
 
-    def _amx_decodes(self, kv: np.ndarray, group: int) -> bool:
-        """Whether decode rows attend on AMX tiles (``attention_amx``): bf16 caches of head size 64."""
-        return self._amx_config is not None and amx_attention_supports(kv, group)
+    def _decode_kernel(self, kv: np.ndarray, group: int) -> str:
+        """Where decode rows attend: on AMX tiles (``attention_amx``), with AVX512-BF16 dot products
+        (``attention_dpbf16``), both for bf16 caches of head size 64, or in the AVX-512 kernel."""
+        if self._amx_config is not None and amx_attention_supports(kv, group):
+            return "amx"
+        if self._dpbf16 and dp_attention_supports(kv, group):
+            return "dpbf16"
+        return "avx512"
 
     @staticmethod
     def _prompt_attention(q0: int, q1: int, ctx: int, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -96,7 +96,7 @@ def test_int8_matches_float64(m, n, k):
     assert ((torch.from_numpy(out).double() - want).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("m", [cpu_backend.DPBF16_HEAD_MIN_ROWS, 32, 40])
+@pytest.mark.parametrize("m", [cpu_backend.INT8_GEMV_MAX_ROWS, 40])
 def test_greedy_steps_through_the_int8_kernel_keep_the_exact_argmax(m, monkeypatch):
     monkeypatch.setenv("EDGELLM_AMX", "0")
     n, k = 2048, 576
