@@ -39,8 +39,6 @@ from edgellm.kernels.cpu.amx import make_config as make_tile_config
 from edgellm.kernels.cpu.amx import request_amx
 from edgellm.kernels.cpu.attention_amx import paged_attention_step_amx, rope_attention_step_amx
 from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
-from edgellm.kernels.cpu.attention_dpbf16 import paged_attention_step_dp, rope_attention_step_dp
-from edgellm.kernels.cpu.attention_dpbf16 import supports as dp_attention_supports
 from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
@@ -452,11 +450,8 @@ class CPUBackend(TorchBackend):
             args = (_as_numpy(out)[:t_numba], q_np[:t_numba], k_np[:t_numba], v_np[:t_numba], kv, slots[:t_numba],
                     starts[:n_numba + 1], lens[:n_numba], tables[:n_numba], float(scale), int(sliding_window or 0),
                     float(soft_cap or 0.0), DEFAULT_Q_TILE, self.threads if work >= SERIAL_ATTENTION_WORK else 1)
-            kernel = self._decode_kernel(kv, q.shape[1] // k.shape[1])
-            if kernel == "amx":
+            if self._amx_decodes(kv, q.shape[1] // k.shape[1]):
                 paged_attention_step_amx(*args, self._amx_config)
-            elif kernel == "dpbf16":
-                paged_attention_step_dp(*args)
             else:
                 paged_attention_step(*args)
         lens_list = meta.seq_lens_list or meta.seq_lens.tolist()
@@ -495,23 +490,15 @@ class CPUBackend(TorchBackend):
         args = (_as_numpy(out).reshape(t, num_heads, head_dim), qkv_np, positions.numpy(), cos_sin.numpy(), kv, slots,
                 starts, lens, tables, float(scale), int(sliding_window or 0), 0.0, DEFAULT_Q_TILE,
                 self.threads if work >= SERIAL_ATTENTION_WORK else 1)
-        kernel = self._decode_kernel(kv, num_heads // num_kv_heads)
-        if kernel == "amx":
+        if self._amx_decodes(kv, num_heads // num_kv_heads):
             rope_attention_step_amx(*args, self._amx_config)
-        elif kernel == "dpbf16":
-            rope_attention_step_dp(*args)
         else:
             rope_attention_step(*args)
         return out
 
-    def _decode_kernel(self, kv: np.ndarray, group: int) -> str:
-        """Where decode rows attend: on AMX tiles (``attention_amx``), with AVX512-BF16 dot products
-        (``attention_dpbf16``), both for bf16 caches of head size 64, or in the AVX-512 kernel."""
-        if self._amx_config is not None and amx_attention_supports(kv, group):
-            return "amx"
-        if self._dpbf16 and dp_attention_supports(kv, group):
-            return "dpbf16"
-        return "avx512"
+    def _amx_decodes(self, kv: np.ndarray, group: int) -> bool:
+        """Whether decode rows attend on AMX tiles (``attention_amx``): bf16 caches of head size 64."""
+        return self._amx_config is not None and amx_attention_supports(kv, group)
 
     @staticmethod
     def _prompt_attention(q0: int, q1: int, ctx: int, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

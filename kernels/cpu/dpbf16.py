@@ -46,8 +46,8 @@ def _dp(builder):
 
 
 @intrinsic(prefer_literal=True)
-def _dot_block(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c, c0):
-    """``c.flat[c0 + 16 vecs r + 16 v + i] = sum_p bf16x2(a.flat[a0 + r a_stride + p]) . bf16x2(b.flat[b0 +
+def _dot_block(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c):
+    """``c.flat[16 vecs r + 16 v + i] = sum_p bf16x2(a.flat[a0 + r a_stride + p]) . bf16x2(b.flat[b0 +
     p b_stride + 16 v + i])`` for ``r < rows``, ``v < vecs``, ``i < 16``, ``p < pairs``.
 
     ``a`` and ``b`` hold bf16 pairs as uint32; each ``a`` pair is broadcast to all lanes. ``rows``
@@ -61,14 +61,13 @@ def _dot_block(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c
         return None
 
     def codegen(context, builder, sig, args):
-        t_a, t_a0, t_as, _, t_b, t_b0, t_bs, _, t_p, t_c, t_c0 = sig.args
-        v_a, v_a0, v_as, _, v_b, v_b0, v_bs, _, v_p, v_c, v_c0 = args
+        t_a, t_a0, t_as, _, t_b, t_b0, t_bs, _, t_p, t_c = sig.args
+        v_a, v_a0, v_as, _, v_b, v_b0, v_bs, _, v_p, v_c = args
         i32, i64 = ir.IntType(32), ir.IntType(64)
         v16i, v16f, v32b = ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_BFloat(), 32)
         n_rows, n_vecs = rows.literal_value, vecs.literal_value
         as64 = lambda v, t: context.cast(builder, v, t, types.int64)  # noqa: E731
         a0, a_s, b0, b_s = as64(v_a0, t_a0), as64(v_as, t_as), as64(v_b0, t_b0), as64(v_bs, t_bs)
-        c0 = as64(v_c0, t_c0)
         dp = _dp(builder)
         zero = ir.Constant(v16f, None)
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_vecs)] for _ in range(n_rows)]
@@ -87,52 +86,51 @@ def _dot_block(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c
                     builder.store(builder.call(dp, [builder.load(accs[r][v]), bc, wv[v]]), accs[r][v])
         for r in range(n_rows):
             for v in range(n_vecs):
-                idx = builder.add(c0, ir.Constant(i64, 16 * (n_vecs * r + v)))
-                ptr = element_ptr(context, builder, t_c, v_c, idx, types.int64, v16f)
+                ptr = element_ptr(context, builder, t_c, v_c, ir.Constant(i64, 16 * (n_vecs * r + v)), types.int64,
+                                  v16f)
                 builder.store(builder.load(accs[r][v]), ptr, align=4)
         return context.get_dummy_value()
 
-    return types.void(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c, c0), codegen
+    return types.void(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c), codegen
 
 
 @njit(cache=True, inline="always")
-def dot_rows(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c, c0):
-    """``_dot_block`` for a run-time ``rows`` (1-8) and ``vecs`` (1-2): ``c.flat[c0 + 16 vecs r + 16 v + i]``
-    = the bf16-pair dot products of ``a`` row ``r`` (broadcast) with ``b``'s lanes, over ``pairs`` pairs."""
+def _dot_rows(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c):
+    """``_dot_block`` for a run-time ``rows`` (1-8) and ``vecs`` (1-2)."""
     if vecs == 2:
         if rows == 8:
-            _dot_block(a, a0, a_stride, 8, b, b0, b_stride, 2, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 8, b, b0, b_stride, 2, pairs, c)
         elif rows == 7:
-            _dot_block(a, a0, a_stride, 7, b, b0, b_stride, 2, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 7, b, b0, b_stride, 2, pairs, c)
         elif rows == 6:
-            _dot_block(a, a0, a_stride, 6, b, b0, b_stride, 2, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 6, b, b0, b_stride, 2, pairs, c)
         elif rows == 5:
-            _dot_block(a, a0, a_stride, 5, b, b0, b_stride, 2, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 5, b, b0, b_stride, 2, pairs, c)
         elif rows == 4:
-            _dot_block(a, a0, a_stride, 4, b, b0, b_stride, 2, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 4, b, b0, b_stride, 2, pairs, c)
         elif rows == 3:
-            _dot_block(a, a0, a_stride, 3, b, b0, b_stride, 2, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 3, b, b0, b_stride, 2, pairs, c)
         elif rows == 2:
-            _dot_block(a, a0, a_stride, 2, b, b0, b_stride, 2, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 2, b, b0, b_stride, 2, pairs, c)
         else:
-            _dot_block(a, a0, a_stride, 1, b, b0, b_stride, 2, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 1, b, b0, b_stride, 2, pairs, c)
     else:
         if rows == 8:
-            _dot_block(a, a0, a_stride, 8, b, b0, b_stride, 1, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 8, b, b0, b_stride, 1, pairs, c)
         elif rows == 7:
-            _dot_block(a, a0, a_stride, 7, b, b0, b_stride, 1, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 7, b, b0, b_stride, 1, pairs, c)
         elif rows == 6:
-            _dot_block(a, a0, a_stride, 6, b, b0, b_stride, 1, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 6, b, b0, b_stride, 1, pairs, c)
         elif rows == 5:
-            _dot_block(a, a0, a_stride, 5, b, b0, b_stride, 1, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 5, b, b0, b_stride, 1, pairs, c)
         elif rows == 4:
-            _dot_block(a, a0, a_stride, 4, b, b0, b_stride, 1, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 4, b, b0, b_stride, 1, pairs, c)
         elif rows == 3:
-            _dot_block(a, a0, a_stride, 3, b, b0, b_stride, 1, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 3, b, b0, b_stride, 1, pairs, c)
         elif rows == 2:
-            _dot_block(a, a0, a_stride, 2, b, b0, b_stride, 1, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 2, b, b0, b_stride, 1, pairs, c)
         else:
-            _dot_block(a, a0, a_stride, 1, b, b0, b_stride, 1, pairs, c, c0)
+            _dot_block(a, a0, a_stride, 1, b, b0, b_stride, 1, pairs, c)
 
 
 @njit(cache=True)
@@ -153,7 +151,7 @@ def _int4_panels(x32, packed, sz, out, p0, p1):
             widen_group(packed, sz, block, 4 * (p % 2), n0, g, scale, zero, tiles[g])
         for r0 in range(0, m, BLOCK_ROWS):
             rows = min(BLOCK_ROWS, m - r0)
-            dot_rows(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf, 0)
+            _dot_rows(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf)
             for i in range(rows):
                 store_bf16_32(cbuf, PANEL * i, out, (r0 + i) * n + n0)
 
@@ -212,7 +210,7 @@ def _int8_panels(xt, qw, scale, out, p0, p1):
         for c0 in range(0, m, PANEL):
             vecs = 2 if m - c0 > 16 else 1
             for i0 in range(0, PANEL, BLOCK_ROWS):
-                dot_rows(a, i0 * half_k, half_k, BLOCK_ROWS, xt, c0, mp, vecs, half_k, cbuf, 0)
+                _dot_rows(a, i0 * half_k, half_k, BLOCK_ROWS, xt, c0, mp, vecs, half_k, cbuf)
                 for i in range(BLOCK_ROWS):
                     s = scale[n0 + i0 + i]
                     for j in range(min(16 * vecs, m - c0)):
