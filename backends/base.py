@@ -22,6 +22,9 @@ class Capabilities:
     kv_cache_bytes_available: int  # memory the KV cache may take without starving the rest
     supports_graphs: bool = False
     native_quant_formats: tuple[str, ...] = ()
+    # the engine's default token budget per step (EngineConfig.max_num_batched_tokens unset): how many
+    # prompt tokens ride along with the decodes of a step before big steps cost more than they save
+    step_tokens: int = 2048
     notes: dict[str, Any] = field(default_factory=dict)
 
 

@@ -40,7 +40,7 @@ def _origins(text: str) -> list[str]:
               help="same output for a request alone or among others, at some cost in speed")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), help="most sequences in one step (default: 256)")
 @click.option("--max-num-batched-tokens", type=click.IntRange(min=1),
-              help="token budget of one step, prompt chunks and decodes together (default: 2048)")
+              help="token budget of one step, prompt chunks and decodes together (default: 2048; 512 on CPUs without AMX)")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve_command(model: str, host: str, port: int, api_key: str | None, allowed_origins: str,

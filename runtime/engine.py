@@ -96,7 +96,8 @@ class LLMEngine:
         self.kv_caches = self.backend.allocate_kv_cache(mc.num_layers, num_blocks, bs, mc.num_kv_heads,
                                                         mc.head_dim, kv_dtype)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        budget = config.max_num_batched_tokens or self.backend.capabilities().step_tokens
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(self.model, self.backend, self.kv_caches, bs, self.vocab_size)
         self.sampler = Sampler(self.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}

@@ -115,3 +115,14 @@ def test_every_token_is_computed_exactly_once(budget):
     # the 17- and 30-token prompts share their first 16 tokens: later ones reuse cached blocks
     assert computed == {s.seq_id: s.num_prompt_tokens - s.num_cached_tokens for s in seqs}
     assert sum(s.num_cached_tokens for s in seqs) > 0 or budget == 64
+
+
+def test_the_step_budget_defaults_to_the_backends_choice(make_tiny_hf_model, monkeypatch):
+    from edgellm.backends import cpu as cpu_backend
+    from edgellm.llm import LLM
+
+    folder = str(make_tiny_hf_model("llama"))
+    monkeypatch.setenv("EDGELLM_AMX", "0")  # the budget of CPUs without AMX
+    assert LLM(folder, device="cpu").engine.scheduler.max_num_batched_tokens == cpu_backend.CPU_STEP_TOKENS
+    assert LLM(folder, device="cpu", max_num_batched_tokens=300).engine.scheduler.max_num_batched_tokens == 300
+    assert LLM(folder, device="torch").engine.scheduler.max_num_batched_tokens == 2048
