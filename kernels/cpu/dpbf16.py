@@ -23,9 +23,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from edgellm.kernels.cpu.amx import _BFloat, cvt_ne2ps2bf16, element_ptr
+from edgellm.kernels.cpu.amx import _BFloat, element_ptr
 from edgellm.kernels.cpu.int4_amx import store_bf16_32, widen_group
-from edgellm.kernels.cpu.int8_amx import vnni_transpose
+from edgellm.kernels.cpu.int8_amx import vnni_transpose, widen_int8_32
 
 BLOCK_ROWS = 8  # broadcast rows per register block: 8 x 2 accumulators + 2 weight vectors + 1 broadcast
 PANEL = 32  # output columns per widened panel (int4) / weight rows per pass (int8)
@@ -170,28 +170,6 @@ def int4_dpbf16_matmul(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, out: n
         _int4_panels(x32, packed, sz, out, w * n_panels // workers, (w + 1) * n_panels // workers)
 
 
-@intrinsic
-def _widen_int8_pairs(typingctx, src, src_index, dst, dst_index):
-    """``dst.flat[dst_index + j]`` = the bf16 pair of int8 ``src.flat[src_index + 2j : +2]`` for
-    ``j < 16`` (32 values, exact), low k in the low half, as ``x.view(uint32)`` reads bf16 rows."""
-    if not (isinstance(src, types.Array) and src.dtype == types.int8 and src.layout == "C"
-            and isinstance(dst, types.Array) and dst.dtype == types.uint32 and dst.layout == "C"):
-        return None
-
-    def codegen(context, builder, sig, args):
-        def half(offset):  # 16 int8 values as floats
-            ptr = element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1],
-                              ir.VectorType(ir.IntType(8), 16), offset)
-            return builder.sitofp(builder.load(ptr, align=1), ir.VectorType(ir.FloatType(), 16))
-
-        out = builder.call(cvt_ne2ps2bf16(builder), [half(16), half(0)])  # element i in lane i: pairs in order
-        ptr = element_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], out.type)
-        builder.store(out, ptr, align=4)
-        return context.get_dummy_value()
-
-    return types.void(src, src_index, dst, dst_index), codegen
-
-
 @njit(cache=True)
 def _int8_panels(xt, qw, scale, out, p0, p1):
     """Output columns ``32 p0 : 32 p1`` of ``out [M, N]`` (float32): 32 weight rows widened to bf16
@@ -200,13 +178,14 @@ def _int8_panels(xt, qw, scale, out, p0, p1):
     m = out.shape[0]
     mp = xt.shape[1]
     half_k = k // 2
-    a = np.empty((PANEL, half_k), np.uint32)
+    rows = np.empty((PANEL, k), np.uint16)
+    a = rows.view(np.uint32)  # each weight row as bf16 pairs, low k in the low half
     cbuf = np.empty((BLOCK_ROWS, PANEL), np.float32)
     for p in range(p0, p1):
         n0 = p * PANEL
         for i in range(PANEL):
             for g in range(k // GROUP):
-                _widen_int8_pairs(qw, (n0 + i) * k + g * GROUP, a, i * half_k + g * (GROUP // 2))
+                widen_int8_32(qw, (n0 + i) * k + g * GROUP, rows, i * k + g * GROUP)
         for c0 in range(0, m, PANEL):
             vecs = 2 if m - c0 > 16 else 1
             for i0 in range(0, PANEL, BLOCK_ROWS):

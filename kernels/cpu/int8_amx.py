@@ -35,7 +35,7 @@ CHUNK = 32  # activation rows per pass: two B tiles
 
 
 @intrinsic
-def _widen_int8_32(typingctx, src, src_index, dst, dst_index):
+def widen_int8_32(typingctx, src, src_index, dst, dst_index):
     """``dst.flat[dst_index + i] = bf16(src.flat[src_index + i])`` for 32 int8 values (exact)."""
     if not (isinstance(src, types.Array) and src.dtype == types.int8 and src.layout == "C"
             and isinstance(dst, types.Array) and dst.dtype == types.uint16 and dst.layout == "C"):
@@ -60,7 +60,7 @@ def _widen_group(qw, n0, g, a):
     """Rows ``n0:n0+32``, columns ``32 g : 32 g + 32`` of ``qw`` as two bf16 A tiles in ``a [32, 32]``."""
     k = qw.shape[1]
     for i in range(PANEL):
-        _widen_int8_32(qw, (n0 + i) * k + g * GROUP, a, i * GROUP)
+        widen_int8_32(qw, (n0 + i) * k + g * GROUP, a, i * GROUP)
 
 
 @njit(cache=True)

@@ -8,10 +8,10 @@ import torch
 
 from edgellm.backends import cpu as cpu_backend
 from edgellm.backends.cpu import CPUBackend
-from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, supported, xq_limit
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
+from tests.kernels.int8_head_checks import assert_greedy_head_exact
 
 pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has no AVX512-VNNI")
 
@@ -45,21 +45,7 @@ def test_the_int16_bound_keeps_int32_sums_safe():
 
 @pytest.mark.parametrize("m", [1, 3, 31])
 def test_greedy_steps_through_vnni_keep_the_exact_argmax(m, monkeypatch):
-    n, k = 2048, 576
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(m)) * 0.05
-    q8 = QuantizedTensor("Q8_0", quantize_rows("Q8_0", w), (n, k))
-    backend = CPUBackend(threads=2, warmup=False)
-    head = backend.prepare_weight(q8, torch.float32, "lm_head")
-    calls = []
-    monkeypatch.setattr(cpu_backend, "int8_gemv", lambda *a: calls.append(a[0].shape[0]) or int8_gemv(*a))
-    # near-ties on purpose: rows close to a weight row make its logit the clear maximum, others flat
-    hidden = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + m)) * 0.1
-    hidden[::2] += q8.dequantize()[torch.arange(0, m, 2) % n] * 3
-    fast = backend.logits(hidden, head, argmax_cols=n).argmax(-1)
-    exact = TorchBackend().logits(hidden, q8).argmax(-1)
-    assert calls == [m]
-    assert torch.equal(fast, exact)
-    assert torch.equal(backend.greedy_tokens(hidden, head, n), exact)
+    assert_greedy_head_exact(m, monkeypatch, "int8_gemv")
 
 
 def test_edgellm_vnni_0_turns_it_off(monkeypatch):
