@@ -208,7 +208,8 @@ class CPUBackend(TorchBackend):
             kv_cache_bytes_available=int(psutil.virtual_memory().available),
             native_quant_formats=("Q4_0", "Q4_1", "Q8_0"),
             step_tokens=2048 if self.uses_amx else CPU_STEP_TOKENS,
-            notes={"isa": torch.backends.cpu.get_cpu_capability(), "threads": self.threads, "amx": self.uses_amx},
+            notes={"isa": torch.backends.cpu.get_cpu_capability(), "threads": self.threads, "amx": self.uses_amx,
+                   "avx512_bf16_kernels": self._dpbf16, "vnni_head": self._vnni},
         )
 
     def prepare_weight(self, weight: Any, dtype: torch.dtype, role: str = "linear") -> Any:

@@ -55,6 +55,7 @@ def test_any_row_count_matches_the_expanded_gemm(m, threads):
 def test_the_backend_routes_batched_steps_to_the_kernel(monkeypatch):
     monkeypatch.setenv("EDGELLM_AMX", "0")  # on an AMX machine too: the AVX512-BF16 path is its fallback
     backend = CPUBackend(threads=2, warmup=False)
+    assert backend.capabilities().notes["avx512_bf16_kernels"]
     w = Int4PackedWeight.from_quantized(quantized("Q4_1", 192, 576, seed=2))
     calls = []
     monkeypatch.setattr(cpu_backend, "int4_dpbf16_matmul",
@@ -73,6 +74,7 @@ def test_edgellm_dpbf16_0_turns_the_kernels_off(monkeypatch):
     monkeypatch.setenv("EDGELLM_AMX", "0")
     monkeypatch.setenv("EDGELLM_DPBF16", "0")
     backend = CPUBackend(threads=2, warmup=False)
+    assert not backend.capabilities().notes["avx512_bf16_kernels"]
     w = Int4PackedWeight.from_quantized(quantized("Q4_1", 64, 32))
     monkeypatch.setattr(cpu_backend, "int4_dpbf16_matmul", lambda *a: pytest.fail("AVX512-BF16 kernel called"))
     y = backend.linear(torch.randn(40, 32).bfloat16(), w)
