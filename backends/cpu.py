@@ -99,12 +99,12 @@ INT4_GEMV_MAX_ROWS = 16  # batch-invariant mode: prompt rows above this take the
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
 Q8_0_GEMM_MIN_ROWS = 32
-Q8_0_GEMM_TILE_ROWS = 1024
+Q8_0_GEMM_TILE_ROWS = 1024  # 2.4 MB of float32 at K=576: the tile stays in L2 between dequantize and GEMM
 # Without AMX, steps carry at most this many tokens by default. On a 2-core Zen 4 serving 32 chats
 # (loadgen, --ignore-eos), 2048 / 1024 / 512 / 256 gave 290 / 299 / 325-341 / 319 out tok/s and a TTFT
 # p50 of 2.6 / 1.5 / 0.9 / 0.74 s: new prompts join the decodes a few at a time instead of in one
 # multi-second step that all the streams wait for.
-CPU_STEP_TOKENS = 512  # 2.4 MB of float32 at K=576: the tile stays in L2 between dequantize and GEMM
+CPU_STEP_TOKENS = 512
 
 
 class CPUBackend(TorchBackend):
