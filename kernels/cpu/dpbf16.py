@@ -174,7 +174,7 @@ def int4_dpbf16_matmul(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, out: n
 def _int8_panels(xt, qw, scale, out, p0, p1):
     """Output columns ``32 p0 : 32 p1`` of ``out [M, N]`` (float32): 32 weight rows widened to bf16
     pairs ``a [32, K/2]``, each 8 of them broadcast against 32 activation rows (``xt`` VNNI pairs)."""
-    n_rows, k = qw.shape
+    k = qw.shape[1]
     m = out.shape[0]
     mp = xt.shape[1]
     half_k = k // 2

@@ -15,6 +15,14 @@ def quantized(fmt: str, n: int, k: int, seed: int = 0) -> QuantizedTensor:
     return QuantizedTensor(fmt, quantize_rows(fmt, w), (n, k))
 
 
+
+def assert_matches_expanded_gemm(got: torch.Tensor, x: torch.Tensor, w: Int4PackedWeight) -> None:
+    """``got`` (an int4 kernel's bf16 output) against ``x @`` the bf16 expansion of ``w``: float32
+    accumulation in another order, then one bf16 rounding of the result."""
+    want = x.double() @ w.expand_f32_t().bfloat16().double()
+    tol = 2.0 ** -8 * want.abs() + 1e-5 * (x.double().abs() @ w.expand_f32_t().double().abs())
+    assert ((got.double() - want).abs() <= tol).all()
+
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("n, k", [(64, 32), (192, 576), (576, 1536)])
 def test_int4pack_to_bf16_matches_the_exact_float32_expansion_rounded(fmt, n, k):

@@ -15,7 +15,7 @@ from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.cpu_weights import Int4PackedWeight
 from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul, supported
 from tests.kernels.int8_head_checks import assert_greedy_head_exact, assert_matches_float64, int8_case
-from tests.kernels.test_bf16_expand import quantized
+from tests.kernels.test_bf16_expand import assert_matches_expanded_gemm, quantized
 
 pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has no AVX512-BF16")
 
@@ -45,11 +45,7 @@ def test_identity_rows_give_the_expanded_weight_bit_for_bit(fmt, n, k):
 def test_any_row_count_matches_the_expanded_gemm(m, threads):
     w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=1))
     x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
-    got = dp_mm(x, w, threads).double()
-    want = x.double() @ w.expand_f32_t().bfloat16().double()
-    # float32 accumulation in another order, then one bf16 rounding of the result
-    tol = 2.0 ** -8 * want.abs() + 1e-5 * (x.double().abs() @ w.expand_f32_t().double().abs())
-    assert ((got - want).abs() <= tol).all()
+    assert_matches_expanded_gemm(dp_mm(x, w, threads), x, w)
 
 
 def test_the_backend_routes_batched_steps_to_the_kernel(monkeypatch):

@@ -24,7 +24,7 @@ from edgellm.kernels.cpu.amx import (
     tile_zero,
 )
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
-from tests.kernels.test_bf16_expand import quantized
+from tests.kernels.test_bf16_expand import assert_matches_expanded_gemm, quantized
 
 pytestmark = pytest.mark.skipif(not request_amx(), reason="this CPU has no AMX-BF16")
 
@@ -76,11 +76,7 @@ def test_identity_rows_give_the_expanded_weight_bit_for_bit(fmt, n, k, rows):
 def test_any_row_count_matches_the_expanded_gemm(m, threads):
     w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=1))
     x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
-    got = amx_mm(x, w, threads).double()
-    want = x.double() @ w.expand_f32_t().bfloat16().double()
-    # float32 accumulation in another order, then one bf16 rounding of the result
-    tol = 2.0 ** -8 * want.abs() + 1e-5 * (x.double().abs() @ w.expand_f32_t().double().abs())
-    assert ((got - want).abs() <= tol).all()
+    assert_matches_expanded_gemm(amx_mm(x, w, threads), x, w)
 
 
 def test_the_backend_routes_mid_sized_steps_to_amx(monkeypatch):
