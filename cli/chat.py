@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from edgellm.cli import quick_exit
 from edgellm.cli.options import DEFAULT_MODEL, MODEL, chat_sampling_options, engine_options
 
 
@@ -88,7 +89,8 @@ def chat_command(model: str | None, system: str | None, url: str | None, api_key
     client = make_client(model, url, api_key, engine)
     if not sys.stdin.isatty():
         answer_piped(client, session)
-        return
-    from edgellm.cli.chat_repl import run_repl
+    else:
+        from edgellm.cli.chat_repl import run_repl
 
-    run_repl(client, session, history_file or default_history_file())
+        run_repl(client, session, history_file or default_history_file())
+    quick_exit.request()

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from edgellm.cli import quick_exit
 from edgellm.cli.options import DEFAULT_MODEL, MODEL, engine_options, sampling_options
 
 
@@ -76,3 +77,4 @@ def generate_command(prompt: str, model: str, use_chat: bool | None, system: str
         rate = (tokens - 1) / (elapsed - (first - start)) if first and tokens > 1 and elapsed > first - start else 0
         ttft = f"{first - start:.2f} s" if first else "n/a"
         click.secho(f"{tokens} tokens, TTFT {ttft}, {rate:.1f} tokens/s", err=True, dim=True)
+    quick_exit.request()

@@ -57,5 +57,17 @@ def cli(ctx: click.Context, verbose: int) -> None:
     configure_logging(verbose)
 
 
+def main() -> None:
+    """The console script: ``cli``, then a quick exit where the command asked for one (``quick_exit``)."""
+    try:
+        cli.main(prog_name="edgellm")
+    except SystemExit as e:
+        from edgellm.cli import quick_exit
+
+        if not quick_exit.requested():
+            raise
+        quick_exit.exit_now(e.code)
+
+
 if __name__ == "__main__":
-    cli(prog_name="edgellm")
+    main()

@@ -92,7 +92,7 @@ def test_wheel_declares_the_console_script(wheel, names):
     with zipfile.ZipFile(wheel) as zf:
         text = zf.read(entry_points).decode()
     assert "[console_scripts]" in text
-    assert "edgellm = edgellm.cli.main:cli" in text
+    assert "edgellm = edgellm.cli.main:main" in text
 
 
 def test_installed_wheel_imports_from_its_own_folder(wheel, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from edgellm.loader import load_model
+from edgellm.loader.fast_tokenizer import FastTokenizer
 from edgellm.loader.gguf_file import read_header
 from edgellm.loader.gguf_tokenizer import load_gguf_tokenizer, tokenizer_cache_dir
 from edgellm.tokenizer import apply_chat_template, decode, encode_prompt
@@ -94,15 +95,16 @@ def test_gguf_tokenizer_is_converted_once_then_cached(smollm2_gguf, monkeypatch)
     assert tok.chat_template == metadata["tokenizer.chat_template"]
 
 
-def test_cached_tokenizer_skips_auto_tokenizer_and_behaves_the_same(smollm2_gguf):
-    """The cache loads through the tokenizer's own class (no AutoTokenizer import at start-up): same
-    ids, special tokens and chat template as AutoTokenizer gives for the same folder."""
+def test_cached_tokenizer_skips_transformers_and_behaves_the_same(smollm2_gguf):
+    """The cache loads through ``FastTokenizer`` (no transformers import at start-up): same ids, special
+    tokens and chat template as AutoTokenizer gives for the same folder; the rest of the HF API still
+    answers, through transformers loaded on demand."""
     metadata = read_header(str(smollm2_gguf)).metadata
     tok = load_gguf_tokenizer(str(smollm2_gguf), metadata)
     ref = AutoTokenizer.from_pretrained(str(tokenizer_cache_dir(str(smollm2_gguf))))
-    assert type(tok) is type(ref)
+    assert isinstance(tok, FastTokenizer)
     for text in ["Hello world", " The capital of France is", "<|im_start|>user\nhé 👋<|im_end|>", "  two  spaces\n"]:
-        assert tok(text).input_ids == ref(text).input_ids
+        assert tok.encode(text) == ref(text).input_ids == tok(text).input_ids
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert (tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))

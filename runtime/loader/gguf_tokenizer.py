@@ -17,16 +17,17 @@ from typing import Any
 
 from edgellm.fetch import cache_root
 from edgellm.loader.errors import ModelLoadError
+from edgellm.loader.fast_tokenizer import FastTokenizer, fast_tokenizer_supported
 
 logger = logging.getLogger(__name__)
 
 
 def tokenizer_cache_dir(path: str) -> Path:
     """The cache folder for the tokenizer of GGUF file ``path`` (it may not exist yet)."""
-    import transformers
+    from importlib.metadata import version  # importing transformers for its version costs ~0.6 s
 
     st = os.stat(path)
-    key = f"{Path(path).stem}-{st.st_size}-{st.st_mtime_ns}-tf{transformers.__version__}"
+    key = f"{Path(path).stem}-{st.st_size}-{st.st_mtime_ns}-tf{version('transformers')}"
     return cache_root() / "tokenizers" / key
 
 
@@ -58,10 +59,13 @@ def load_gguf_tokenizer(path: str, metadata: dict[str, Any]) -> Any:
 
 
 def _load_cached(folder: Path) -> Any:
-    """A cached tokenizer folder through its own class when that is transformers' generic fast
-    tokenizer (what GGUF conversion gives Llama-family BPE): importing ``AutoTokenizer`` loads every
-    model's configuration mapping, ~1 s of each start. Other classes go through ``AutoTokenizer``."""
+    """A cached tokenizer folder through ``FastTokenizer`` when that reproduces it (transformers'
+    generic fast tokenizer, what GGUF conversion gives Llama-family BPE), so starting needs no
+    transformers import; else through its own class (``AutoTokenizer`` loads every model's
+    configuration mapping, ~1 s), or ``AutoTokenizer`` for other classes."""
     config = json.loads((folder / "tokenizer_config.json").read_text())
+    if fast_tokenizer_supported(config):
+        return FastTokenizer(folder, config)
     if config.get("tokenizer_class") == "TokenizersBackend":
         try:
             from transformers.tokenization_utils_tokenizers import TokenizersBackend
