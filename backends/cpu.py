@@ -39,6 +39,8 @@ from edgellm.kernels.cpu.amx import make_config as make_tile_config
 from edgellm.kernels.cpu.amx import request_amx
 from edgellm.kernels.cpu.attention_amx import paged_attention_step_amx, rope_attention_step_amx
 from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
+from edgellm.kernels.cpu.attention_dpbf16 import paged_attention_step_dp, rope_attention_step_dp
+from edgellm.kernels.cpu.attention_dpbf16 import supports as dp_attention_supports
 from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
@@ -124,8 +126,8 @@ class CPUBackend(TorchBackend):
         self._meta_np: tuple[np.ndarray, ...] = ()
         use_amx = os.environ.get("EDGELLM_AMX", "1") != "0" and request_amx()
         self._amx_config = make_tile_config() if use_amx else None
-        # without AMX, AVX512-BF16 dot products (AMD Zen 4, Intel Cooper Lake) take batched int4 steps
-        # and the int8 head instead; EDGELLM_DPBF16=0 turns them off
+        # without AMX, AVX512-BF16 dot products (AMD Zen 4, Intel Cooper Lake) take batched int4 steps,
+        # the int8 head and decode attention's scores instead; EDGELLM_DPBF16=0 turns them off
         self._dpbf16 = (not use_amx and os.environ.get("EDGELLM_DPBF16", "1") != "0" and dpbf16_supported())
         self._vnni = os.environ.get("EDGELLM_VNNI", "1") != "0" and vnni_supported()
         self._batched_rows = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
@@ -457,8 +459,11 @@ class CPUBackend(TorchBackend):
             args = (_as_numpy(out)[:t_numba], q_np[:t_numba], k_np[:t_numba], v_np[:t_numba], kv, slots[:t_numba],
                     starts[:n_numba + 1], lens[:n_numba], tables[:n_numba], float(scale), int(sliding_window or 0),
                     float(soft_cap or 0.0), DEFAULT_Q_TILE, self.threads if work >= SERIAL_ATTENTION_WORK else 1)
-            if self._amx_decodes(kv, q.shape[1] // k.shape[1]):
+            group = q.shape[1] // k.shape[1]
+            if self._amx_decodes(kv, group):
                 paged_attention_step_amx(*args, self._amx_config)
+            elif self._dp_decodes(kv, group):
+                paged_attention_step_dp(*args)
             else:
                 paged_attention_step(*args)
         lens_list = meta.seq_lens_list or meta.seq_lens.tolist()
@@ -499,6 +504,8 @@ class CPUBackend(TorchBackend):
                 self.threads if work >= SERIAL_ATTENTION_WORK else 1)
         if self._amx_decodes(kv, num_heads // num_kv_heads):
             rope_attention_step_amx(*args, self._amx_config)
+        elif self._dp_decodes(kv, num_heads // num_kv_heads):
+            rope_attention_step_dp(*args)
         else:
             rope_attention_step(*args)
         return out
@@ -506,6 +513,10 @@ class CPUBackend(TorchBackend):
     def _amx_decodes(self, kv: np.ndarray, group: int) -> bool:
         """Whether decode rows attend on AMX tiles (``attention_amx``): bf16 caches of head size 64."""
         return self._amx_config is not None and amx_attention_supports(kv, group)
+
+    def _dp_decodes(self, kv: np.ndarray, group: int) -> bool:
+        """Whether decode rows' scores run on AVX512-BF16 (``attention_dpbf16``), on CPUs without AMX."""
+        return self._dpbf16 and dp_attention_supports(kv, group)
 
     @staticmethod
     def _prompt_attention(q0: int, q1: int, ctx: int, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

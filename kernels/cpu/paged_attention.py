@@ -269,6 +269,16 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                 j += 1
     maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
     acc = np.zeros((group, head_dim), np.float32)
+    decode_pv(kv, table, lo, hi, hk, scores, acc)
+    _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def decode_pv(kv, table, lo, hi, hk, scores, acc):
+    """``acc[g] += sum_j scores[g, j] V[lo + j]`` over keys ``lo:hi`` of kv head ``hk`` (a decode's
+    ``p @ V``, V widened element by element from a bf16 cache): lanes over dims, no horizontal sums."""
+    group, head_dim = acc.shape
+    block_size = kv.shape[3]
     for bi in range(lo // block_size, (hi - 1) // block_size + 1):
         vb = kv[1, table[bi], hk]
         base = bi * block_size
@@ -296,7 +306,6 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                 for d in range(head_dim):
                     acc[g, d] += p * _f32(vb[j, d])
             j += 1
-    _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
 
 
 @njit(cache=True, fastmath=FASTMATH)

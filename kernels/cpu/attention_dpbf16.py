@@ -1,0 +1,294 @@
+"""Decode attention's q.k scores on AVX512-BF16 (``vdpbf16ps``), for CPUs without AMX (AMD Zen 4,
+Intel Cooper Lake), over a bf16 KV cache with head size 64 or 128 and blocks of 16n keys.
+
+The AVX-512 decode kernel (``paged_attention._attend_decode``) widens every K element to float32 once
+per query head and ends every key's dot product with a horizontal sum: about 20 instructions per key
+and head for 64 multiply-adds. Here a key's bf16 row is multiplied as it is stored, in bf16 pairs:
+
+- q is split into ``hi = bf16(q)`` and ``lo = bf16(q - hi)`` (16 bits of mantissa; the products are
+  exact and accumulate in float32, as in ``attention_amx``), so a 64-dim key takes 4 ``vdpbf16ps``
+  into one 16-lane vector of partial sums;
+- the 16 keys of a block are then folded together in a tree of shuffles and adds (``_key_scores``):
+  16 vectors of partial sums become one vector of 16 scores in 15 steps instead of 16 horizontal sums.
+
+The softmax and ``p @ V`` are the AVX-512 kernel's (``decode_pv``); prompt tiles stay on
+``paged_attention._attend_tile``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.amx import _BFloat, element_ptr
+from edgellm.kernels.cpu.attention_amx import _split_row
+from edgellm.kernels.cpu.dpbf16 import _dp
+from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
+from edgellm.kernels.cpu.paged_attention import (
+    DECODE_KEYS_PER_ITEM,
+    FASTMATH,
+    _attend_tile,
+    _decode_finish,
+    _decode_softmax,
+    _merge_partials,
+    _plan,
+    dealt_items,
+    decode_pv,
+    rope_and_write,
+    write_kv,
+)
+from edgellm.kernels.cpu.prefetch import prefetch_rows, prefetch_rows_l2
+
+KEYS = 16  # keys folded into one vector of scores
+HEAD_DIMS = (64, 128)
+MAX_GROUP = 16
+PREFETCH_BLOCKS = 1
+
+
+def supports(kv: np.ndarray, group: int) -> bool:
+    """Whether this CPU and a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) with a
+    GQA group size take this kernel."""
+    return (kv.dtype == np.uint16 and kv.shape[4] in HEAD_DIMS and kv.shape[3] % KEYS == 0
+            and 1 <= group <= MAX_GROUP and dpbf16_supported())
+
+
+def _fold_masks(w: int) -> tuple[list[int], list[int]]:
+    """Shuffle masks folding vectors ``a``, ``b`` at width ``w``: lanes ``[2w j, 2w j + w)`` get a's
+    lanes ``l`` + ``l + w`` of that group, lanes ``[2w j + w, 2w (j + 1))`` get b's the same way."""
+    first, second = [], []
+    for lane in range(16):
+        g, r = lane - lane % (2 * w), lane % (2 * w)
+        first.append(g + r if r < w else 16 + g + r - w)
+        second.append(g + r + w if r < w else 16 + g + r)
+    return first, second
+
+
+def _fold_tree(leaves, fold):
+    """Fold 16 leaves pairwise as a binary counter (each pair as soon as it exists, so few vectors
+    are live at once); ``fold(a, b, w)`` combines two vectors of one level at width ``w``."""
+    stack: list[tuple[int, object]] = []
+    for leaf in leaves:
+        level, value = 0, leaf
+        while stack and stack[-1][0] == level:
+            _, a = stack.pop()
+            value = fold(a, value, 8 >> level)
+            level += 1
+        stack.append((level, value))
+    assert len(stack) == 1 and stack[0][0] == 4
+    return stack[0][1]
+
+
+def _key_order() -> list[int]:
+    """Which key's score each lane of the folded vector holds."""
+    def fold(a, b, w):
+        m1, _ = _fold_masks(w)
+        return [(a + b)[i] for i in m1]
+
+    return _fold_tree([[k] * 16 for k in range(KEYS)], fold)
+
+
+@intrinsic(prefer_literal=True)
+def _key_scores(typingctx, kv, k0, q2, q0, halves, out, o0):
+    """``out[o0 + j] = sum_p bf16x2(kv32[k0 / 2 + j 16 halves + p]) . (hi + lo)`` for the 16 keys
+    ``j`` of a block row run starting at element ``k0`` of the flat bf16 cache ``kv``, where ``hi``
+    and ``lo`` are the query's pairs ``q2[q0 + p]`` and ``q2[q0 + 16 halves + p]``, ``p < 16 halves``
+    (``halves`` = head size / 32, a compile-time constant)."""
+    if not (isinstance(halves, types.IntegerLiteral) and halves.literal_value in (2, 4)):
+        return None
+    if not (isinstance(kv, types.Array) and kv.dtype == types.uint16 and isinstance(q2, types.Array)
+            and q2.dtype == types.uint32 and isinstance(out, types.Array) and out.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        t_kv, t_k0, t_q, t_q0, _, t_out, t_o0 = sig.args
+        v_kv, v_k0, v_q, v_q0, _, v_out, v_o0 = args
+        n_half = halves.literal_value
+        i32 = ir.IntType(32)
+        v16f, v32b = ir.VectorType(ir.FloatType(), 16), ir.VectorType(_BFloat(), 32)
+        as64 = lambda v, t: context.cast(builder, v, t, types.int64)  # noqa: E731
+        k0, q0 = as64(v_k0, t_k0), as64(v_q0, t_q0)
+        dp = _dp(builder)
+
+        def load(t, v, index, offset):
+            return builder.bitcast(builder.load(element_ptr(context, builder, t, v, index, types.int64, v32b,
+                                                            offset=offset), align=4), v32b)
+
+        qv = [load(t_q, v_q, q0, 16 * h) for h in range(2 * n_half)]  # hi halves, then lo halves
+        zero = ir.Constant(v16f, None)
+        leaves = []
+        for j in range(KEYS):
+            acc = zero
+            for h in range(n_half):
+                k = load(t_kv, v_kv, k0, 32 * n_half * j + 32 * h)
+                acc = builder.call(dp, [acc, qv[h], k])
+                acc = builder.call(dp, [acc, qv[n_half + h], k])
+            leaves.append(acc)
+
+        def fold(a, b, w):
+            m1, m2 = (ir.Constant(ir.VectorType(i32, 16), m) for m in _fold_masks(w))
+            return builder.fadd(builder.shuffle_vector(a, b, m1), builder.shuffle_vector(a, b, m2))
+
+        folded = _fold_tree(leaves, fold)
+        order = _key_order()
+        natural = ir.Constant(ir.VectorType(i32, 16), [order.index(k) for k in range(KEYS)])
+        scores = builder.shuffle_vector(folded, folded, natural)
+        ptr = element_ptr(context, builder, t_out, v_out, as64(v_o0, t_o0), types.int64, v16f)
+        builder.store(scores, ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(kv, k0, q2, q0, halves, out, o0), codegen
+
+
+@njit(cache=True, inline="always")
+def _block_scores(kv_flat, k0, q2, q0, head_dim, out):
+    if head_dim == 64:
+        _key_scores(kv_flat, k0, q2, q0, 2, out, 0)
+    else:
+        _key_scores(kv_flat, k0, q2, q0, 4, out, 0)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, soft_cap, partials, slot, n_heads,
+                      q2, q_row, q_hi, q_lo, hi32, lo32, blk, scores, exp_bits, acc):
+    """``paged_attention._attend_decode`` with the scores on ``vdpbf16ps``: one decode row, kv head
+    ``hk``, keys ``lo:hi``; the same outputs and partials (``_run_items_dp`` owns the scratch)."""
+    head_dim = kv.shape[4]
+    group = n_heads // kv.shape[2]
+    block_size = kv.shape[3]
+    half = head_dim // 2
+    n = hi - lo
+    for g in range(group):  # q2 rows: the group's hi pairs, then its lo pairs, one head after another
+        base = (t * n_heads + hk * group + g) * head_dim
+        for d in range(head_dim):
+            q_row[d] = q_flat[base + d] * scale
+        _split_row(q_row, 0, head_dim, q_hi, q_lo)
+        for p in range(half):
+            q2[2 * g * half + p] = hi32[p]
+            q2[(2 * g + 1) * half + p] = lo32[p]
+    first, last = lo // block_size, (hi - 1) // block_size
+    for bi in range(first, min(first + PREFETCH_BLOCKS, last + 1)):
+        prefetch_rows(kv[0, table[bi], hk])
+    for bi in range(first, last + 1):
+        if bi + PREFETCH_BLOCKS <= last:  # K blocks stream in a few blocks ahead of the scoring
+            prefetch_rows(kv[0, table[bi + PREFETCH_BLOCKS], hk])
+        prefetch_rows(kv[1, table[bi], hk])  # and V, for the p @ V pass
+        row0 = (table[bi] * kv.shape[2] + hk) * block_size
+        base = bi * block_size
+        for s in range(0, block_size, 16):
+            j0, j1 = max(lo - base - s, 0), min(hi - base - s, 16)
+            if j0 >= j1:
+                continue
+            for g in range(group):
+                _block_scores(kv_flat, (row0 + s) * head_dim, q2, 2 * g * half, head_dim, blk)
+                for j in range(j0, j1):
+                    scores[g, base + s + j - lo] = blk[j]
+    maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
+    acc[:] = 0
+    decode_pv(kv, table, lo, hi, hk, scores, acc)
+    _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
+
+
+@njit(cache=True, inline="always")
+def _prefetch_item(kv, block_tables, query_start_loc, items, item):
+    """Ask for a decode item's K and V blocks into L2 while the item before it computes: a thread's
+    blocks are scattered 2 KiB pieces, and one block of look-ahead leaves the scoring waiting on DRAM."""
+    b = items[item, 0]
+    if query_start_loc[b + 1] - query_start_loc[b] != 1:
+        return
+    block_size = kv.shape[3]
+    hk = items[item, 1]
+    for bi in range(items[item, 4] // block_size, (items[item, 5] - 1) // block_size + 1):
+        prefetch_rows_l2(kv[0, block_tables[b, bi], hk])
+        prefetch_rows_l2(kv[1, block_tables[b, bi], hk])
+
+
+@njit(cache=True)
+def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
+                  partials, worker, n_workers):
+    """``paged_attention._run_items`` with decodes' scores on ``vdpbf16ps``."""
+    scale32 = np.float32(scale)
+    cap32 = np.float32(soft_cap)
+    head_dim = kv.shape[4]
+    n_heads = q.shape[1]
+    group = n_heads // kv.shape[2]
+    # scratch made once per thread (a view per item counts references on shared arrays)
+    q2 = np.empty(2 * group * head_dim // 2, np.uint32)
+    q_row = np.empty(head_dim, np.float32)
+    q_hi = np.empty(head_dim, np.uint16)
+    q_lo = np.empty(head_dim, np.uint16)
+    hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
+    blk = np.empty(16, np.float32)
+    scores = np.empty((group, DECODE_KEYS_PER_ITEM), np.float32)
+    exp_bits = np.empty(DECODE_KEYS_PER_ITEM, np.int32)
+    acc = np.empty((group, head_dim), np.float32)
+    q_flat = q.reshape(-1)
+    kv_flat = kv.reshape(-1)
+    mine = dealt_items(order, worker, n_workers)
+    for i in range(mine.shape[0]):
+        item = mine[i]
+        b = items[item, 0]
+        seq_q0 = query_start_loc[b]
+        nq = query_start_loc[b + 1] - seq_q0
+        if i + 1 < mine.shape[0]:
+            _prefetch_item(kv, block_tables, query_start_loc, items, mine[i + 1])
+        if nq == 1:
+            _attend_decode_dp(out, q_flat, kv, kv_flat, block_tables[b], items[item, 4], items[item, 5], seq_q0,
+                              items[item, 1], scale32, cap32, partials, items[item, 6], n_heads, q2, q_row, q_hi,
+                              q_lo, hi32, lo32, blk, scores, exp_bits, acc)
+            continue
+        _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
+                     items[item, 3], items[item, 1], scale32, window, cap32)
+
+
+@njit(cache=True, parallel=True)
+def _attention_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads):
+    items, order, partials = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window,
+                                   q.shape[1] // kv.shape[2], q.shape[2])
+    n_workers = max(1, min(n_threads, order.shape[0]))
+    for w in prange(n_workers):
+        _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
+                      partials, w, n_workers)
+    if partials.shape[0]:
+        _merge_partials(out, q, items, partials, kv.shape[2])
+
+
+@njit(cache=True)
+def _attention_dp_serial(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile):
+    """``_attention_dp`` on the calling thread (steps too small to wake the pool for)."""
+    items, order, partials = _plan(query_start_loc, seq_lens, kv.shape[2], q_tile, window,
+                                   q.shape[1] // kv.shape[2], q.shape[2])
+    _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
+                  partials, 0, 1)
+    if partials.shape[0]:
+        _merge_partials(out, q, items, partials, kv.shape[2])
+
+
+@njit(cache=True)
+def attend_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads):
+    """``paged_attention.attend`` with decodes' scores on ``vdpbf16ps`` (``supports(kv, group)``)."""
+    if n_threads > 1:
+        _attention_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile,
+                      n_threads)
+    else:
+        _attention_dp_serial(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile)
+
+
+@njit(cache=True)
+def paged_attention_step_dp(out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: np.ndarray,
+                            slot_mapping: np.ndarray, query_start_loc: np.ndarray, seq_lens: np.ndarray,
+                            block_tables: np.ndarray, scale: float, window: int, soft_cap: float, q_tile: int,
+                            n_threads: int) -> None:
+    """``paged_attention.paged_attention_step`` with decodes' scores on ``vdpbf16ps``."""
+    write_kv(kv, k, v, slot_mapping)
+    attend_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads)
+
+
+@njit(cache=True)
+def rope_attention_step_dp(out: np.ndarray, qkv: np.ndarray, positions: np.ndarray, cos_sin: np.ndarray,
+                           kv: np.ndarray, slot_mapping: np.ndarray, query_start_loc: np.ndarray,
+                           seq_lens: np.ndarray, block_tables: np.ndarray, scale: float, window: int,
+                           soft_cap: float, q_tile: int, n_threads: int) -> None:
+    """``paged_attention.rope_attention_step`` with decodes' scores on ``vdpbf16ps``."""
+    q_rot, _ = rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, out.shape[1])
+    attend_dp(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads)
