@@ -74,6 +74,21 @@ def element_ptr(context, builder, aryty, ary_val, index_val, index_ty, pointee=N
     return builder.bitcast(builder.gep(ary.data, [index]), ir.PointerType(pointee or ir.IntType(8)))
 
 
+def emit_cases(builder, value, cases, emit):
+    """For intrinsics' codegen: ``emit(c)`` for the ``c`` of ``cases`` equal to the run-time integer
+    ``value`` (the last case for any other value), so one intrinsic holds a body specialized for each
+    compile-time constant and callers pass a plain integer; a constant ``value`` folds to one body."""
+    done = builder.append_basic_block("cases.done")
+    blocks = [builder.append_basic_block(f"cases.{c}") for c in cases]
+    switch = builder.switch(value, blocks[-1])
+    for c, block in zip(cases, blocks):
+        switch.add_case(ir.Constant(value.type, c), block)
+        builder.position_at_end(block)
+        emit(c)
+        builder.branch(done)
+    builder.position_at_end(done)
+
+
 def _is_tile(t) -> bool:
     return isinstance(t, types.IntegerLiteral) and 0 <= t.literal_value < 8
 

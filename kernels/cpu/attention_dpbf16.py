@@ -43,7 +43,6 @@ from edgellm.kernels.cpu.prefetch import prefetch_rows, prefetch_rows_l2
 KEYS = 16  # keys folded into one vector of scores
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16
-PREFETCH_BLOCKS = 1
 
 
 def supports(kv: np.ndarray, group: int) -> bool:
@@ -166,12 +165,10 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
         for p in range(half):
             q2[2 * g * half + p] = hi32[p]
             q2[(2 * g + 1) * half + p] = lo32[p]
-    first, last = lo // block_size, (hi - 1) // block_size
-    for bi in range(first, min(first + PREFETCH_BLOCKS, last + 1)):
-        prefetch_rows(kv[0, table[bi], hk])
-    for bi in range(first, last + 1):
-        if bi + PREFETCH_BLOCKS <= last:  # K blocks stream in a few blocks ahead of the scoring
-            prefetch_rows(kv[0, table[bi + PREFETCH_BLOCKS], hk])
+    last = (hi - 1) // block_size
+    for bi in range(lo // block_size, last + 1):
+        if bi < last:  # the next K block streams in while this one is scored
+            prefetch_rows(kv[0, table[bi + 1], hk])
         prefetch_rows(kv[1, table[bi], hk])  # and V, for the p @ V pass
         row0 = (table[bi] * kv.shape[2] + hk) * block_size
         base = bi * block_size

@@ -23,7 +23,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from edgellm.kernels.cpu.amx import _BFloat, element_ptr
+from edgellm.kernels.cpu.amx import _BFloat, element_ptr, emit_cases
 from edgellm.kernels.cpu.int4_amx import store_bf16_32, widen_group
 from edgellm.kernels.cpu.int8_amx import vnni_transpose, widen_int8_32
 
@@ -45,16 +45,16 @@ def _dp(builder):
                                           "llvm.x86.avx512bf16.dpbf16ps.512")
 
 
-@intrinsic(prefer_literal=True)
+@intrinsic
 def _dot_block(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c):
     """``c.flat[16 vecs r + 16 v + i] = sum_p bf16x2(a.flat[a0 + r a_stride + p]) . bf16x2(b.flat[b0 +
     p b_stride + 16 v + i])`` for ``r < rows``, ``v < vecs``, ``i < 16``, ``p < pairs``.
 
     ``a`` and ``b`` hold bf16 pairs as uint32; each ``a`` pair is broadcast to all lanes. ``rows``
-    (1-8) and ``vecs`` (1-2) are compile-time constants: the accumulators live in registers.
+    (1-8) and ``vecs`` (1-2) select one of the bodies unrolled for each count (``emit_cases``), so
+    the accumulators live in registers.
     """
-    if not (isinstance(rows, types.IntegerLiteral) and 1 <= rows.literal_value <= BLOCK_ROWS
-            and isinstance(vecs, types.IntegerLiteral) and vecs.literal_value in (1, 2)):
+    if not (isinstance(rows, types.Integer) and isinstance(vecs, types.Integer)):
         return None
     if not (all(isinstance(t, types.Array) and t.layout == "C" and t.dtype == types.uint32 for t in (a, b))
             and isinstance(c, types.Array) and c.layout == "C" and c.dtype == types.float32):
@@ -65,72 +65,38 @@ def _dot_block(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c
         v_a, v_a0, v_as, _, v_b, v_b0, v_bs, _, v_p, v_c = args
         i32, i64 = ir.IntType(32), ir.IntType(64)
         v16i, v16f, v32b = ir.VectorType(i32, 16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(_BFloat(), 32)
-        n_rows, n_vecs = rows.literal_value, vecs.literal_value
         as64 = lambda v, t: context.cast(builder, v, t, types.int64)  # noqa: E731
         a0, a_s, b0, b_s = as64(v_a0, t_a0), as64(v_as, t_as), as64(v_b0, t_b0), as64(v_bs, t_bs)
         dp = _dp(builder)
         zero = ir.Constant(v16f, None)
-        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_vecs)] for _ in range(n_rows)]
-        splat = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
-        with cgutils.for_range(builder, as64(v_p, t_p)) as loop:
-            p = loop.index
-            row_b = builder.add(b0, builder.mul(p, b_s))
-            wv = [builder.bitcast(builder.load(element_ptr(context, builder, t_b, v_b, row_b, types.int64, v16i,
-                                                         offset=16 * v), align=4), v32b) for v in range(n_vecs)]
+
+        def body(n_rows, n_vecs):
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_vecs)] for _ in range(n_rows)]
+            splat = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+            with cgutils.for_range(builder, as64(v_p, t_p)) as loop:
+                p = loop.index
+                row_b = builder.add(b0, builder.mul(p, b_s))
+                wv = [builder.bitcast(builder.load(element_ptr(context, builder, t_b, v_b, row_b, types.int64, v16i,
+                                                             offset=16 * v), align=4), v32b) for v in range(n_vecs)]
+                for r in range(n_rows):
+                    idx = builder.add(builder.add(a0, builder.mul(ir.Constant(i64, r), a_s)), p)
+                    s = builder.load(element_ptr(context, builder, t_a, v_a, idx, types.int64, i32), align=4)
+                    one = builder.insert_element(ir.Constant(v16i, None), s, ir.Constant(i32, 0))
+                    bc = builder.bitcast(builder.shuffle_vector(one, one, splat), v32b)
+                    for v in range(n_vecs):
+                        builder.store(builder.call(dp, [builder.load(accs[r][v]), bc, wv[v]]), accs[r][v])
             for r in range(n_rows):
-                idx = builder.add(builder.add(a0, builder.mul(ir.Constant(i64, r), a_s)), p)
-                s = builder.load(element_ptr(context, builder, t_a, v_a, idx, types.int64, i32), align=4)
-                one = builder.insert_element(ir.Constant(v16i, None), s, ir.Constant(i32, 0))
-                bc = builder.bitcast(builder.shuffle_vector(one, one, splat), v32b)
                 for v in range(n_vecs):
-                    builder.store(builder.call(dp, [builder.load(accs[r][v]), bc, wv[v]]), accs[r][v])
-        for r in range(n_rows):
-            for v in range(n_vecs):
-                ptr = element_ptr(context, builder, t_c, v_c, ir.Constant(i64, 16 * (n_vecs * r + v)), types.int64,
-                                  v16f)
-                builder.store(builder.load(accs[r][v]), ptr, align=4)
+                    ptr = element_ptr(context, builder, t_c, v_c, ir.Constant(i64, 16 * (n_vecs * r + v)), types.int64,
+                                      v16f)
+                    builder.store(builder.load(accs[r][v]), ptr, align=4)
+
+        n_rows_v, n_vecs_v = as64(args[3], sig.args[3]), as64(args[7], sig.args[7])
+        emit_cases(builder, n_vecs_v, (1, 2), lambda n_vecs: emit_cases(
+            builder, n_rows_v, range(1, BLOCK_ROWS + 1), lambda n_rows: body(n_rows, n_vecs)))
         return context.get_dummy_value()
 
     return types.void(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c), codegen
-
-
-@njit(cache=True, inline="always")
-def _dot_rows(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c):
-    """``_dot_block`` for a run-time ``rows`` (1-8) and ``vecs`` (1-2)."""
-    if vecs == 2:
-        if rows == 8:
-            _dot_block(a, a0, a_stride, 8, b, b0, b_stride, 2, pairs, c)
-        elif rows == 7:
-            _dot_block(a, a0, a_stride, 7, b, b0, b_stride, 2, pairs, c)
-        elif rows == 6:
-            _dot_block(a, a0, a_stride, 6, b, b0, b_stride, 2, pairs, c)
-        elif rows == 5:
-            _dot_block(a, a0, a_stride, 5, b, b0, b_stride, 2, pairs, c)
-        elif rows == 4:
-            _dot_block(a, a0, a_stride, 4, b, b0, b_stride, 2, pairs, c)
-        elif rows == 3:
-            _dot_block(a, a0, a_stride, 3, b, b0, b_stride, 2, pairs, c)
-        elif rows == 2:
-            _dot_block(a, a0, a_stride, 2, b, b0, b_stride, 2, pairs, c)
-        else:
-            _dot_block(a, a0, a_stride, 1, b, b0, b_stride, 2, pairs, c)
-    else:
-        if rows == 8:
-            _dot_block(a, a0, a_stride, 8, b, b0, b_stride, 1, pairs, c)
-        elif rows == 7:
-            _dot_block(a, a0, a_stride, 7, b, b0, b_stride, 1, pairs, c)
-        elif rows == 6:
-            _dot_block(a, a0, a_stride, 6, b, b0, b_stride, 1, pairs, c)
-        elif rows == 5:
-            _dot_block(a, a0, a_stride, 5, b, b0, b_stride, 1, pairs, c)
-        elif rows == 4:
-            _dot_block(a, a0, a_stride, 4, b, b0, b_stride, 1, pairs, c)
-        elif rows == 3:
-            _dot_block(a, a0, a_stride, 3, b, b0, b_stride, 1, pairs, c)
-        elif rows == 2:
-            _dot_block(a, a0, a_stride, 2, b, b0, b_stride, 1, pairs, c)
-        else:
-            _dot_block(a, a0, a_stride, 1, b, b0, b_stride, 1, pairs, c)
 
 
 @njit(cache=True)
@@ -151,7 +117,7 @@ def _int4_panels(x32, packed, sz, out, p0, p1):
             widen_group(packed, sz, block, 4 * (p % 2), n0, g, scale, zero, tiles[g])
         for r0 in range(0, m, BLOCK_ROWS):
             rows = min(BLOCK_ROWS, m - r0)
-            _dot_rows(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf)
+            _dot_block(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf)
             for i in range(rows):
                 store_bf16_32(cbuf, PANEL * i, out, (r0 + i) * n + n0)
 
@@ -189,7 +155,7 @@ def _int8_panels(xt, qw, scale, out, p0, p1):
         for c0 in range(0, m, PANEL):
             vecs = 2 if m - c0 > 16 else 1
             for i0 in range(0, PANEL, BLOCK_ROWS):
-                _dot_rows(a, i0 * half_k, half_k, BLOCK_ROWS, xt, c0, mp, vecs, half_k, cbuf)
+                _dot_block(a, i0 * half_k, half_k, BLOCK_ROWS, xt, c0, mp, vecs, half_k, cbuf)
                 for i in range(BLOCK_ROWS):
                     s = scale[n0 + i0 + i]
                     for j in range(min(16 * vecs, m - c0)):

@@ -23,7 +23,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from edgellm.kernels.cpu.amx import element_ptr
+from edgellm.kernels.cpu.amx import element_ptr, emit_cases
 
 MAX_ROWS = 8  # x rows per pass over a chunk of weight rows: 8 accumulators
 N_CHUNK = 256  # weight rows per chunk: 147 KB at K = 576, read from L2 by every pass
@@ -44,11 +44,11 @@ def xq_limit(k: int) -> int:
     return min(32767, INT32_MAX // (127 * k))
 
 
-@intrinsic(prefer_literal=True)
+@intrinsic
 def _rows_dot(typingctx, qw, n0, n1, xq, rows, out):
     """``out[r, n] = sum_k xq[r, k] * qw[n, k]`` (int32, exact) for ``n0 <= n < n1``, ``r < rows``
-    (a compile-time constant, 1-8); ``K % 32 == 0``."""
-    if not (isinstance(rows, types.IntegerLiteral) and 1 <= rows.literal_value <= MAX_ROWS):
+    (1-8: one body unrolled for each count, ``emit_cases``); ``K % 32 == 0``."""
+    if not isinstance(rows, types.Integer):
         return None
     if not (isinstance(qw, types.Array) and qw.dtype == types.int8 and qw.layout == "C" and qw.ndim == 2
             and isinstance(xq, types.Array) and xq.dtype == types.int16 and xq.layout == "C"
@@ -60,7 +60,6 @@ def _rows_dot(typingctx, qw, n0, n1, xq, rows, out):
         a_qw, a_n0, a_n1, a_xq, _, a_out = args
         i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
         v16i = ir.VectorType(i32, 16)
-        n_rows = rows.literal_value
         k = builder.extract_value(context.make_array(t_qw)(context, builder, a_qw).shape, 1)
         n_out = builder.extract_value(context.make_array(t_out)(context, builder, a_out).shape, 1)
         n0 = context.cast(builder, a_n0, t_n0, types.int64)
@@ -69,27 +68,32 @@ def _rows_dot(typingctx, qw, n0, n1, xq, rows, out):
                                             "llvm.x86.avx512.vpdpwssd.512")
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [v16i]),
                                                 "llvm.vector.reduce.add.v16i32")
-        accs = [cgutils.alloca_once(builder, v16i) for _ in range(n_rows)]
-        chunks = builder.sdiv(k, ir.Constant(i64, CHUNK))
-        with cgutils.for_range(builder, builder.sub(n1, n0)) as n_loop:
-            n = builder.add(n0, n_loop.index)
-            for acc in accs:
-                builder.store(ir.Constant(v16i, None), acc)
-            row = builder.mul(n, k)
-            with cgutils.for_range(builder, chunks) as c_loop:
-                off = builder.mul(c_loop.index, ir.Constant(i64, CHUNK))
-                w8 = builder.load(element_ptr(context, builder, t_qw, a_qw, builder.add(row, off), types.int64,
-                                              ir.VectorType(ir.IntType(8), CHUNK)), align=1)
-                w = builder.bitcast(builder.sext(w8, ir.VectorType(i16, CHUNK)), v16i)
+
+        def body(n_rows):
+            accs = [cgutils.alloca_once(builder, v16i) for _ in range(n_rows)]
+            chunks = builder.sdiv(k, ir.Constant(i64, CHUNK))
+            with cgutils.for_range(builder, builder.sub(n1, n0)) as n_loop:
+                n = builder.add(n0, n_loop.index)
+                for acc in accs:
+                    builder.store(ir.Constant(v16i, None), acc)
+                row = builder.mul(n, k)
+                with cgutils.for_range(builder, chunks) as c_loop:
+                    off = builder.mul(c_loop.index, ir.Constant(i64, CHUNK))
+                    w8 = builder.load(element_ptr(context, builder, t_qw, a_qw, builder.add(row, off), types.int64,
+                                                  ir.VectorType(ir.IntType(8), CHUNK)), align=1)
+                    w = builder.bitcast(builder.sext(w8, ir.VectorType(i16, CHUNK)), v16i)
+                    for r in range(n_rows):
+                        xi = builder.add(builder.mul(ir.Constant(i64, r), k), off)
+                        xv = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64,
+                                                      ir.VectorType(i16, CHUNK)), align=2)
+                        summed = builder.call(dp, [builder.load(accs[r]), w, builder.bitcast(xv, v16i)])
+                        builder.store(summed, accs[r])
                 for r in range(n_rows):
-                    xi = builder.add(builder.mul(ir.Constant(i64, r), k), off)
-                    xv = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64,
-                                                  ir.VectorType(i16, CHUNK)), align=2)
-                    builder.store(builder.call(dp, [builder.load(accs[r]), w, builder.bitcast(xv, v16i)]), accs[r])
-            for r in range(n_rows):
-                total = builder.call(reduce, [builder.load(accs[r])])
-                oi = builder.add(builder.mul(ir.Constant(i64, r), n_out), n)
-                builder.store(total, element_ptr(context, builder, t_out, a_out, oi, types.int64, i32), align=4)
+                    total = builder.call(reduce, [builder.load(accs[r])])
+                    oi = builder.add(builder.mul(ir.Constant(i64, r), n_out), n)
+                    builder.store(total, element_ptr(context, builder, t_out, a_out, oi, types.int64, i32), align=4)
+
+        emit_cases(builder, context.cast(builder, args[4], sig.args[4], types.int64), range(1, MAX_ROWS + 1), body)
         return context.get_dummy_value()
 
     return types.void(qw, n0, n1, xq, rows, out), codegen
@@ -113,28 +117,6 @@ def quantize_rows_int16(x, limit):
     return xq, s
 
 
-@njit(cache=True)
-def _range(qw, n0, n1, xq, acc):
-    """``_rows_dot`` for a run-time row count (1-8)."""
-    m = xq.shape[0]
-    if m == 1:
-        _rows_dot(qw, n0, n1, xq, 1, acc)
-    elif m == 2:
-        _rows_dot(qw, n0, n1, xq, 2, acc)
-    elif m == 3:
-        _rows_dot(qw, n0, n1, xq, 3, acc)
-    elif m == 4:
-        _rows_dot(qw, n0, n1, xq, 4, acc)
-    elif m == 5:
-        _rows_dot(qw, n0, n1, xq, 5, acc)
-    elif m == 6:
-        _rows_dot(qw, n0, n1, xq, 6, acc)
-    elif m == 7:
-        _rows_dot(qw, n0, n1, xq, 7, acc)
-    else:
-        _rows_dot(qw, n0, n1, xq, 8, acc)
-
-
 @njit(cache=True, parallel=True)
 def int8_gemv(xq: np.ndarray, s: np.ndarray, qw: np.ndarray, scale: np.ndarray, out: np.ndarray,
               n_threads: int) -> None:
@@ -149,7 +131,7 @@ def int8_gemv(xq: np.ndarray, s: np.ndarray, qw: np.ndarray, scale: np.ndarray, 
         for n0 in range(lo, hi, N_CHUNK):
             n1 = min(n0 + N_CHUNK, hi)
             for r0 in range(0, m, MAX_ROWS):
-                _range(qw, n0, n1, xq[r0:r0 + MAX_ROWS], acc[r0:r0 + MAX_ROWS])
+                _rows_dot(qw, n0, n1, xq[r0:r0 + MAX_ROWS], min(MAX_ROWS, m - r0), acc[r0:r0 + MAX_ROWS])
         for r in range(m):
             for j in range(lo, hi):
                 out[r, j] = np.float32(acc[r, j]) * s[r] * scale[j]
