@@ -1,9 +1,10 @@
 """The CPU backend: packed int4 weights, Numba kernels, and oneDNN for the big steps.
 
-- Linear: a few rows go through ATen's int4 kernel. On CPUs with AMX, steps of 10-256 rows widen
-  each int4 weight once onto AMX tiles (``kernels/cpu/int4_amx.py``, ATen's int4 layout read in
-  place); without AMX but with AVX512-BF16 (Zen 4), steps from 4 rows up widen it once into
-  registers' bf16 pairs for ``vdpbf16ps`` (``kernels/cpu/dpbf16.py``). Other big steps expand each
+- Linear: a few rows (up to 8-9) meet the int4 nibbles as integers with int16 activations on
+  AVX512-VNNI (``kernels/cpu/int4_gemv.py``), or else go through ATen's int4 kernel. On CPUs with
+  AMX, steps of 10-256 rows widen each int4 weight once onto AMX tiles (``kernels/cpu/int4_amx.py``,
+  ATen's int4 layout read in place); without AMX but with AVX512-BF16 (Zen 4), bigger steps widen
+  it once into registers' bf16 pairs for ``vdpbf16ps`` (``kernels/cpu/dpbf16.py``). Other big steps expand each
   weight to bf16 in a scratch buffer (``kernels/cpu/bf16_expand.py``) for one oneDNN GEMM.
 - Attention: decodes read K/V in place through block tables (``kernels/cpu/paged_attention.py``);
   prompt chunks use torch's flash attention.
@@ -44,6 +45,8 @@ from edgellm.kernels.cpu.attention_dpbf16 import supports as dp_attention_suppor
 from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
+from edgellm.kernels.cpu.int4_gemv import int4_gemv
+from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
 from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
@@ -97,7 +100,12 @@ DPBF16_MAX_ROWS = 1 << 20
 # per call and takes over from 32 rows (7.8 vs 8.1 ms there).
 INT8_GEMV_MAX_ROWS = 32
 DPBF16_HEAD_MIN_ROWS = 8  # without VNNI: below this ATen's int8 kernel (the widening costs 4.5 ms a call)
-INT4_GEMV_MAX_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
+INT4_INVARIANT_GEMV_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
+# With AVX512-VNNI and VBMI, steps of up to this many rows take int4_gemv (int16 activations meet the
+# nibbles as integers). On a Zen 4 (2 threads, 960/3072/576 x 576 and 576 x 1536) one row costs
+# 12/26/8/16 us against ATen's 23/60/16/34; a layer's four linears at 8 rows 248 us against 297 for
+# int4_dpbf16_matmul, which widens each weight to bf16 once per call and wins from there on.
+INT4_GEMV_MAX_ROWS = 8
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
 Q8_0_GEMM_MIN_ROWS = 32
@@ -130,8 +138,14 @@ class CPUBackend(TorchBackend):
         # the int8 head and decode attention's scores instead; EDGELLM_DPBF16=0 turns them off
         self._dpbf16 = (not use_amx and os.environ.get("EDGELLM_DPBF16", "1") != "0" and dpbf16_supported())
         self._vnni = os.environ.get("EDGELLM_VNNI", "1") != "0" and vnni_supported()
-        self._batched_rows = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
-                              (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))
+        # with AVX512-VNNI and VBMI, a few rows meet the int4 nibbles as integers (kernels/cpu/int4_gemv.py)
+        self._gemv_rows = ((AMX_MIN_ROWS - 1 if use_amx else INT4_GEMV_MAX_ROWS)
+                           if self._vnni and int4_gemv_supported() else 0)
+        lo, hi = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
+                  (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))
+        if self._gemv_rows:
+            lo, hi = 1, max(hi, self._gemv_rows)
+        self._batched_rows = (lo, hi)
         if warmup:
             self.warmup()
 
@@ -152,9 +166,9 @@ class CPUBackend(TorchBackend):
                                          head=True)
         for rows in (1, AMX_HEAD_MIN_ROWS, INT8_GEMV_MAX_ROWS):
             self.logits(torch.zeros(rows, 32), head, argmax_cols=32)
-        if self._batched_rows[0] <= self._batched_rows[1]:
-            self.linear(torch.zeros(self._batched_rows[0], 32, dtype=torch.bfloat16),
-                        Int4PackedWeight.from_quantized(w4))
+        for rows in {self._batched_rows[0], self._gemv_rows + 1}:  # int4_gemv, then the AMX / dpbf16 kernel
+            if self._batched_rows[0] <= rows <= self._batched_rows[1]:
+                self.linear(torch.zeros(rows, 32, dtype=torch.bfloat16), Int4PackedWeight.from_quantized(w4))
         # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
         # attention on strided views of the qkv projection
         norm_w = torch.ones(32)
@@ -311,8 +325,8 @@ class CPUBackend(TorchBackend):
         self._invariant = self.batch_invariant or meta.batch_invariant
 
     def _int4_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
-        """A few rows through ATen's int4 kernel; more through the AMX kernel where the CPU has AMX;
-        many as one bf16 GEMM on the expanded weight."""
+        """A few rows through ``int4_gemv`` (AVX512-VNNI) or else ATen's int4 kernel; more through the
+        AMX or AVX512-BF16 kernel where the CPU has one; many as one bf16 GEMM on the expanded weight."""
         if self._invariant:
             return self._int4_linear_invariant(x, w)
         m = x.shape[0]
@@ -323,10 +337,13 @@ class CPUBackend(TorchBackend):
         return torch.mm(x, w.expand_bf16_t())
 
     def _int4_batched_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
-        """``x`` (bf16, contiguous) through ``int4_amx_matmul`` or, without AMX, ``int4_dpbf16_matmul``."""
+        """``x`` (bf16, contiguous): a few rows through ``int4_gemv``, more through ``int4_amx_matmul``
+        or, without AMX, ``int4_dpbf16_matmul``."""
         out, out_np = _new_array((x.shape[0], w.shape[0]), torch.bfloat16)
         packed, sz = w.amx_operands
-        if self._amx_config is not None:
+        if x.shape[0] <= self._gemv_rows:
+            int4_gemv(x.view(torch.uint16).numpy(), packed, sz, out_np, self.threads)
+        elif self._amx_config is not None:
             int4_amx_matmul(x.view(torch.uint16).numpy(), packed, sz, out_np, self._amx_config, self.threads)
         else:
             int4_dpbf16_matmul(x.view(torch.uint16).numpy(), packed, sz, out_np, self.threads)
@@ -339,7 +356,7 @@ class CPUBackend(TorchBackend):
         (not the batch size) keeps every token's numbers the same alone or in any batch.
         """
         m = x.shape[0]
-        split = self._decode_rows if m == self._step_rows else (m if m <= INT4_GEMV_MAX_ROWS else 0)
+        split = self._decode_rows if m == self._step_rows else (m if m <= INT4_INVARIANT_GEMV_ROWS else 0)
         if not w.expandable:  # no expansion kernel for ragged row blocks: the int4 kernel does all
             split = m
         if split >= m:

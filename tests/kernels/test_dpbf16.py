@@ -56,7 +56,7 @@ def test_the_backend_routes_batched_steps_to_the_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_backend, "int4_dpbf16_matmul",
                         lambda *a: calls.append(a[0].shape[0]) or int4_dpbf16_matmul(*a))
-    low = cpu_backend.DPBF16_MIN_ROWS
+    low = max(cpu_backend.DPBF16_MIN_ROWS, backend._gemv_rows + 1)  # fewer rows: int4_gemv or ATen's kernel
     for m in (1, low - 1, low, 32, 600):
         x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
         for xs in (x, x.float()):  # the short path (bf16 rows) and the converting one

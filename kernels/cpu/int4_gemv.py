@@ -1,0 +1,192 @@
+"""Packed int4 weights times one to four rows, with AVX512-VNNI int16 dot products.
+
+One decode stream multiplies every weight by one activation: the step is a read of the weights,
+and ATen's int4 kernel spends ~4x that read widening nibbles to float32 and scaling them one by
+one. Here each group of 32 activations is quantized to int16 with its own scale (``x = s_g * xq``,
+15 bits under the group's largest value: finer than the bf16 the activations arrive in), and the
+nibbles meet them as integers. For weights ``w = scale * (q - 8) + zero`` (ATen's layout, GGML's
+Q4_0/Q4_1 blocks of 32),
+
+    sum_g w . x  =  s_g * (scale * sum(q * xq) + (zero - 8 scale) * sum(xq))
+
+so a weight costs a nibble split, a zero extension and half of one ``vpdpwssd`` (exact int32
+sums), and the float work is one multiply-add per group of 32. The result rounds once to bf16,
+as ATen's kernel returns it.
+
+Example::
+
+    int4_gemv(x_bf16_bits, packed, sz, out_bf16_bits, 2)   # Int4PackedWeight.amx_operands
+"""
+from __future__ import annotations
+
+import functools
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.amx import element_ptr, emit_cases
+
+MAX_ROWS = 4  # activation rows per pass over a weight block: 4 x 4 int32 + 4 x 4 float32 accumulators
+GROUP = 32
+XQ_MAX = 32767  # 32 products of a nibble (<= 15) and |xq| <= 32767 stay far inside int32
+
+
+@functools.cache
+def supported() -> bool:
+    """Whether this CPU has AVX512-VNNI (``vpdpwssd``) and AVX512-VBMI (``vpermb``): Intel Ice Lake
+    and later, AMD Zen 4."""
+    f = llvm.get_host_cpu_features()
+    return bool(f.get("avx512vnni") and f.get("avx512vbmi") and f.get("avx512bw"))
+
+
+@intrinsic
+def _block_rows(typingctx, packed, block, xq, xs, xsum, rows, sz, out):
+    """``out[r, 64 block + c]`` (bf16 bits) for the 64 columns of one weight block and ``r < rows``
+    (1-4, one body unrolled for each count): ``sum_g xs[r, g] * (scale * sum_k q xq[r, k]) + (zero -
+    8 scale) * xsum[r, g]`` over the groups of 32 k, rounded to nearest even."""
+    if not isinstance(rows, types.Integer):
+        return None
+    arrays = (packed, xq, xs, xsum, sz, out)
+    dtypes = (types.uint8, types.int16, types.float32, types.float32, types.uint32, types.uint16)
+    if not all(isinstance(a, types.Array) and a.layout == "C" and a.dtype == d for a, d in zip(arrays, dtypes)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        t_p, t_b, t_xq, t_xs, t_xsum, _, t_sz, t_out = sig.args
+        a_p, a_b, a_xq, a_xs, a_xsum, a_rows, a_sz, a_out = args
+        i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+        f32 = ir.FloatType()
+        v16i, v16f, v64b = ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(i8, 64)
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        splat_i = lambda v: ir.Constant(v16i, [v] * 16)  # noqa: E731
+        k = builder.extract_value(context.make_array(t_p)(context, builder, a_p).shape, 1)
+        n = builder.extract_value(context.make_array(t_out)(context, builder, a_out).shape, 1)
+        groups = builder.sdiv(k, const(GROUP))
+        block = context.cast(builder, a_b, t_b, types.int64)
+        col0 = builder.mul(block, const(64))
+        w_base = builder.mul(builder.mul(block, k), const(32))
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
+                                            "llvm.x86.avx512.vpdpwssd.512")
+        # bytes of k and k + 1 for each column side by side: [b_k[0], b_k1[0], b_k[1], b_k1[1], ...]
+        interleave = [c // 2 + 32 * (c % 2) for c in range(64)]
+
+        def widen(nibbles, half):  # 32 bytes (16 columns' pairs) -> 16 lanes of two int16
+            part = builder.shuffle_vector(nibbles, nibbles, ir.Constant(ir.VectorType(i32, 32),
+                                                                        list(range(32 * half, 32 * half + 32))))
+            return builder.bitcast(builder.zext(part, ir.VectorType(i16, 32)), v16i)
+
+        def body(n_rows):
+            facc = [[cgutils.alloca_once_value(builder, ir.Constant(v16f, None)) for _ in range(4)]
+                    for _ in range(n_rows)]
+            iacc = [[cgutils.alloca_once(builder, v16i) for _ in range(4)] for _ in range(n_rows)]
+            with cgutils.for_range(builder, groups) as g_loop:
+                g = g_loop.index
+                for row in iacc:
+                    for acc in row:
+                        builder.store(ir.Constant(v16i, None), acc)
+                with cgutils.for_range(builder, const(GROUP // 2)) as p_loop:
+                    kk = builder.add(builder.mul(g, const(GROUP)), builder.mul(p_loop.index, const(2)))
+                    raw = builder.load(element_ptr(context, builder, t_p, a_p, builder.add(w_base, builder.mul(kk, const(32))),
+                                                   types.int64, v64b), align=1)
+                    pairs = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(i32, 64), interleave))
+                    lo = builder.and_(pairs, ir.Constant(v64b, [0x0F] * 64))
+                    hi = builder.lshr(pairs, ir.Constant(v64b, [4] * 64))
+                    wv = [widen(lo, 0), widen(lo, 1), widen(hi, 0), widen(hi, 1)]  # columns 0-15, ..., 48-63
+                    for r in range(n_rows):
+                        xi = builder.add(builder.mul(const(r), k), kk)
+                        x2 = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64, i32), align=2)
+                        xb = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i, None), x2, ir.Constant(i32, 0)),
+                                                    ir.Constant(v16i, None), ir.Constant(v16i, [0] * 16))
+                        for v in range(4):
+                            builder.store(builder.call(dp, [builder.load(iacc[r][v]), wv[v], xb]), iacc[r][v])
+                # the group's float step: scale and zero are each column's bf16 pair (scale low)
+                scales, zeros = [], []
+                for v in range(4):
+                    si = builder.add(builder.add(builder.mul(g, n), col0), const(16 * v))
+                    sz_v = builder.load(element_ptr(context, builder, t_sz, a_sz, si, types.int64, v16i), align=4)
+                    scale = builder.bitcast(builder.shl(sz_v, splat_i(16)), v16f)
+                    zero = builder.bitcast(builder.and_(sz_v, splat_i(-65536)), v16f)
+                    scales.append(scale)
+                    zeros.append(builder.fsub(zero, builder.fmul(scale, ir.Constant(v16f, [8.0] * 16))))
+                for r in range(n_rows):
+                    ri = builder.add(builder.mul(const(r), groups), g)
+                    s = builder.load(element_ptr(context, builder, t_xs, a_xs, ri, types.int64, f32), align=4)
+                    xsum = builder.load(element_ptr(context, builder, t_xsum, a_xsum, ri, types.int64, f32), align=4)
+                    s_v = _splat(builder, s)
+                    xsum_v = _splat(builder, xsum)
+                    for v in range(4):
+                        acc = builder.load(facc[r][v])
+                        acc = builder.fadd(acc, builder.fmul(zeros[v], xsum_v))
+                        ints = builder.sitofp(builder.load(iacc[r][v]), v16f)
+                        acc = builder.fadd(acc, builder.fmul(ints, builder.fmul(scales[v], s_v)))
+                        builder.store(acc, facc[r][v])
+            for r in range(n_rows):
+                for v in range(4):
+                    bits = builder.bitcast(builder.load(facc[r][v]), v16i)
+                    odd = builder.and_(builder.lshr(bits, splat_i(16)), splat_i(1))
+                    rounded = builder.lshr(builder.add(bits, builder.add(odd, splat_i(0x7FFF))), splat_i(16))
+                    oi = builder.add(builder.add(builder.mul(const(r), n), col0), const(16 * v))
+                    ptr = element_ptr(context, builder, t_out, a_out, oi, types.int64, ir.VectorType(i16, 16))
+                    builder.store(builder.trunc(rounded, ir.VectorType(i16, 16)), ptr, align=2)
+
+        emit_cases(builder, context.cast(builder, a_rows, sig.args[5], types.int64), range(1, MAX_ROWS + 1), body)
+        return context.get_dummy_value()
+
+    return types.void(packed, block, xq, xs, xsum, rows, sz, out), codegen
+
+
+def _splat(builder, scalar):
+    v = ir.VectorType(scalar.type, 16)
+    one = builder.insert_element(ir.Constant(v, None), scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(v, None), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+
+
+@njit(cache=True)
+def quantize_groups_int16(x):
+    """``(xq int16 [M, K], xs, xsum float32 [M, K/32])`` from bf16 bits ``x [M, K]``: each group of 32
+    is ``xs * xq`` with ``|xq| <= 32767``; ``xsum = xs * sum(xq)`` (the group's sum as multiplied)."""
+    m, k = x.shape
+    groups = k // GROUP
+    xq = np.empty((m, k), np.int16)
+    xs = np.empty((m, groups), np.float32)
+    xsum = np.empty((m, groups), np.float32)
+    xf = (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    for r in range(m):
+        for g in range(groups):
+            amax = np.float32(0.0)
+            for i in range(g * GROUP, (g + 1) * GROUP):
+                amax = max(amax, abs(xf[r, i]))
+            s = np.float32(amax / XQ_MAX) if amax > 0 else np.float32(1.0)
+            inv = np.float32(1.0) / s
+            total = 0
+            for i in range(g * GROUP, (g + 1) * GROUP):
+                q = min(XQ_MAX, max(-XQ_MAX, np.int32(np.rint(xf[r, i] * inv))))
+                xq[r, i] = q
+                total += q
+            xs[r, g] = s
+            xsum[r, g] = np.float32(total) * s
+    return xq, xs, xsum
+
+
+@njit(cache=True, parallel=True)
+def int4_gemv(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, out: np.ndarray, n_threads: int) -> None:
+    """``out [M, N] = x [M, K] @ W^T`` in bf16 bits (uint16, C-contiguous), ``M <= 4`` at a time is
+    best (more rows take more passes), ``N % 64 == 0``, ``K % 32 == 0``.
+
+    ``packed`` is ATen's int4 weight viewed as ``[N/64, K, 32]``, ``sz`` its scale-zeros ``[K/32, N]``
+    as uint32 (each the bf16 pair): ``Int4PackedWeight.amx_operands``. Each thread takes a run of
+    64-column blocks.
+    """
+    xq, xs, xsum = quantize_groups_int16(x)
+    m = x.shape[0]
+    blocks = packed.shape[0]
+    workers = max(1, min(n_threads, blocks))
+    for w in prange(workers):
+        for b in range(w * blocks // workers, (w + 1) * blocks // workers):
+            for r0 in range(0, m, MAX_ROWS):
+                r1 = min(m, r0 + MAX_ROWS)
+                _block_rows(packed, b, xq[r0:r1], xs[r0:r1], xsum[r0:r1], r1 - r0, sz, out[r0:r1])

@@ -1,0 +1,96 @@
+"""The AVX512-VNNI int4 kernel for a few rows: exact integer sums against float64 of the activations it
+quantized, ATen's int4 kernel, and the backend's choice of it. Skips on CPUs without AVX512-VNNI and
+AVX512-VBMI (there the backend keeps ATen's kernel)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgellm.backends import cpu as cpu_backend
+from edgellm.backends.cpu import CPUBackend
+from edgellm.backends.cpu_weights import Int4PackedWeight
+from edgellm.kernels.cpu.int4_gemv import XQ_MAX, int4_gemv, quantize_groups_int16, supported
+from tests.kernels.test_bf16_expand import quantized
+
+pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has no AVX512-VNNI and VBMI")
+
+
+def gemv(x: torch.Tensor, w: Int4PackedWeight, threads: int = 2) -> torch.Tensor:
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=torch.bfloat16)
+    packed, sz = w.amx_operands
+    int4_gemv(x.bfloat16().contiguous().view(torch.uint16).numpy(), packed, sz, out.view(torch.uint16).numpy(),
+              threads)
+    return out
+
+
+def used_activations(x: torch.Tensor) -> torch.Tensor:
+    """The float64 activations the kernel multiplies: each group of 32 as ``xs * xq``."""
+    xq, xs, _ = quantize_groups_int16(x.bfloat16().view(torch.uint16).numpy())
+    return torch.from_numpy(xq).double() * torch.from_numpy(np.repeat(xs, 32, axis=1)).double()
+
+
+def test_groups_quantize_to_15_bits_of_their_largest_value():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 128, generator=g) * torch.tensor([1e-3, 1.0, 300.0, 1.0]).repeat_interleave(32)
+    x[1, 32:64] = 0.0  # an all-zero group
+    x[2, 64] = 1e4  # one outlier only coarsens its own group
+    xb = x.bfloat16()
+    xq, xs, xsum = quantize_groups_int16(xb.view(torch.uint16).numpy())
+    assert np.abs(xq).max() <= XQ_MAX
+    used = used_activations(xb)
+    err = (used - xb.double()).abs().view(3, 4, 32)
+    assert (err <= 0.5 * torch.from_numpy(xs).double()[..., None] * (1 + 1e-6)).all()
+    assert (torch.from_numpy(xq).view(3, 4, 32).abs().amax(-1)[torch.from_numpy(xs) != 1.0] == XQ_MAX).all()
+    assert (used[1, 32:64] == 0).all()
+    torch.testing.assert_close(torch.from_numpy(xsum).double(), used.view(3, 4, 32).sum(-1), rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("n, k", [(64, 32), (960, 576), (576, 1536), (128, 8192)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matches_float64_of_the_quantized_activations(fmt, m, n, k, threads):
+    w = Int4PackedWeight.from_quantized(quantized(fmt, n, k, seed=m + n))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)) * 3
+    got = gemv(x, w, threads).double()
+    wt = w.expand_f32_t().double()  # the exact weights [K, N]
+    want = used_activations(x) @ wt
+    # exact integer sums; float32 for one multiply-add per group of 32; one bf16 rounding of the result
+    tol = 2.0 ** -8 * want.abs() + 1e-5 * (x.double().abs() @ wt.abs())
+    assert ((got - want).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_agrees_with_atens_int4_kernel(m):
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 3072, 576, seed=3))
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
+    ref = torch._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros).double()
+    got = gemv(x, w).double()
+    scale = (x.double().abs() @ w.expand_f32_t().double().abs())
+    assert ((got - ref).abs() <= 2.0 ** -7 * ref.abs() + 1e-4 * scale).all()
+
+
+def test_the_backend_routes_a_few_rows_to_the_kernel(monkeypatch):
+    backend = CPUBackend(threads=2, warmup=False)
+    top = backend._gemv_rows
+    assert top >= cpu_backend.INT4_GEMV_MAX_ROWS
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 192, 576, seed=2))
+    calls = []
+    monkeypatch.setattr(cpu_backend, "int4_gemv", lambda *a: calls.append(a[0].shape[0]) or int4_gemv(*a))
+    for m in (1, 2, top, top + 1, 40):
+        x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
+        for xs in (x, x.float()):  # the short path (bf16 rows) and the converting one
+            y = backend.linear(xs, w)
+            assert y.shape == (m, 192) and y.dtype == xs.dtype
+            torch.testing.assert_close(y.float(), x.float() @ w.expand_f32_t(), rtol=2e-2, atol=2e-2)
+    assert calls == [1, 1, 2, 2, top, top]
+
+
+def test_batch_invariant_mode_and_edgellm_vnni_0_keep_atens_kernel(monkeypatch):
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 64, 32))
+    monkeypatch.setattr(cpu_backend, "int4_gemv", lambda *a: pytest.fail("int4_gemv called"))
+    assert CPUBackend(threads=2, warmup=False, batch_invariant=True).linear(torch.randn(1, 32).bfloat16(), w).shape == (1, 64)
+    monkeypatch.setenv("EDGELLM_VNNI", "0")
+    backend = CPUBackend(threads=2, warmup=False)
+    assert backend.linear(torch.randn(2, 32).bfloat16(), w).shape == (2, 64)
