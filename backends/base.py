@@ -139,6 +139,20 @@ class Backend(ABC):
 
         The norm comes in ``out_dtype`` (default ``x``'s); the sum keeps ``residual``'s dtype."""
 
+    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                    weight: Any, bias: torch.Tensor | None = None,
+                    norm_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(linear(norm, weight, bias), residual)`` for ``norm, residual = rms_norm(x, norm_weight, eps,
+        residual, norm_dtype)``: a block's pre-norm and the projection after it, which a backend may do
+        in one dispatch (the same numbers as the two ops)."""
+        normed, residual = self.rms_norm(x, norm_weight, eps, residual, norm_dtype)
+        return self.linear(normed, weight, bias), residual
+
+    def act_linear(self, x: torch.Tensor, act: str, weight: Any) -> torch.Tensor:
+        """``linear(act_and_mul(x, act), weight)``: a gated MLP's down projection, which a backend
+        may do in one dispatch (the same numbers as the two ops)."""
+        return self.linear(self.act_and_mul(x, act), weight)
+
     @abstractmethod
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

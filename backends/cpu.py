@@ -45,7 +45,7 @@ from edgellm.kernels.cpu.attention_dpbf16 import supports as dp_attention_suppor
 from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
-from edgellm.kernels.cpu.int4_gemv import int4_gemv
+from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, silu_int4_gemv
 from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
@@ -166,9 +166,17 @@ class CPUBackend(TorchBackend):
                                          head=True)
         for rows in (1, AMX_HEAD_MIN_ROWS, INT8_GEMV_MAX_ROWS):
             self.logits(torch.zeros(rows, 32), head, argmax_cols=32)
+        w4 = Int4PackedWeight.from_quantized(w4)
         for rows in {self._batched_rows[0], self._gemv_rows + 1}:  # int4_gemv, then the AMX / dpbf16 kernel
             if self._batched_rows[0] <= rows <= self._batched_rows[1]:
-                self.linear(torch.zeros(rows, 32, dtype=torch.bfloat16), Int4PackedWeight.from_quantized(w4))
+                self.linear(torch.zeros(rows, 32, dtype=torch.bfloat16), w4)
+        if self._gemv_rows:  # a decode's fused norm + projection (float32 input at the first layer) and MLP
+            for dt in (torch.float32, torch.bfloat16):
+                _, res = self.norm_linear(torch.zeros(1, 32, dtype=dt), torch.ones(32), 1e-6, None, w4, None,
+                                          torch.bfloat16)
+            self.norm_linear(torch.zeros(1, 32, dtype=torch.bfloat16), torch.ones(32), 1e-6, res, w4, None,
+                             torch.bfloat16)
+            self.act_linear(torch.zeros(1, 64, dtype=torch.bfloat16), "silu", w4)
         # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
         # attention on strided views of the qkv projection
         norm_w = torch.ones(32)
@@ -284,6 +292,35 @@ class CPUBackend(TorchBackend):
         else:
             add_rms_norm(*args)
         return (out, res) if flat else (out.view(x.shape), res.view(x.shape))
+
+    def _gemv_step(self, x: torch.Tensor, weight: Any) -> bool:
+        """Whether ``x`` (2-D, contiguous) meets ``weight`` in ``int4_gemv``: a few rows of a packed
+        int4 weight, outside batch-invariant mode."""
+        return (type(weight) is Int4PackedWeight and x.dim() == 2 and 1 <= x.shape[0] <= self._gemv_rows
+                and not self._invariant and weight.expandable and x.is_contiguous())
+
+    def norm_linear(self, x, norm_weight, eps, residual, weight, bias=None, norm_dtype=None):
+        """A few rows into a packed int4 projection: the norm and ``int4_gemv`` in one Numba call
+        (``norm_int4_gemv``), the norm still rounded to bf16 as ``rms_norm`` returns it."""
+        if not (bias is None and norm_dtype == torch.bfloat16 and x.dtype in _NUMBA_DTYPES
+                and norm_weight.dtype == torch.float32 and self._gemv_step(x, weight)
+                and (residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()))):
+            return super().norm_linear(x, norm_weight, eps, residual, weight, bias, norm_dtype)
+        res = residual if residual is not None else torch.empty(x.shape, dtype=torch.float32)
+        out, out_np = _new_array((x.shape[0], weight.shape[0]), torch.bfloat16)
+        packed, sz = weight.amx_operands
+        norm_int4_gemv(_as_numpy(x), res.numpy(), norm_weight.numpy(), float(eps), residual is not None, packed, sz,
+                       out_np, self.threads)
+        return out, res
+
+    def act_linear(self, x, act, weight):
+        """A few rows of a gated MLP: SiLU-and-mul and ``int4_gemv`` in one Numba call (``silu_int4_gemv``)."""
+        if not (act == "silu" and x.dtype == torch.bfloat16 and self._gemv_step(x, weight)):
+            return super().act_linear(x, act, weight)
+        out, out_np = _new_array((x.shape[0], weight.shape[0]), torch.bfloat16)
+        packed, sz = weight.amx_operands
+        silu_int4_gemv(_as_numpy(x), packed, sz, out_np, self.threads)
+        return out
 
     def rotary(self, q, k, positions, cos_sin):
         """float32 ``q, k`` rotate in place; bf16 ones (views of the qkv projection) into new float32

@@ -28,7 +28,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from edgellm.kernels.cpu.activations import silu_and_mul
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
+from edgellm.kernels.cpu.norm_rope import add_rms_norm
 
 MAX_ROWS = 4  # activation rows per pass over a weight block: 4 x 4 int32 + 4 x 4 float32 accumulators
 GROUP = 32
@@ -190,3 +192,21 @@ def int4_gemv(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, out: np.ndarray
             for r0 in range(0, m, MAX_ROWS):
                 r1 = min(m, r0 + MAX_ROWS)
                 _block_rows(packed, b, xq[r0:r1], xs[r0:r1], xsum[r0:r1], r1 - r0, sz, out[r0:r1])
+
+
+@njit(cache=True)
+def norm_int4_gemv(h, residual, norm_w, eps, has_residual, packed, sz, out, n_threads):
+    """``add_rms_norm`` (its output rounded to bf16, as the separate op returns it) then ``int4_gemv``
+    on it, in one dispatch: a decode step's pre-projection norm and projection."""
+    x = np.empty(h.shape, np.uint16)
+    add_rms_norm(h, residual, norm_w, eps, x, has_residual)
+    int4_gemv(x, packed, sz, out, n_threads)
+
+
+@njit(cache=True)
+def silu_int4_gemv(gate_up, packed, sz, out, n_threads):
+    """``silu_and_mul`` (bf16 bits in and out) then ``int4_gemv``, in one dispatch: a decode step's
+    gated MLP after its gate/up projection."""
+    x = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.uint16)
+    silu_and_mul(gate_up, x)
+    int4_gemv(x, packed, sz, out, n_threads)

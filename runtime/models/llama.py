@@ -94,13 +94,14 @@ class LlamaForCausalLM:
         h = b.embedding(input_ids, self.embed, self.dtype)
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            x, residual = b.rms_norm(h, layer.input_norm, c.rms_norm_eps, residual, layer.qkv_in)
-            qkv = b.linear(x, layer.qkv, layer.qkv_bias)
+            qkv, residual = b.norm_linear(h, layer.input_norm, c.rms_norm_eps, residual, layer.qkv, layer.qkv_bias,
+                                          layer.qkv_in)
             o = b.rope_attention(qkv, c.num_heads, c.num_kv_heads, c.head_dim, positions, self.cos_sin, cache, meta,
                                  self.scale, c.sliding_window)
             h = b.linear(o, layer.o_proj)
-            x, residual = b.rms_norm(h, layer.post_norm, c.rms_norm_eps, residual, layer.gate_up_in)
-            h = b.linear(b.act_and_mul(b.linear(x, layer.gate_up), c.hidden_act), layer.down)
+            gate_up, residual = b.norm_linear(h, layer.post_norm, c.rms_norm_eps, residual, layer.gate_up, None,
+                                              layer.gate_up_in)
+            h = b.act_linear(gate_up, c.hidden_act, layer.down)
         h, _ = b.rms_norm(h, self.norm, c.rms_norm_eps, residual, self.dtype)
         return h
 

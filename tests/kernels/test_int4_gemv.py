@@ -10,7 +10,14 @@ import torch
 from edgellm.backends import cpu as cpu_backend
 from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.cpu_weights import Int4PackedWeight
-from edgellm.kernels.cpu.int4_gemv import XQ_MAX, int4_gemv, quantize_groups_int16, supported
+from edgellm.kernels.cpu.int4_gemv import (
+    XQ_MAX,
+    int4_gemv,
+    norm_int4_gemv,
+    quantize_groups_int16,
+    silu_int4_gemv,
+    supported,
+)
 from tests.kernels.test_bf16_expand import quantized
 
 pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has no AVX512-VNNI and VBMI")
@@ -94,3 +101,49 @@ def test_batch_invariant_mode_and_edgellm_vnni_0_keep_atens_kernel(monkeypatch):
     monkeypatch.setenv("EDGELLM_VNNI", "0")
     backend = CPUBackend(threads=2, warmup=False)
     assert backend.linear(torch.randn(2, 32).bfloat16(), w).shape == (2, 64)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_norm_and_projection_give_the_two_ops_numbers(x_dtype, m, with_residual, monkeypatch):
+    backend = CPUBackend(threads=2, warmup=False)
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=4))
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, 576, generator=g) * 4).to(x_dtype)
+    norm_w = torch.rand(576, generator=g) + 0.5
+    residual = torch.randn(m, 576, generator=g) if with_residual else None
+    calls = []
+    monkeypatch.setattr(cpu_backend, "norm_int4_gemv", lambda *a: calls.append(1) or norm_int4_gemv(*a))
+    y, res = backend.norm_linear(x, norm_w, 1e-5, None if residual is None else residual.clone(), w, None,
+                                 torch.bfloat16)
+    normed, want_res = backend.rms_norm(x, norm_w, 1e-5, None if residual is None else residual.clone(),
+                                        torch.bfloat16)
+    assert calls == [1]
+    assert torch.equal(res, want_res)
+    assert torch.equal(y.view(torch.int16), backend.linear(normed, w).view(torch.int16))
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_fused_gated_mlp_gives_the_two_ops_numbers(m, monkeypatch):
+    backend = CPUBackend(threads=2, warmup=False)
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 576, 1536, seed=5))
+    x = (torch.randn(m, 3072, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    calls = []
+    monkeypatch.setattr(cpu_backend, "silu_int4_gemv", lambda *a: calls.append(1) or silu_int4_gemv(*a))
+    y = backend.act_linear(x, "silu", w)
+    assert calls == [1]
+    assert torch.equal(y.view(torch.int16), backend.linear(backend.act_and_mul(x), w).view(torch.int16))
+
+
+def test_fused_ops_fall_back_to_the_two_ops_off_their_path(monkeypatch):
+    backend = CPUBackend(threads=2, warmup=False)
+    monkeypatch.setattr(cpu_backend, "norm_int4_gemv", lambda *a: pytest.fail("fused norm called"))
+    monkeypatch.setattr(cpu_backend, "silu_int4_gemv", lambda *a: pytest.fail("fused MLP called"))
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 64, 32))
+    many = torch.randn(backend._gemv_rows + 1, 32)
+    y, _ = backend.norm_linear(many, torch.ones(32), 1e-6, None, w, None, torch.bfloat16)  # a prompt's rows
+    assert y.shape == (many.shape[0], 64)
+    y, _ = backend.norm_linear(many[:1], torch.ones(32), 1e-6, None, w, torch.ones(64), torch.bfloat16)  # a bias
+    assert y.shape == (1, 64)
+    assert backend.act_linear(torch.randn(1, 64).bfloat16(), "gelu_tanh", w).shape == (1, 64)
