@@ -7,7 +7,8 @@
   it once into registers' bf16 pairs for ``vdpbf16ps`` (``kernels/cpu/dpbf16.py``). Other big steps expand each
   weight to bf16 in a scratch buffer (``kernels/cpu/bf16_expand.py``) for one oneDNN GEMM.
 - Attention: decodes read K/V in place through block tables (``kernels/cpu/paged_attention.py``);
-  prompt chunks use torch's flash attention.
+  prompt chunks go through ``kernels/cpu/prompt_attention_dp.py`` on AVX512-BF16 CPUs (bf16 cache,
+  no sliding window), else torch's flash attention.
 - Q8_0 weights (head, embedding) stay int8 and go through Numba kernels (``kernels/cpu/q8_0.py``).
 - Activations between packed linears are bf16, the int4 kernel's own input and output: the norms
   write bf16, and rotary, SiLU-and-mul and attention read the projections' bf16 output directly
@@ -65,6 +66,8 @@ from edgellm.kernels.cpu.paged_attention import (
     write_kv,
     write_kv_parallel,
 )
+from edgellm.kernels.cpu.prompt_attention_dp import prompt_attention_dp
+from edgellm.kernels.cpu.prompt_attention_dp import supports as prompt_dp_supports
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
 from edgellm.quant import QuantizedTensor
 
@@ -520,6 +523,15 @@ class CPUBackend(TorchBackend):
                 paged_attention_step_dp(*args)
             else:
                 paged_attention_step(*args)
+        if sdpa and self._dpbf16 and not sliding_window and prompt_dp_supports(kv, q.shape[1] // k.shape[1]):
+            # prompt chunks in one Numba call on AVX512-BF16: 1.5-2x torch's flash attention here. Its
+            # output is bf16, as flash attention's over a bf16 cache is, whatever v's dtype.
+            ob = out if out.dtype == torch.bfloat16 else torch.empty(q.shape, dtype=torch.bfloat16)
+            prompt_attention_dp(_as_numpy(ob), q_np, kv, starts, lens, tables, n_numba, n_seqs, float(scale),
+                                self.threads)
+            if ob is not out:
+                out[t_numba:] = ob[t_numba:]
+            return out if out.dtype == v.dtype else out.to(v.dtype)
         lens_list = meta.seq_lens_list or meta.seq_lens.tolist()
         for i in range(n_numba, n_seqs):
             self._prompt_attention(qsl[i], qsl[i + 1], lens_list[i], meta.block_tables[i], qf, kf, v, kv_cache,

@@ -1,0 +1,158 @@
+"""Causal attention for prompt chunks on AVX512-BF16 (``vdpbf16ps``), over a paged bf16 KV cache.
+
+torch's CPU flash attention reaches ~50 GFLOP/s on this model's shapes (9 heads of 64, a few hundred
+rows, 2 threads), a third of a 512-token prefill. Here a chunk is two register-blocked products
+(``dpbf16._dot_block``: 8 rows x 32 columns, 16 accumulators):
+
+- each kv head's keys are gathered once from their blocks into ``K^T`` bf16 pairs ``[D/2, ctx]``
+  and its values into key pairs ``[ctx/2, D]``, shared by the group's query heads and all rows;
+- ``S = q K^T`` for 8 query rows at a time (q rounded to bf16 after scaling, as the flash attention
+  path took it), float32 scores; a row's softmax in float32 over the keys it may see;
+- ``O = P V`` with ``P`` rounded to bf16 (float32 sums), normalized, rounded once to bf16.
+
+Work items are (sequence, kv head, 64-row chunk), costliest first, dealt to the threads in snake order.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgellm.kernels.cpu.bf16 import round_bits
+from edgellm.kernels.cpu.dpbf16 import BLOCK_ROWS, _dot_block
+from edgellm.kernels.cpu.paged_attention import FASTMATH, _exp_shifted, dealt_items
+
+ROW_CHUNK = 64  # query rows per work item
+KEYS = 32  # score columns per _dot_block call
+
+
+def supports(kv: np.ndarray, group: int) -> bool:
+    """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) fits this kernel
+    (the caller checks the CPU: ``dpbf16.supported``)."""
+    return kv.dtype == np.uint16 and kv.shape[4] in (64, 128) and kv.shape[3] % 2 == 0 and 1 <= group <= 16
+
+
+@njit(cache=True)
+def _plan(starts, lens, s0, s1, n_kv):
+    """Items ``(seq, hk, row0, row1)`` for sequences ``s0:s1`` and their order, costliest first."""
+    count = 0
+    for s in range(s0, s1):
+        count += n_kv * ((starts[s + 1] - starts[s] + ROW_CHUNK - 1) // ROW_CHUNK)
+    items = np.empty((count, 4), np.int64)
+    cost = np.empty(count, np.int64)
+    i = 0
+    for s in range(s0, s1):
+        n = starts[s + 1] - starts[s]
+        for hk in range(n_kv):
+            for r0 in range(0, n, ROW_CHUNK):
+                r1 = min(n, r0 + ROW_CHUNK)
+                items[i, 0], items[i, 1], items[i, 2], items[i, 3] = s, hk, r0, r1
+                cost[i] = -(r1 - r0) * (lens[s] - n + r1)  # rows x keys the last row sees
+                i += 1
+    return items, np.argsort(cost, kind="mergesort")
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _gather_kv(kv, table, hk, keys, kt, vp):
+    """``kt [D/2, width]``: K^T as bf16 pairs (column j = key j's dims 2p, 2p + 1); ``vp [width/2,
+    D]``: V as key pairs (row i = keys 2i, 2i + 1 of each dim); keys past ``keys`` are zero."""
+    block_size, dim = kv.shape[3], kv.shape[4]
+    half = dim // 2
+    width = kt.shape[1]
+    for j in range(keys):
+        blk = kv[0, table[j // block_size], hk, j % block_size]
+        for p in range(half):
+            kt[p, j] = np.uint32(blk[2 * p]) | (np.uint32(blk[2 * p + 1]) << np.uint32(16))
+    for j in range(keys, width):
+        for p in range(half):
+            kt[p, j] = 0
+    for i in range(width // 2):
+        j = 2 * i
+        if j + 1 < keys:
+            v0 = kv[1, table[j // block_size], hk, j % block_size]
+            v1 = kv[1, table[(j + 1) // block_size], hk, (j + 1) % block_size]
+            for d in range(dim):
+                vp[i, d] = np.uint32(v0[d]) | (np.uint32(v1[d]) << np.uint32(16))
+        elif j < keys:
+            v0 = kv[1, table[j // block_size], hk, j % block_size]
+            for d in range(dim):
+                vp[i, d] = np.uint32(v0[d])
+        else:
+            for d in range(dim):
+                vp[i, d] = 0
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, pa, cbuf, obuf, bits):
+    """Rows ``r0:r1`` of one sequence's chunk (``n`` rows from ``q0``, ``ctx`` keys with the chunk's
+    own) for kv head ``hk``'s query heads."""
+    dim = q.shape[2]
+    half = dim // 2
+    group = q.shape[1] // kv.shape[2]
+    keys = ctx - n + r1  # what the chunk's last row sees
+    width = (keys + KEYS - 1) // KEYS * KEYS
+    kt_w = np.empty((half, width), np.uint32)
+    vp_w = np.empty((width // 2, dim), np.uint32)
+    _gather_kv(kv, table, hk, keys, kt_w, vp_w)
+    s32 = np.float32(scale)
+    for g in range(group):
+        h = hk * group + g
+        for t0 in range(r0, r1, BLOCK_ROWS):
+            rows = min(BLOCK_ROWS, r1 - t0)
+            for r in range(rows):
+                row = q[q0 + t0 + r, h]
+                for p in range(half):
+                    lo = round_bits(row[2 * p] * s32)
+                    hi = round_bits(row[2 * p + 1] * s32)
+                    qa[r, p] = np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+            seen = ctx - n + t0 + rows  # keys the tile's last row sees
+            cols = (seen + KEYS - 1) // KEYS * KEYS
+            for c0 in range(0, cols, KEYS):
+                _dot_block(qa, 0, half, rows, kt_w, c0, width, 2, half, cbuf)
+                for r in range(rows):
+                    for j in range(KEYS):
+                        scores[r, c0 + j] = cbuf[r, j]
+            for r in range(rows):
+                limit = ctx - n + t0 + r + 1
+                m = scores[r, 0]
+                for j in range(1, limit):
+                    m = max(m, scores[r, j])
+                total = _exp_shifted(scores[r], 0, limit, m, bits)
+                for j in range(limit, cols):
+                    scores[r, j] = 0.0
+                obuf[r, 0] = np.float32(1.0) / total
+                for i in range(cols // 2):
+                    pa[r, i] = (np.uint32(round_bits(scores[r, 2 * i]))
+                                | (np.uint32(round_bits(scores[r, 2 * i + 1])) << np.uint32(16)))
+            for d0 in range(0, dim, KEYS):
+                _dot_block(pa, 0, pa.shape[1], rows, vp_w, d0, dim, 2, cols // 2, cbuf)
+                for r in range(rows):
+                    inv = obuf[r, 0]
+                    dst = out[q0 + t0 + r, h]
+                    for j in range(KEYS):
+                        dst[d0 + j] = round_bits(cbuf[r, j] * inv)
+
+
+@njit(cache=True, parallel=True)
+def prompt_attention_dp(out, q, kv, starts, lens, block_tables, s0, s1, scale, n_threads):
+    """Causal attention of prompt chunks ``s0:s1`` (rows ``starts[s]:starts[s + 1]`` of ``q [T, H, D]``
+    float32, their K/V already in the cache ``kv`` at positions up to ``lens[s]``) into ``out [T, H,
+    D]`` (bf16 bits)."""
+    items, order = _plan(starts, lens, s0, s1, kv.shape[2])
+    workers = max(1, min(n_threads, order.shape[0]))
+    dim = kv.shape[4]
+    max_keys = 0
+    for s in range(s0, s1):
+        max_keys = max(max_keys, lens[s])
+    width = (max_keys + KEYS - 1) // KEYS * KEYS
+    for w in prange(workers):
+        qa = np.empty((BLOCK_ROWS, dim // 2), np.uint32)
+        scores = np.empty((BLOCK_ROWS, width), np.float32)
+        pa = np.empty((BLOCK_ROWS, width // 2), np.uint32)
+        cbuf = np.empty((BLOCK_ROWS, KEYS), np.float32)
+        obuf = np.empty((BLOCK_ROWS, 1), np.float32)
+        bits = np.empty(width, np.int32)
+        mine = dealt_items(order, w, workers)
+        for i in range(mine.shape[0]):
+            s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
+            _attend_chunk(out, q, kv, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s], hk, r0, r1,
+                          scale, qa, scores, pa, cbuf, obuf, bits)
