@@ -2,7 +2,6 @@
 Skips on CPUs without AVX512-BF16 (there prompt chunks keep torch's flash attention)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
