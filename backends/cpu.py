@@ -175,10 +175,7 @@ class CPUBackend(TorchBackend):
                 self.linear(torch.zeros(rows, 32, dtype=torch.bfloat16), w4)
         if self._gemv_rows:  # a decode's fused norm + projection (float32 input at the first layer) and MLP
             for dt in (torch.float32, torch.bfloat16):
-                _, res = self.norm_linear(torch.zeros(1, 32, dtype=dt), torch.ones(32), 1e-6, None, w4, None,
-                                          torch.bfloat16)
-            self.norm_linear(torch.zeros(1, 32, dtype=torch.bfloat16), torch.ones(32), 1e-6, res, w4, None,
-                             torch.bfloat16)
+                self.norm_linear(torch.zeros(1, 32, dtype=dt), torch.ones(32), 1e-6, None, w4, None, torch.bfloat16)
             self.act_linear(torch.zeros(1, 64, dtype=torch.bfloat16), "silu", w4)
         # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
         # attention on strided views of the qkv projection

@@ -1,4 +1,5 @@
-"""Packed int4 weights times one to four rows, with AVX512-VNNI int16 dot products.
+"""Packed int4 weights times a few rows (four per pass over the weight), with AVX512-VNNI int16 dot
+products.
 
 One decode stream multiplies every weight by one activation: the step is a read of the weights,
 and ATen's int4 kernel spends ~4x that read widening nibbles to float32 and scaling them one by
@@ -101,8 +102,7 @@ def _block_rows(typingctx, packed, block, xq, xs, xsum, rows, sz, out):
                     for r in range(n_rows):
                         xi = builder.add(builder.mul(const(r), k), kk)
                         x2 = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64, i32), align=2)
-                        xb = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i, None), x2, ir.Constant(i32, 0)),
-                                                    ir.Constant(v16i, None), ir.Constant(v16i, [0] * 16))
+                        xb = _splat(builder, x2)
                         for v in range(4):
                             builder.store(builder.call(dp, [builder.load(iacc[r][v]), wv[v], xb]), iacc[r][v])
                 # the group's float step: scale and zero are each column's bf16 pair (scale low)

@@ -4,8 +4,9 @@ torch's CPU flash attention reaches ~50 GFLOP/s on this model's shapes (9 heads 
 rows, 2 threads), a third of a 512-token prefill. Here a chunk is two register-blocked products
 (``dpbf16._dot_block``: 8 rows x 32 columns, 16 accumulators):
 
-- each kv head's keys are gathered once from their blocks into ``K^T`` bf16 pairs ``[D/2, ctx]``
-  and its values into key pairs ``[ctx/2, D]``, shared by the group's query heads and all rows;
+- a work item gathers its kv head's keys from their blocks into ``K^T`` bf16 pairs ``[D/2, ctx]``
+  and its values into key pairs ``[ctx/2, D]``, shared by the group's query heads and the item's
+  rows (the gather is ~1/400 of the item's arithmetic at 64 rows and a group of 3);
 - ``S = q K^T`` for 8 query rows at a time (q rounded to bf16 after scaling, as the flash attention
   path took it), float32 scores; a row's softmax in float32 over the keys it may see;
 - ``O = P V`` with ``P`` rounded to bf16 (float32 sums), normalized, rounded once to bf16.
@@ -82,7 +83,7 @@ def _gather_kv(kv, table, hk, keys, kt, vp):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, pa, cbuf, obuf, bits):
+def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, pa, cbuf, inv, bits):
     """Rows ``r0:r1`` of one sequence's chunk (``n`` rows from ``q0``, ``ctx`` keys with the chunk's
     own) for kv head ``hk``'s query heads."""
     dim = q.shape[2]
@@ -119,17 +120,16 @@ def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, 
                 total = _exp_shifted(scores[r], 0, limit, m, bits)
                 for j in range(limit, cols):
                     scores[r, j] = 0.0
-                obuf[r, 0] = np.float32(1.0) / total
+                inv[r] = np.float32(1.0) / total
                 for i in range(cols // 2):
                     pa[r, i] = (np.uint32(round_bits(scores[r, 2 * i]))
                                 | (np.uint32(round_bits(scores[r, 2 * i + 1])) << np.uint32(16)))
             for d0 in range(0, dim, KEYS):
                 _dot_block(pa, 0, pa.shape[1], rows, vp_w, d0, dim, 2, cols // 2, cbuf)
                 for r in range(rows):
-                    inv = obuf[r, 0]
                     dst = out[q0 + t0 + r, h]
                     for j in range(KEYS):
-                        dst[d0 + j] = round_bits(cbuf[r, j] * inv)
+                        dst[d0 + j] = round_bits(cbuf[r, j] * inv[r])
 
 
 @njit(cache=True, parallel=True)
@@ -149,10 +149,10 @@ def prompt_attention_dp(out, q, kv, starts, lens, block_tables, s0, s1, scale, n
         scores = np.empty((BLOCK_ROWS, width), np.float32)
         pa = np.empty((BLOCK_ROWS, width // 2), np.uint32)
         cbuf = np.empty((BLOCK_ROWS, KEYS), np.float32)
-        obuf = np.empty((BLOCK_ROWS, 1), np.float32)
+        inv = np.empty(BLOCK_ROWS, np.float32)  # each row's 1 / sum of probabilities
         bits = np.empty(width, np.int32)
         mine = dealt_items(order, w, workers)
         for i in range(mine.shape[0]):
             s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
             _attend_chunk(out, q, kv, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s], hk, r0, r1,
-                          scale, qa, scores, pa, cbuf, obuf, bits)
+                          scale, qa, scores, pa, cbuf, inv, bits)
