@@ -11,8 +11,8 @@ and head for 64 multiply-adds. Here a key's bf16 row is multiplied as it is stor
 - the 16 keys of a block are then folded together in a tree of shuffles and adds (``_key_scores``):
   16 vectors of partial sums become one vector of 16 scores in 15 steps instead of 16 horizontal sums.
 
-The softmax and ``p @ V`` are the AVX-512 kernel's (``decode_pv``); prompt tiles stay on
-``paged_attention._attend_tile``.
+The softmax is the AVX-512 kernel's and ``p @ V`` is ``decode_pv``'s (the group's accumulators in
+registers); prompt tiles stay on ``paged_attention._attend_tile``.
 """
 from __future__ import annotations
 
@@ -140,11 +140,11 @@ def _key_scores(typingctx, kv, k0, q2, q0, halves, out, o0):
 
 
 @njit(cache=True, inline="always")
-def _block_scores(kv_flat, k0, q2, q0, head_dim, out):
+def _block_scores(kv_flat, k0, q2, q0, head_dim, out, o0):
     if head_dim == 64:
-        _key_scores(kv_flat, k0, q2, q0, 2, out, 0)
+        _key_scores(kv_flat, k0, q2, q0, 2, out, o0)
     else:
-        _key_scores(kv_flat, k0, q2, q0, 4, out, 0)
+        _key_scores(kv_flat, k0, q2, q0, 4, out, o0)
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -157,6 +157,7 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
     block_size = kv.shape[3]
     half = head_dim // 2
     n = hi - lo
+    scores_flat, n_scores = scores.reshape(-1), scores.shape[1]
     for g in range(group):  # q2 rows: the group's hi pairs, then its lo pairs, one head after another
         base = (t * n_heads + hk * group + g) * head_dim
         for d in range(head_dim):
@@ -177,7 +178,11 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
             if j0 >= j1:
                 continue
             for g in range(group):
-                _block_scores(kv_flat, (row0 + s) * head_dim, q2, 2 * g * half, head_dim, blk)
+                if j1 - j0 == 16:  # a whole run: straight into the scores
+                    _block_scores(kv_flat, (row0 + s) * head_dim, q2, 2 * g * half, head_dim, scores_flat,
+                                  g * n_scores + base + s - lo)
+                    continue
+                _block_scores(kv_flat, (row0 + s) * head_dim, q2, 2 * g * half, head_dim, blk, 0)
                 for j in range(j0, j1):
                     scores[g, base + s + j - lo] = blk[j]
     maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)

@@ -21,6 +21,7 @@ from numba.extending import overload
 
 from edgellm.kernels.cpu.bf16 import as_f32 as _f32
 from edgellm.kernels.cpu.bf16 import load_row, store_row
+from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.expf import exp_parts
 from edgellm.kernels.cpu.norm_rope import rope_neox_qk
 from edgellm.kernels.cpu.prefetch import prefetch_rows
@@ -271,41 +272,6 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
     acc = np.zeros((group, head_dim), np.float32)
     decode_pv(kv, table, lo, hi, hk, scores, acc)
     _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def decode_pv(kv, table, lo, hi, hk, scores, acc):
-    """``acc[g] += sum_j scores[g, j] V[lo + j]`` over keys ``lo:hi`` of kv head ``hk`` (a decode's
-    ``p @ V``, V widened element by element from a bf16 cache): lanes over dims, no horizontal sums."""
-    group, head_dim = acc.shape
-    block_size = kv.shape[3]
-    for bi in range(lo // block_size, (hi - 1) // block_size + 1):
-        vb = kv[1, table[bi], hk]
-        base = bi * block_size
-        j, j1 = max(lo - base, 0), min(hi - base, block_size)
-        while j + 8 <= j1:  # eight V rows per pass: one load and store of acc per eight products
-            o = base + j - lo
-            for g in range(group):
-                p0 = scores[g, o]
-                p1 = scores[g, o + 1]
-                p2 = scores[g, o + 2]
-                p3 = scores[g, o + 3]
-                p4 = scores[g, o + 4]
-                p5 = scores[g, o + 5]
-                p6 = scores[g, o + 6]
-                p7 = scores[g, o + 7]
-                for d in range(head_dim):
-                    acc[g, d] += ((p0 * _f32(vb[j, d]) + p1 * _f32(vb[j + 1, d]))
-                                  + (p2 * _f32(vb[j + 2, d]) + p3 * _f32(vb[j + 3, d]))
-                                  + ((p4 * _f32(vb[j + 4, d]) + p5 * _f32(vb[j + 5, d]))
-                                     + (p6 * _f32(vb[j + 6, d]) + p7 * _f32(vb[j + 7, d]))))
-            j += 8
-        while j < j1:
-            for g in range(group):
-                p = scores[g, base + j - lo]
-                for d in range(head_dim):
-                    acc[g, d] += p * _f32(vb[j, d])
-            j += 1
 
 
 @njit(cache=True, fastmath=FASTMATH)
