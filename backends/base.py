@@ -69,7 +69,9 @@ class Backend(ABC):
     name = "base"
 
     def __init__(self, device: str | torch.device = "cpu", threads: int | None = None,
-                 batch_invariant: bool | None = None) -> None:
+                 batch_invariant: bool | None = None, warmup: bool = True) -> None:
+        # warmup: backends with kernels to compile or load do all of them at construction, so the
+        # first request runs at full speed; False leaves each to its first use (one-shot commands)
         self.device = torch.device(device)
         self.threads = threads
         # Batch-invariant mode: a token's arithmetic may depend on whether it is a prompt or a

@@ -125,7 +125,7 @@ class CPUBackend(TorchBackend):
 
     def __init__(self, device="cpu", threads: int | None = None, warmup: bool = True,
                  batch_invariant: bool | None = None) -> None:
-        super().__init__(device, threads, batch_invariant)
+        super().__init__(device, threads, batch_invariant, warmup)
         threads = threads or int(os.environ.get("EDGELLM_THREADS", "0")) or default_threads()
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

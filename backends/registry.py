@@ -36,8 +36,10 @@ def detect() -> str:
     return "cpu"
 
 
-def get_backend(device: str = "auto", threads: int | None = None, batch_invariant: bool | None = None) -> Backend:
-    """Instantiate the backend for ``device``; ``auto`` picks the best one present."""
+def get_backend(device: str = "auto", threads: int | None = None, batch_invariant: bool | None = None,
+                warmup: bool = True) -> Backend:
+    """Instantiate the backend for ``device``; ``auto`` picks the best one present. ``warmup=False``
+    loads each kernel at its first use instead of all of them now."""
     kind = detect() if device in (None, "auto") else device
     if kind not in ("cpu", "cuda", "rocm", "xpu", "torch"):
         raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda, rocm, xpu or torch")
@@ -48,6 +50,6 @@ def get_backend(device: str = "auto", threads: int | None = None, batch_invarian
     module, cls = BACKENDS[kind].rsplit(".", 1)
     backend_cls = getattr(importlib.import_module(module), cls)
     torch_device = {"cpu": "cpu", "torch": "cpu", "cuda": "cuda", "rocm": "cuda", "xpu": "xpu"}[kind]
-    backend = backend_cls(torch_device, threads=threads, batch_invariant=batch_invariant)
+    backend = backend_cls(torch_device, threads=threads, batch_invariant=batch_invariant, warmup=warmup)
     logger.info("using backend %s on %s", backend.name, torch_device)
     return backend

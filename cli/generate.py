@@ -52,7 +52,7 @@ def generate_command(prompt: str, model: str, use_chat: bool | None, system: str
     params = SamplingParams(**sampling)  # bad values fail here, before the model loads
     if system and use_chat is False:
         raise click.UsageError("--system needs --chat")
-    llm = load_llm(model, engine)
+    llm = load_llm(model, {"warmup": False, **engine})  # one request: load only the kernels it uses
     if use_chat is None:
         use_chat = has_chat_template(llm)
     if system and not use_chat:

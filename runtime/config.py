@@ -111,3 +111,6 @@ class EngineConfig:
     # same outputs alone or in any batch, at some speed (None: $EDGELLM_BATCH_INVARIANT, else off)
     batch_invariant: bool | None = None
     seed: int = 0
+    # load (or compile) every kernel a step can use at start-up, so the first request runs at full
+    # speed; False loads each at its first use: sooner to a one-shot command's first token
+    warmup: bool = True

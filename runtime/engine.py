@@ -69,7 +69,7 @@ class LLMEngine:
         self.model_name = loaded.name
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.backend = get_backend(config.device, config.threads, config.batch_invariant)
+        self.backend = get_backend(config.device, config.threads, config.batch_invariant, config.warmup)
         self.dtype = self.backend.resolve_dtype(config.dtype)
         torch.manual_seed(config.seed)
         self.model = MODEL_REGISTRY[mc.architecture](mc, self.backend, self.dtype)
