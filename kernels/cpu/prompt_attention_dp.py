@@ -20,6 +20,7 @@ from numba import njit, prange
 
 from edgellm.kernels.cpu.bf16 import round_bits
 from edgellm.kernels.cpu.dpbf16 import BLOCK_ROWS, _dot_block
+from edgellm.kernels.cpu.int4_amx import store_bf16_32
 from edgellm.kernels.cpu.paged_attention import FASTMATH, _exp_shifted, dealt_items
 
 ROW_CHUNK = 64  # query rows per work item
@@ -91,6 +92,10 @@ def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, 
     group = q.shape[1] // kv.shape[2]
     keys = ctx - n + r1  # what the chunk's last row sees
     width = (keys + KEYS - 1) // KEYS * KEYS
+    n_heads = q.shape[1]
+    width_s = scores.shape[1]  # = 2 * pa.shape[1]: row r of both starts at r * width_s in bf16 units
+    scores_flat, pa_flat, cbuf_flat, out_flat = scores.reshape(-1), pa.reshape(-1).view(np.uint16), \
+        cbuf.reshape(-1), out.reshape(-1)
     kt_w = np.empty((half, width), np.uint32)
     vp_w = np.empty((width // 2, dim), np.uint32)
     _gather_kv(kv, table, hk, keys, kt_w, vp_w)
@@ -121,15 +126,14 @@ def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, 
                 for j in range(limit, cols):
                     scores[r, j] = 0.0
                 inv[r] = np.float32(1.0) / total
-                for i in range(cols // 2):
-                    pa[r, i] = (np.uint32(round_bits(scores[r, 2 * i]))
-                                | (np.uint32(round_bits(scores[r, 2 * i + 1])) << np.uint32(16)))
+                for c in range(0, cols, 32):  # the row in bf16 is its key pairs, in order
+                    store_bf16_32(scores_flat, r * width_s + c, pa_flat, r * width_s + c)
             for d0 in range(0, dim, KEYS):
                 _dot_block(pa, 0, pa.shape[1], rows, vp_w, d0, dim, 2, cols // 2, cbuf)
                 for r in range(rows):
-                    dst = out[q0 + t0 + r, h]
                     for j in range(KEYS):
-                        dst[d0 + j] = round_bits(cbuf[r, j] * inv[r])
+                        cbuf[r, j] *= inv[r]
+                    store_bf16_32(cbuf_flat, r * KEYS, out_flat, ((q0 + t0 + r) * n_heads + h) * dim + d0)
 
 
 @njit(cache=True, parallel=True)
