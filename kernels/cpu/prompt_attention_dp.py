@@ -94,8 +94,8 @@ def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, 
     width = (keys + KEYS - 1) // KEYS * KEYS
     n_heads = q.shape[1]
     width_s = scores.shape[1]  # = 2 * pa.shape[1]: row r of both starts at r * width_s in bf16 units
-    scores_flat, pa_flat, cbuf_flat, out_flat = scores.reshape(-1), pa.reshape(-1).view(np.uint16), \
-        cbuf.reshape(-1), out.reshape(-1)
+    scores_flat, cbuf_flat, out_flat = scores.reshape(-1), cbuf.reshape(-1), out.reshape(-1)
+    pa_flat = pa.reshape(-1).view(np.uint16)  # the probabilities' bf16, pairs in order
     kt_w = np.empty((half, width), np.uint32)
     vp_w = np.empty((width // 2, dim), np.uint32)
     _gather_kv(kv, table, hk, keys, kt_w, vp_w)
