@@ -43,7 +43,7 @@ from edgellm.kernels.cpu.attention_amx import paged_attention_step_amx, rope_att
 from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
 from edgellm.kernels.cpu.attention_dpbf16 import paged_attention_step_dp, rope_attention_step_dp
 from edgellm.kernels.cpu.attention_dpbf16 import supports as dp_attention_supports
-from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul
+from edgellm.kernels.cpu.dpbf16 import bf16_panels_matmul, int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, silu_int4_gemv
@@ -100,8 +100,11 @@ DPBF16_MAX_ROWS = 1 << 20
 # With AVX512-VNNI the greedy head's int8 copy takes up to this many rows through int8_gemv (int16
 # activations, exact int32 sums): at 49152 x 576 on a Zen 4, 0.3-0.6 ms for one row against ATen's
 # 1.1-2.3 ms, 4.2 ms for 16 rows against 5.3 ms for int8_dpbf16_matmul, which widens the weight once
-# per call and takes over from 32 rows (7.8 vs 8.1 ms there).
+# per call and takes over from 32 rows (7.8 vs 8.1 ms there). From BF16_PANEL_HEAD_MIN_ROWS rows the
+# head multiplies a bf16 copy widened once (RowInt8Head.bf16_panels, +2 bytes a weight, built by the
+# first such step): 5.8-7.3 ms at 32 rows against 7.7-8.2 ms for int8_dpbf16_matmul, the same numbers.
 INT8_GEMV_MAX_ROWS = 32
+BF16_PANEL_HEAD_MIN_ROWS = 32
 DPBF16_HEAD_MIN_ROWS = 8  # without VNNI: below this ATen's int8 kernel (the widening costs 4.5 ms a call)
 INT4_INVARIANT_GEMV_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
 # With AVX512-VNNI and VBMI, steps of up to this many rows take int4_gemv (int16 activations meet the
@@ -434,7 +437,8 @@ class CPUBackend(TorchBackend):
 
         The int8 copy of the head gives approximate logits: with AVX512-VNNI, ``int8_gemv`` for up
         to 31 rows (activations quantized to int16, exact integer sums); with AMX, ``int8_amx_matmul``
-        from 4 rows up to 256; with AVX512-BF16, ``int8_dpbf16_matmul`` from 32; else ATen's
+        from 4 rows up to 256; with AVX512-BF16, ``bf16_panels_matmul`` from 32 (``int8_dpbf16_matmul``
+        from 8 without VNNI); else ATen's
         ``_weight_int8pack_mm`` for a few rows. ``q8_0_rescore`` then recomputes exactly every entry
         that could be a row's maximum, with the activations the kernel used, and returns the exact
         argmax.
@@ -461,6 +465,8 @@ class CPUBackend(TorchBackend):
                 args = (xb.view(torch.uint16).numpy(), head.qw.numpy(), head.scale_f32, out.numpy())
                 if amx:
                     int8_amx_matmul(*args, self._amx_config, self.threads)
+                elif m >= BF16_PANEL_HEAD_MIN_ROWS:
+                    bf16_panels_matmul(args[0], head.bf16_panels(), head.scale_f32, args[3], self.threads)
                 else:
                     int8_dpbf16_matmul(*args, self.threads)
             else:

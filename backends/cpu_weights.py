@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 import torch
 
 from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
+from edgellm.kernels.cpu.dpbf16 import int8_to_bf16_panels
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
 from edgellm.kernels.cpu.q8_0 import q8_0_row_int8, repack_q8_0
 from edgellm.quant import QuantizedTensor
@@ -103,6 +104,7 @@ class RowInt8Head:
     err_norm: np.ndarray  # float32 [N]
     w_norm: np.ndarray  # float32 [N]
     scale_f32: np.ndarray  # float32 [N], ``scale`` widened
+    _panels: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_q8_0(cls, qs: np.ndarray, d: np.ndarray) -> RowInt8Head:
@@ -118,10 +120,18 @@ class RowInt8Head:
         return cls(torch.from_numpy(qw), scale_bf16, _round_up_f32(err), _round_up_f32(norm),
                    scale_bf16.float().numpy())
 
+    def bf16_panels(self) -> np.ndarray:
+        """``qw`` widened to bf16 pairs in 32-row panels for ``bf16_panels_matmul`` (2 bytes a weight,
+        56 MB for SmolLM2's head), built on first use: only steps of many greedy rows ask for it."""
+        if self._panels is None:
+            self._panels = int8_to_bf16_panels(self.qw.numpy())
+        return self._panels
+
     @property
     def nbytes(self) -> int:
+        panels = 0 if self._panels is None else self._panels.nbytes
         return (self.qw.numel() + 2 * self.scale.numel() + self.err_norm.nbytes + self.w_norm.nbytes
-                + self.scale_f32.nbytes)
+                + self.scale_f32.nbytes + panels)
 
 
 def _round_up_f32(x: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ def _prefetch_intrinsic(locality: int, doc: str):
             ary = context.make_array(aryty)(context, builder, args[0])
             index = context.cast(builder, args[1], sig.args[1], types.intp)
             ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index], wraparound=False)
+            ptr = builder.bitcast(ptr, ir.IntType(8).as_pointer())  # one declaration for every dtype
             i32 = ir.IntType(32)
             fn = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), "llvm.prefetch.p0")

@@ -12,8 +12,16 @@ import torch
 
 from edgellm.backends import cpu as cpu_backend
 from edgellm.backends.cpu import CPUBackend
-from edgellm.backends.cpu_weights import Int4PackedWeight
-from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul, int8_dpbf16_matmul, supported
+from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
+from edgellm.kernels.cpu.dpbf16 import (
+    bf16_panels_matmul,
+    int4_dpbf16_matmul,
+    int8_dpbf16_matmul,
+    int8_to_bf16_panels,
+    supported,
+)
+from edgellm.quant import QuantizedTensor
+from edgellm.quant.formats import quantize_rows
 from tests.kernels.int8_head_checks import assert_greedy_head_exact, assert_matches_float64, int8_case
 from tests.kernels.test_bf16_expand import assert_matches_expanded_gemm, quantized
 
@@ -86,7 +94,48 @@ def test_int8_matches_float64(m, n, k):
     assert_matches_float64(out, x, qw, scale)
 
 
-@pytest.mark.parametrize("m", [cpu_backend.INT8_GEMV_MAX_ROWS, 40])
+@pytest.mark.parametrize("m", [8, 20])
 def test_greedy_steps_through_the_int8_kernel_keep_the_exact_argmax(m, monkeypatch):
     monkeypatch.setenv("EDGELLM_AMX", "0")
+    monkeypatch.setenv("EDGELLM_VNNI", "0")  # with VNNI, int8_gemv takes these rows
     assert_greedy_head_exact(m, monkeypatch, "int8_dpbf16_matmul")
+
+
+@pytest.mark.parametrize("m", [cpu_backend.BF16_PANEL_HEAD_MIN_ROWS, 40])
+def test_greedy_steps_through_the_widened_head_keep_the_exact_argmax(m, monkeypatch):
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    assert_greedy_head_exact(m, monkeypatch, "bf16_panels_matmul")
+
+
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 32, 33])
+@pytest.mark.parametrize("n, k", [(32, 32), (96, 576), (1024, 64)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_widened_panels_give_the_int8_kernel_bit_for_bit(m, n, k, threads):
+    """The head widened once (``int8_to_bf16_panels``) and multiplied (``bf16_panels_matmul``): the same
+    products in the same order as ``int8_dpbf16_matmul``, so the same float32 bits, and float64's
+    numbers within the sums' rounding."""
+    x, qw, scale = int8_case(m, n, k)
+    xs, s32 = x.view(torch.uint16).numpy(), scale.float().numpy()
+    panels = int8_to_bf16_panels(qw.numpy())
+    assert panels.shape == (n // 32, k // 2, 32)
+    got = np.full((m, n), np.nan, np.float32)
+    bf16_panels_matmul(xs, panels, s32, got, threads)
+    want = np.full((m, n), np.nan, np.float32)
+    int8_dpbf16_matmul(xs, qw.numpy(), s32, want, threads)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert_matches_float64(got, x, qw, scale)
+
+
+def test_the_widened_head_is_built_once_on_first_use():
+    n, k = 64, 64
+    _, qw, _ = int8_case(1, n, k)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    head = Q8_0Weight.from_quantized(QuantizedTensor("Q8_0", quantize_rows("Q8_0", w), (n, k)), head=True).argmax_head
+    before = head.nbytes
+    panels = head.bf16_panels()
+    assert head.bf16_panels() is panels
+    assert head.nbytes == before + panels.nbytes == before + 2 * n * k
+    # each uint32 holds two of the row's int8 values as bf16: exact
+    pairs = torch.from_numpy(panels.view(np.int16).copy()).view(torch.bfloat16).float()  # [n/32, k/2, 32, 2]
+    back = pairs.reshape(n // 32, k // 2, 32, 2).permute(0, 2, 1, 3).reshape(n, k)
+    assert torch.equal(back, head.qw.float())
