@@ -3,7 +3,8 @@
 Weights stay packed in memory (resident weights ~1.0x the GGUF file). The AMX kernel widens int4
 weights tile by tile from the same packed bytes; steps with many rows expand a weight to bfloat16
 into a scratch buffer shared by all weights of one shape, multiply with oneDNN's bf16 GEMM, and drop
-it; nothing dense is kept.
+it. The one dense copy is an output head's, widened to bf16 by the first greedy step of 32+ rows on a
+CPU with AVX512-BF16 (``RowInt8Head.bf16_panels``; 56 MB for SmolLM2), where it saves ~1 ms a step.
 """
 from __future__ import annotations
 
