@@ -654,18 +654,24 @@ _NUMBA_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A float32 tensor as itself in numpy; a bf16 one as its uint16 bits (Numba has no bf16)."""
+    """A float32 tensor as itself in numpy; a bf16 one as its uint16 bits (Numba has no bf16). A tensor
+    from ``_new_array`` carries its array already (0.1 us against 1.5 us for the views)."""
+    a = getattr(t, "_edgellm_np", None)
+    if a is not None:
+        return a
     return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _new_array(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
     """A new tensor (float32 or bf16) and its numpy view, allocated from numpy: half the cost of
-    ``torch.empty`` and a view, which counts at 240 kernel calls per decode step."""
+    ``torch.empty`` and a view, which counts at 240 kernel calls per decode step. The tensor keeps
+    the array for ``_as_numpy`` when the next kernel takes it (views of it are new tensors, without)."""
+    a = np.empty(shape, np.uint16 if dtype == torch.bfloat16 else np.float32)
+    t = torch.from_numpy(a)
     if dtype == torch.bfloat16:
-        a = np.empty(shape, np.uint16)
-        return torch.from_numpy(a).view(torch.bfloat16), a
-    a = np.empty(shape, np.float32)
-    return torch.from_numpy(a), a
+        t = t.view(torch.bfloat16)
+    t._edgellm_np = a
+    return t, a
 
 
 def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:

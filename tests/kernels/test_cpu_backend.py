@@ -152,3 +152,21 @@ def test_argmax_only_logits_fall_back_to_exact_when_not_allowed():
     assert torch.equal(inv.logits(x, head, argmax_cols=512), exact)  # invariant mode: exact head
     plain = be.prepare_weight(wq, torch.float32, "embedding")
     assert plain.argmax_head is None  # an input embedding alone carries no int8 copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_outputs_hand_their_array_to_the_next_kernel(dtype):
+    """A tensor from ``_new_array`` gives back the array it was made from; its views and other tensors
+    convert afresh; all share the tensor's memory."""
+    from edgellm.backends.cpu import _as_numpy, _new_array
+
+    t, a = _new_array((2, 64), dtype)
+    assert t.dtype == dtype and _as_numpy(t) is a
+    t.fill_(1.5)  # writes through torch show in the array (1.5 is exact in bf16)
+    want = torch.full((2, 64), 1.5, dtype=dtype)
+    assert torch.equal(torch.from_numpy(_as_numpy(t).copy()).view(dtype), want)
+    view = t[1:]
+    got = _as_numpy(view)
+    assert got is not a and got.shape == (1, 64) and got.ctypes.data == a[1:].ctypes.data
+    other = torch.ones(3, 4, dtype=dtype)
+    assert _as_numpy(other).ctypes.data == other.data_ptr()
