@@ -63,6 +63,36 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+@dataclass
+class DecoderLayer:
+    """One pre-norm block of the Llama family (GQA attention with rotary, then a gated MLP), its
+    weights as ``Backend.prepare_weight`` placed them: what ``Backend.decoder_layers`` runs."""
+
+    input_norm: torch.Tensor
+    qkv: Any  # q, k and v projections fused by rows
+    qkv_bias: torch.Tensor | None
+    o_proj: Any
+    post_norm: torch.Tensor
+    gate_up: Any  # gate and up projections fused by rows
+    down: Any
+    # what the backend's linear wants for qkv / gate_up: the norms before them produce it directly
+    qkv_in: torch.dtype
+    gate_up_in: torch.dtype
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What every layer of a ``DecoderLayer`` stack shares."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float  # the RMS norms'
+    scale: float  # attention's
+    sliding_window: int | None = None
+    act: str = "silu"
+
+
 class Backend(ABC):
     """A torch device plus the ops the models need. Subclasses override what they do faster."""
 
@@ -183,6 +213,27 @@ class Backend(ABC):
                            cos_sin)
         o = self.attention(q, k, v.reshape(t, num_kv_heads, head_dim), kv_cache, meta, scale, sliding_window)
         return o.reshape(t, num_heads * head_dim)
+
+    def decoder_layers(self, h: torch.Tensor, layers: list[DecoderLayer], shape: DecoderShape,
+                       kv_caches: list[torch.Tensor], positions: torch.Tensor, cos_sin: torch.Tensor,
+                       meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``h [T, D]`` (the embeddings) through a stack of Llama-family blocks, layer ``i`` on
+        ``kv_caches[i]``. Returns ``(h, residual)`` of the last block, for the final norm to add.
+
+        The ops one by one; a backend whose per-op cost matters runs whole steps in one dispatch
+        (the same numbers)."""
+        residual = None
+        s = shape
+        for layer, cache in zip(layers, kv_caches):
+            qkv, residual = self.norm_linear(h, layer.input_norm, s.eps, residual, layer.qkv, layer.qkv_bias,
+                                             layer.qkv_in)
+            o = self.rope_attention(qkv, s.num_heads, s.num_kv_heads, s.head_dim, positions, cos_sin, cache, meta,
+                                    s.scale, s.sliding_window)
+            h = self.linear(o, layer.o_proj)
+            gate_up, residual = self.norm_linear(h, layer.post_norm, s.eps, residual, layer.gate_up, None,
+                                                 layer.gate_up_in)
+            h = self.act_linear(gate_up, s.act, layer.down)
+        return h, residual
 
     # -- KV cache -----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,

@@ -32,7 +32,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from edgellm.backends.base import AttentionMetadata, Capabilities
+from edgellm.backends.base import AttentionMetadata, Capabilities, DecoderLayer, DecoderShape
 from edgellm.backends.cpu_memory import populate
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
@@ -43,6 +43,7 @@ from edgellm.kernels.cpu.attention_amx import paged_attention_step_amx, rope_att
 from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
 from edgellm.kernels.cpu.attention_dpbf16 import paged_attention_step_dp, rope_attention_step_dp
 from edgellm.kernels.cpu.attention_dpbf16 import supports as dp_attention_supports
+from edgellm.kernels.cpu.decode_layers import decode_layers, decode_layers_dp, layer_list
 from edgellm.kernels.cpu.dpbf16 import bf16_panels_matmul, int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
@@ -138,6 +139,9 @@ class CPUBackend(TorchBackend):
         self._invariant = self.batch_invariant  # this step's arithmetic, set by begin_step
         self._meta_key: tuple = ()
         self._meta_np: tuple[np.ndarray, ...] = ()
+        self._stacks: dict[int, tuple] = {}  # decoder_layers' compiled stacks, by layer list
+        # a few rows' decode steps run all layers in one call; EDGELLM_FUSED_LAYERS=0 takes the ops one by one
+        self._fused_layers = os.environ.get("EDGELLM_FUSED_LAYERS", "1") != "0"
         use_amx = os.environ.get("EDGELLM_AMX", "1") != "0" and request_amx()
         self._amx_config = make_tile_config() if use_amx else None
         # without AMX, AVX512-BF16 dot products (AMD Zen 4, Intel Cooper Lake) take batched int4 steps,
@@ -216,10 +220,28 @@ class CPUBackend(TorchBackend):
                 seq_lens_list=[n])
             self.rope_attention(torch.zeros(n, 192, dtype=torch.bfloat16), 1, 1, 64, torch.arange(n),
                                 torch.zeros(n, 64), kv, meta, 1.0)
+        self._warm_decoder_layers(kv)
         self._kv_views.clear()
         elapsed = time.perf_counter() - t0
         logger.debug("CPU kernels ready in %.2f s", elapsed)
         return elapsed
+
+    def _warm_decoder_layers(self, kv: torch.Tensor) -> None:
+        """A one-row decode step through ``decoder_layers``' one-call path on a bf16 cache ``kv
+        [2, 1, 1, 16, 64]``: a layer of head size 64 and hidden size 64."""
+        def weight(n: int, k: int) -> Int4PackedWeight:
+            blocks = torch.zeros(n, k // 32 * 20, dtype=torch.uint8)
+            return Int4PackedWeight.from_quantized(QuantizedTensor("Q4_1", blocks, (n, k)))
+        layers = [DecoderLayer(torch.ones(64), weight(192, 64), None, weight(64, 64), torch.ones(64), weight(128, 64),
+                               weight(64, 64), torch.bfloat16, torch.bfloat16)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(1, dtype=torch.long), query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+            seq_lens=torch.ones(1, dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+            block_size=16, max_query_len=1, max_seq_len=1, num_decode_tokens=1, query_start_loc_list=[0, 1],
+            seq_lens_list=[1])
+        self.decoder_layers(torch.zeros(1, 64), layers, DecoderShape(1, 1, 64, 1e-6, 1.0), [kv], torch.zeros(1,
+                            dtype=torch.long), torch.zeros(1, 64), meta)
+        self._stacks.clear()
 
     @property
     def uses_amx(self) -> bool:
@@ -353,6 +375,51 @@ class CPUBackend(TorchBackend):
         else:
             silu_and_mul(_as_numpy(x2), out_np)
         return out if flat else out.view(*x.shape[:-1], -1)
+
+    def decoder_layers(self, h, layers, shape, kv_caches, positions, cos_sin, meta):
+        """A decode step of a few rows (``int4_gemv``'s) runs every layer in one Numba call
+        (``kernels/cpu/decode_layers.py``): the same kernels as the ops one by one, without ~10 us of
+        Python and dispatch around each of five calls a layer. Other steps take the ops."""
+        t = h.shape[0]
+        stack = None
+        if (self._fused_layers and 1 <= t <= self._gemv_rows and meta.num_decode_tokens == t and not self._invariant and h.dim() == 2
+                and h.dtype in _NUMBA_DTYPES and h.is_contiguous()):
+            stack = self._layer_stack(layers, shape, kv_caches, cos_sin)
+        if stack is None:
+            return super().decoder_layers(h, layers, shape, kv_caches, positions, cos_sin, meta)
+        kernel, typed = stack
+        residual, res_np = _new_array(h.shape, torch.float32)
+        slots, starts, lens, tables = self._meta_arrays(meta)
+        work = t * shape.num_heads * meta.max_seq_len
+        x = kernel(_as_numpy(h), res_np, typed, positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables,
+                   float(shape.scale), int(shape.sliding_window or 0), float(shape.eps), shape.num_heads,
+                   shape.head_dim, self.threads, self.threads if work >= SERIAL_ATTENTION_WORK else 1)
+        out = torch.from_numpy(x).view(torch.bfloat16)
+        out._edgellm_np = x
+        return out, residual
+
+    def _layer_stack(self, layers: list[DecoderLayer], shape: DecoderShape, kv_caches: list[torch.Tensor],
+                     cos_sin: torch.Tensor) -> tuple | None:
+        """``(kernel, typed layer list)`` for ``decoder_layers``' one-call path, built once per layer
+        list and caches; None where a layer or cache is not what its kernels take."""
+        hit = self._stacks.get(id(layers))
+        if (hit is not None and hit[0] is layers and len(hit[1]) == len(kv_caches)
+                and all(a is b for a, b in zip(hit[1], kv_caches))):
+            return hit[2]
+        stack = None
+        ok = (self._amx_config is None and self._gemv_rows and shape.act == "silu" and layers
+              and len(layers) == len(kv_caches) and cos_sin.dtype == torch.float32 and cos_sin.is_contiguous()
+              and all(c.dtype in _NUMBA_DTYPES and c.dtype == kv_caches[0].dtype for c in kv_caches)
+              and all(_stackable(layer) for layer in layers))
+        if ok:
+            kvs = [self._kv_view(c) for c in kv_caches]
+            typed = layer_list([(layer.input_norm.numpy(), *layer.qkv.amx_operands, *layer.o_proj.amx_operands,
+                                 layer.post_norm.numpy(), *layer.gate_up.amx_operands, *layer.down.amx_operands, kv)
+                                for layer, kv in zip(layers, kvs)])
+            group = shape.num_heads // shape.num_kv_heads
+            stack = (decode_layers_dp if self._dp_decodes(kvs[0], group) else decode_layers, typed)
+        self._stacks[id(layers)] = (layers, list(kv_caches), stack)
+        return stack
 
     def populate_kv(self, kv_caches: list[torch.Tensor], start: int, end: int) -> None:
         for cache in kv_caches:
@@ -651,6 +718,15 @@ class CPUBackend(TorchBackend):
 
 GEMM_TILE_ROWS = 64
 _NUMBA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _stackable(layer: DecoderLayer) -> bool:
+    """Whether ``decode_layers`` takes this block: packed int4 projections without bias, bf16
+    activations into them, float32 norms."""
+    return (layer.qkv_bias is None and layer.qkv_in == torch.bfloat16 and layer.gate_up_in == torch.bfloat16
+            and all(type(w) is Int4PackedWeight and w.expandable for w in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                                            layer.down))
+            and all(n.dtype == torch.float32 and n.is_contiguous() for n in (layer.input_norm, layer.post_norm)))
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

@@ -4,29 +4,14 @@ Written only against backend ops; the same code runs on every device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from edgellm.backends.base import AttentionMetadata, Backend
+from edgellm.backends.base import AttentionMetadata, Backend, DecoderLayer, DecoderShape
 from edgellm.config import ModelConfig
 from edgellm.models.rope import cos_sin_table
 from edgellm.quant import cat_rows
-
-
-@dataclass
-class LlamaLayer:
-    input_norm: torch.Tensor
-    qkv: Any
-    qkv_bias: torch.Tensor | None
-    o_proj: Any
-    post_norm: torch.Tensor
-    gate_up: Any
-    down: Any
-    # what the backend's linear wants for qkv / gate_up: the norms before them produce it directly
-    qkv_in: torch.dtype
-    gate_up_in: torch.dtype
 
 
 class LlamaForCausalLM:
@@ -34,9 +19,11 @@ class LlamaForCausalLM:
         self.config = config
         self.backend = backend
         self.dtype = dtype
-        self.layers: list[LlamaLayer] = []
+        self.layers: list[DecoderLayer] = []
         c = config
         self.scale = c.head_dim ** -0.5
+        self.shape = DecoderShape(c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, self.scale,
+                                  c.sliding_window, c.hidden_act)
         self.cos_sin = cos_sin_table(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling,
                                      backend.device)
 
@@ -65,7 +52,7 @@ class LlamaForCausalLM:
                 bias = torch.cat([take(a + f"{x}_proj.bias") for x in "qkv"]).to(b.device, dt)
             qkv = prep(cat_rows([take(a + f"{x}_proj.weight") for x in "qkv"]))
             gate_up = prep(cat_rows([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
-            self.layers.append(LlamaLayer(
+            self.layers.append(DecoderLayer(
                 input_norm=norm(p + "input_layernorm.weight"),
                 qkv=qkv,
                 qkv_bias=bias,
@@ -92,16 +79,7 @@ class LlamaForCausalLM:
                 meta: AttentionMetadata) -> torch.Tensor:
         c, b = self.config, self.backend
         h = b.embedding(input_ids, self.embed, self.dtype)
-        residual = None
-        for layer, cache in zip(self.layers, kv_caches):
-            qkv, residual = b.norm_linear(h, layer.input_norm, c.rms_norm_eps, residual, layer.qkv, layer.qkv_bias,
-                                          layer.qkv_in)
-            o = b.rope_attention(qkv, c.num_heads, c.num_kv_heads, c.head_dim, positions, self.cos_sin, cache, meta,
-                                 self.scale, c.sliding_window)
-            h = b.linear(o, layer.o_proj)
-            gate_up, residual = b.norm_linear(h, layer.post_norm, c.rms_norm_eps, residual, layer.gate_up, None,
-                                              layer.gate_up_in)
-            h = b.act_linear(gate_up, c.hidden_act, layer.down)
+        h, residual = b.decoder_layers(h, self.layers, self.shape, kv_caches, positions, self.cos_sin, meta)
         h, _ = b.rms_norm(h, self.norm, c.rms_norm_eps, residual, self.dtype)
         return h
 

@@ -1,0 +1,114 @@
+"""A decode step's whole stack of Llama-family layers in one compiled call, for a few rows.
+
+One stream's token costs ~150 kernel calls (five a layer), and each call from Python costs ~10 us of
+wrapping and Numba dispatch around ~20-40 us of work: a fifth of the token. Here the same kernels
+(``norm_int4_gemv``, ``rope_attention_step[_dp]``, ``int4_gemv``, ``silu_int4_gemv``) run layer after
+layer inside one Numba function, on the same arrays, so the numbers are those of the ops one by one.
+
+The layers come as one typed list of per-layer tuples (``layer_tuple``), built once per model and
+cache: ``(input_norm, qkv packed, qkv sz, o packed, o sz, post_norm, gate_up packed, gate_up sz,
+down packed, down sz, kv)``, the int4 weights as ``Int4PackedWeight.amx_operands``.
+
+Example::
+
+    x = decode_layers_dp(h, residual, layers, positions, cos_sin, slots, starts, lens, tables,
+                         scale, window, eps, n_heads, head_dim, threads, attention_threads)
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba.typed import List
+
+from edgellm.kernels.cpu.attention_dpbf16 import rope_attention_step_dp
+from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, silu_int4_gemv
+from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, rope_attention_step
+
+
+def layer_list(layers: list[tuple]) -> List:
+    """The typed list the kernels take, from per-layer tuples of arrays (all layers alike). Built by
+    compiled, cached functions: a typed list's own methods compile afresh in every process (~1 s)."""
+    out = _list_of(layers[0])
+    for layer in layers[1:]:
+        _append(out, layer)
+    return out
+
+
+@njit(cache=True)
+def _list_of(first):
+    out = List()
+    out.append(first)
+    return out
+
+
+@njit(cache=True)
+def _append(items, item):
+    items.append(item)
+
+
+@njit(cache=True)
+def _qkv(h, residual, has_residual, layer, eps, n_threads):
+    """The block's input norm (adding ``h`` to the residual stream) and its qkv projection."""
+    qkv = np.empty((h.shape[0], layer[2].shape[1]), np.uint16)
+    norm_int4_gemv(h, residual, layer[0], eps, has_residual, layer[1], layer[2], qkv, n_threads)
+    return qkv
+
+
+@njit(cache=True)
+def _out_and_mlp(attn, residual, layer, eps, n_threads):
+    """The attention output's projection, the post norm, gate/up, SiLU-and-mul and down: the block's
+    output (bf16 bits), its sum with the residual stream left for the next block's norm."""
+    t = attn.shape[0]
+    o = np.empty((t, layer[4].shape[1]), np.uint16)
+    int4_gemv(attn.reshape(t, attn.shape[1] * attn.shape[2]), layer[3], layer[4], o, n_threads)
+    gate_up = np.empty((t, layer[7].shape[1]), np.uint16)
+    norm_int4_gemv(o, residual, layer[5], eps, True, layer[6], layer[7], gate_up, n_threads)
+    out = np.empty((t, layer[9].shape[1]), np.uint16)
+    silu_int4_gemv(gate_up, layer[8], layer[9], out, n_threads)
+    return out
+
+
+@njit(cache=True)
+def _layer_dp(h, residual, has_residual, layer, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
+              n_heads, head_dim, n_threads, attn_threads):
+    qkv = _qkv(h, residual, has_residual, layer, eps, n_threads)
+    attn = np.empty((h.shape[0], n_heads, head_dim), np.uint16)
+    rope_attention_step_dp(attn, qkv, positions, cos_sin, layer[10], slots, starts, lens, tables, scale, window, 0.0,
+                           DEFAULT_Q_TILE, attn_threads)
+    return _out_and_mlp(attn, residual, layer, eps, n_threads)
+
+
+@njit(cache=True)
+def _layer(h, residual, has_residual, layer, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
+           n_heads, head_dim, n_threads, attn_threads):
+    qkv = _qkv(h, residual, has_residual, layer, eps, n_threads)
+    attn = np.empty((h.shape[0], n_heads, head_dim), np.uint16)
+    rope_attention_step(attn, qkv, positions, cos_sin, layer[10], slots, starts, lens, tables, scale, window, 0.0,
+                        DEFAULT_Q_TILE, attn_threads)
+    return _out_and_mlp(attn, residual, layer, eps, n_threads)
+
+
+@njit(cache=True)
+def decode_layers_dp(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
+                     n_heads, head_dim, n_threads, attn_threads):
+    """Every layer of a decode step, decode attention's scores on AVX512-BF16
+    (``attention_dpbf16.supports``). ``h [T, D]`` is the embeddings (float32 or bf16 bits),
+    ``residual [T, D]`` float32 to fill; returns the last block's output (bf16 bits)."""
+    x = _layer_dp(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
+                  n_heads, head_dim, n_threads, attn_threads)
+    for i in range(1, len(layers)):
+        x = _layer_dp(x, residual, True, layers[i], positions, cos_sin, slots, starts, lens, tables, scale, window,
+                      eps, n_heads, head_dim, n_threads, attn_threads)
+    return x
+
+
+@njit(cache=True)
+def decode_layers(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
+                  n_heads, head_dim, n_threads, attn_threads):
+    """``decode_layers_dp`` with the AVX-512 decode attention (``paged_attention``), any cache dtype."""
+    x = _layer(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
+               n_heads, head_dim, n_threads, attn_threads)
+    for i in range(1, len(layers)):
+        x = _layer(x, residual, True, layers[i], positions, cos_sin, slots, starts, lens, tables, scale, window,
+                   eps, n_heads, head_dim, n_threads, attn_threads)
+    return x

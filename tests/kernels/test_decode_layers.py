@@ -1,0 +1,127 @@
+"""A decode step's layers in one Numba call give the numbers of the ops one by one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgellm.backends.base import Backend, DecoderLayer, DecoderShape
+from edgellm.backends.cpu import CPUBackend
+from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
+from edgellm.quant import QuantizedTensor
+from edgellm.quant.formats import quantize_rows
+from tests.kernels.conftest import make_batch
+
+H, HKV, D, HIDDEN, INTER, LAYERS = 4, 2, 64, 256, 384, 3
+
+pytestmark = pytest.mark.skipif(not int4_gemv_supported(), reason="needs AVX512-VNNI and VBMI (int4_gemv)")
+
+
+def _int4(n: int, k: int, seed: int, fmt: str = "Q4_1") -> QuantizedTensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    return QuantizedTensor(fmt, quantize_rows(fmt, w), (n, k))
+
+
+def _layers(cpu: CPUBackend, fmt: str = "Q4_1") -> list[DecoderLayer]:
+    g = torch.Generator().manual_seed(1)
+    layers = []
+    for i in range(LAYERS):
+        def prep(n: int, k: int, s: int, i: int = i):
+            return cpu.prepare_weight(_int4(n, k, 10 * i + s, fmt), torch.float32)
+
+        qkv = prep((H + 2 * HKV) * D, HIDDEN, 0)
+        gate_up = prep(2 * INTER, HIDDEN, 1)
+        layers.append(DecoderLayer(
+            input_norm=1 + 0.1 * torch.randn(HIDDEN, generator=g), qkv=qkv, qkv_bias=None,
+            o_proj=prep(HIDDEN, H * D, 2), post_norm=1 + 0.1 * torch.randn(HIDDEN, generator=g),
+            gate_up=gate_up, down=prep(HIDDEN, INTER, 3),
+            qkv_in=cpu.linear_input_dtype(qkv, torch.float32), gate_up_in=cpu.linear_input_dtype(gate_up, torch.float32)))
+    return layers
+
+
+def _step(seqs, kv_dtype):
+    """This step's metadata, one cache per layer (different contents, same blocks), the embeddings."""
+    _, _, _, kv, meta = make_batch(seqs, H, HKV, D, 16, kv_dtype=kv_dtype, seed=4)
+    caches = [(kv.float() * (1 + 0.25 * i)).to(kv_dtype) for i in range(LAYERS)]
+    t = int(meta.slot_mapping.shape[0])
+    h = torch.randn(t, HIDDEN, generator=torch.Generator().manual_seed(7))
+    positions = torch.cat([torch.arange(ctx - nq, ctx) for ctx, nq in seqs])
+    ang = torch.arange(1024)[:, None] * torch.rand(D // 2, generator=torch.Generator().manual_seed(5))
+    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1).float()
+    return meta, caches, h, positions, cos_sin
+
+
+def _both(cpu, layers, shape, seqs, kv_dtype):
+    """``(fused, ops)``: each ``(h, residual, caches)`` after the same step on its own caches."""
+    meta, caches, h, positions, cos_sin = _step(seqs, kv_dtype)
+    runs = []
+    for op in (type(cpu).decoder_layers, Backend.decoder_layers):
+        kv = [c.clone() for c in caches]
+        cpu.begin_step(meta)
+        out, residual = op(cpu, h, layers, shape, kv, positions, cos_sin, meta)
+        runs.append((out, residual, kv))
+    return runs
+
+
+DECODE_BATCHES = [[(37, 1)], [(300, 1), (5, 1)], [(1, 1), (16, 1), (17, 1), (90, 1), (260, 1)],
+                  [(c, 1) for c in (3, 40, 64, 100, 129, 200, 257, 511)]]
+
+
+@pytest.mark.parametrize("seqs", DECODE_BATCHES, ids=lambda s: f"{len(s)}rows")
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("dpbf16", ["1", "0"], ids=["dpbf16-if-present", "avx512-attention"])
+def test_one_call_gives_the_ops_numbers(seqs, kv_dtype, window, dpbf16, monkeypatch):
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    monkeypatch.setenv("EDGELLM_DPBF16", dpbf16)
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, window)
+    (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, seqs, kv_dtype)
+    assert cpu._stacks[id(layers)][2] is not None, "the step should have taken the one-call path"
+    assert out.dtype == want.dtype == torch.bfloat16 and out.shape == (len(seqs), HIDDEN)
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+def test_new_caches_rebuild_the_stack(monkeypatch):
+    """A second set of caches (a re-allocated pool) is written, not the first one's."""
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu, "Q4_0")
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5)
+    for seqs in ([(37, 1), (12, 1)], [(70, 1)]):
+        (out, _, kv), (want, _, want_kv) = _both(cpu, layers, shape, seqs, torch.bfloat16)
+        assert torch.equal(out, want) and all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+@pytest.mark.parametrize("seqs", [[(40, 1), (70, 30)], [(c, 1) for c in range(20, 29)]], ids=["prompt", "9rows"])
+def test_other_steps_take_the_ops(seqs, monkeypatch):
+    """Prompt rows and batches past int4_gemv's rows go op by op: nothing is built for them."""
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    (out, res, _), (want, want_res, _) = _both(cpu, layers, DecoderShape(H, HKV, D, 1e-5, D ** -0.5), seqs,
+                                               torch.bfloat16)
+    assert id(layers) not in cpu._stacks
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+
+
+def test_unsupported_layers_fall_back(monkeypatch):
+    """A layer with a qkv bias (Qwen2) or dense weights runs op by op, with the same numbers."""
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    layers[1].qkv_bias = torch.zeros((H + 2 * HKV) * D, dtype=torch.bfloat16)
+    (out, _, _), (want, _, _) = _both(cpu, layers, DecoderShape(H, HKV, D, 1e-5, D ** -0.5), [(9, 1)],
+                                      torch.bfloat16)
+    assert cpu._stacks[id(layers)][2] is None
+    assert torch.equal(out, want)
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("EDGELLM_FUSED_LAYERS", "0")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    (out, _, _), (want, _, _) = _both(cpu, layers, DecoderShape(H, HKV, D, 1e-5, D ** -0.5), [(9, 1)],
+                                      torch.bfloat16)
+    assert not cpu._stacks and torch.equal(out, want)
