@@ -377,14 +377,17 @@ class CPUBackend(TorchBackend):
         return out if flat else out.view(*x.shape[:-1], -1)
 
     def decoder_layers(self, h, layers, shape, kv_caches, positions, cos_sin, meta):
-        """A decode step of a few rows (``int4_gemv``'s) runs every layer in one Numba call
-        (``kernels/cpu/decode_layers.py``): the same kernels as the ops one by one, without ~10 us of
-        Python and dispatch around each of five calls a layer. Other steps take the ops."""
+        """A decode step runs every layer in one Numba call (``kernels/cpu/decode_layers.py``): a few
+        rows (``int4_gemv``'s) on any CPU with it, more where the AVX512-BF16 kernels take them. The
+        same kernels as the ops one by one, without ~10 us of Python and dispatch around each of 5-7
+        calls a layer. Other steps (prompt rows, AMX) take the ops."""
         t = h.shape[0]
         stack = None
-        if (self._fused_layers and 1 <= t <= self._gemv_rows and meta.num_decode_tokens == t and not self._invariant and h.dim() == 2
-                and h.dtype in _NUMBA_DTYPES and h.is_contiguous()):
+        if (self._fused_layers and 1 <= t and meta.num_decode_tokens == t and not self._invariant and h.dim() == 2
+                and h.dtype in _NUMBA_DTYPES and h.is_contiguous() and (t <= self._gemv_rows or self._dpbf16)):
             stack = self._layer_stack(layers, shape, kv_caches, cos_sin)
+            if stack is not None and t > self._gemv_rows and stack[0] is not decode_layers_dp:
+                stack = None
         if stack is None:
             return super().decoder_layers(h, layers, shape, kv_caches, positions, cos_sin, meta)
         kernel, typed = stack
@@ -393,7 +396,8 @@ class CPUBackend(TorchBackend):
         work = t * shape.num_heads * meta.max_seq_len
         x = kernel(_as_numpy(h), res_np, typed, positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables,
                    float(shape.scale), int(shape.sliding_window or 0), float(shape.eps), shape.num_heads,
-                   shape.head_dim, self.threads, self.threads if work >= SERIAL_ATTENTION_WORK else 1)
+                   shape.head_dim, self.threads, self.threads if work >= SERIAL_ATTENTION_WORK else 1,
+                   self._gemv_rows, self.threads if t >= ROW_PARALLEL_MIN_ROWS else 1)
         out = torch.from_numpy(x).view(torch.bfloat16)
         out._edgellm_np = x
         return out, residual

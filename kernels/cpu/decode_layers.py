@@ -2,8 +2,9 @@
 
 One stream's token costs ~150 kernel calls (five a layer), and each call from Python costs ~10 us of
 wrapping and Numba dispatch around ~20-40 us of work: a fifth of the token. Here the same kernels
-(``norm_int4_gemv``, ``rope_attention_step[_dp]``, ``int4_gemv``, ``silu_int4_gemv``) run layer after
-layer inside one Numba function, on the same arrays, so the numbers are those of the ops one by one.
+(``norm_int4_gemv``, ``rope_attention_step[_dp]``, ``int4_gemv``, ``silu_int4_gemv``; for bigger
+batches on AVX512-BF16 the norms, ``int4_dpbf16_matmul`` and SiLU-and-mul) run layer after layer
+inside one Numba function, on the same arrays, so the numbers are those of the ops one by one.
 
 The layers come as one typed list of per-layer tuples (``layer_tuple``), built once per model and
 cache: ``(input_norm, qkv packed, qkv sz, o packed, o sz, post_norm, gate_up packed, gate_up sz,
@@ -12,7 +13,7 @@ down packed, down sz, kv)``, the int4 weights as ``Int4PackedWeight.amx_operands
 Example::
 
     x = decode_layers_dp(h, residual, layers, positions, cos_sin, slots, starts, lens, tables,
-                         scale, window, eps, n_heads, head_dim, threads, attention_threads)
+                         scale, window, eps, n_heads, head_dim, threads, attention_threads, 8, threads)
 """
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ import numpy as np
 from numba import njit
 from numba.typed import List
 
+from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
 from edgellm.kernels.cpu.attention_dpbf16 import rope_attention_step_dp
+from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul
 from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, silu_int4_gemv
+from edgellm.kernels.cpu.norm_rope import add_rms_norm, add_rms_norm_parallel
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, rope_attention_step
 
 
@@ -69,13 +73,49 @@ def _out_and_mlp(attn, residual, layer, eps, n_threads):
 
 
 @njit(cache=True)
+def _norm_matmul(h, residual, norm_w, eps, has_residual, packed, sz, n_threads, norm_threads):
+    """``add_rms_norm`` (rows split among ``norm_threads``) into bf16, then ``int4_dpbf16_matmul``."""
+    x = np.empty(h.shape, np.uint16)
+    if norm_threads > 1:
+        add_rms_norm_parallel(h, residual, norm_w, eps, x, has_residual, norm_threads)
+    else:
+        add_rms_norm(h, residual, norm_w, eps, x, has_residual)
+    out = np.empty((h.shape[0], sz.shape[1]), np.uint16)
+    int4_dpbf16_matmul(x, packed, sz, out, n_threads)
+    return out
+
+
+@njit(cache=True)
+def _out_and_mlp_batched(attn, residual, layer, eps, n_threads, norm_threads):
+    """``_out_and_mlp`` for more rows than ``int4_gemv`` takes: the linears on ``int4_dpbf16_matmul``."""
+    t = attn.shape[0]
+    o = np.empty((t, layer[4].shape[1]), np.uint16)
+    int4_dpbf16_matmul(attn.reshape(t, attn.shape[1] * attn.shape[2]), layer[3], layer[4], o, n_threads)
+    gate_up = _norm_matmul(o, residual, layer[5], eps, True, layer[6], layer[7], n_threads, norm_threads)
+    act = np.empty((t, gate_up.shape[1] // 2), np.uint16)
+    if t >= PARALLEL_MIN_ROWS and n_threads > 1:
+        silu_and_mul_parallel(gate_up, act, n_threads)
+    else:
+        silu_and_mul(gate_up, act)
+    out = np.empty((t, layer[9].shape[1]), np.uint16)
+    int4_dpbf16_matmul(act, layer[8], layer[9], out, n_threads)
+    return out
+
+
+@njit(cache=True)
 def _layer_dp(h, residual, has_residual, layer, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-              n_heads, head_dim, n_threads, attn_threads):
-    qkv = _qkv(h, residual, has_residual, layer, eps, n_threads)
-    attn = np.empty((h.shape[0], n_heads, head_dim), np.uint16)
+              n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads):
+    t = h.shape[0]
+    if t <= gemv_rows:
+        qkv = _qkv(h, residual, has_residual, layer, eps, n_threads)
+    else:
+        qkv = _norm_matmul(h, residual, layer[0], eps, has_residual, layer[1], layer[2], n_threads, norm_threads)
+    attn = np.empty((t, n_heads, head_dim), np.uint16)
     rope_attention_step_dp(attn, qkv, positions, cos_sin, layer[10], slots, starts, lens, tables, scale, window, 0.0,
                            DEFAULT_Q_TILE, attn_threads)
-    return _out_and_mlp(attn, residual, layer, eps, n_threads)
+    if t <= gemv_rows:
+        return _out_and_mlp(attn, residual, layer, eps, n_threads)
+    return _out_and_mlp_batched(attn, residual, layer, eps, n_threads, norm_threads)
 
 
 @njit(cache=True)
@@ -90,22 +130,25 @@ def _layer(h, residual, has_residual, layer, positions, cos_sin, slots, starts, 
 
 @njit(cache=True)
 def decode_layers_dp(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-                     n_heads, head_dim, n_threads, attn_threads):
-    """Every layer of a decode step, decode attention's scores on AVX512-BF16
-    (``attention_dpbf16.supports``). ``h [T, D]`` is the embeddings (float32 or bf16 bits),
-    ``residual [T, D]`` float32 to fill; returns the last block's output (bf16 bits)."""
+                     n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads):
+    """Every layer of a decode step on AVX512-BF16 CPUs: decode attention's scores on ``vdpbf16ps``
+    (``attention_dpbf16.supports``), the linears on ``int4_gemv`` up to ``gemv_rows`` rows and on
+    ``int4_dpbf16_matmul`` past them (the norms' rows split among ``norm_threads``). ``h [T, D]`` is
+    the embeddings (float32 or bf16 bits), ``residual [T, D]`` float32 to fill; returns the last
+    block's output (bf16 bits)."""
     x = _layer_dp(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-                  n_heads, head_dim, n_threads, attn_threads)
+                  n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads)
     for i in range(1, len(layers)):
         x = _layer_dp(x, residual, True, layers[i], positions, cos_sin, slots, starts, lens, tables, scale, window,
-                      eps, n_heads, head_dim, n_threads, attn_threads)
+                      eps, n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads)
     return x
 
 
 @njit(cache=True)
 def decode_layers(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-                  n_heads, head_dim, n_threads, attn_threads):
-    """``decode_layers_dp`` with the AVX-512 decode attention (``paged_attention``), any cache dtype."""
+                  n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads):
+    """``decode_layers_dp`` with the AVX-512 decode attention (``paged_attention``), any cache dtype,
+    for steps of up to ``int4_gemv``'s rows only (the last two arguments go unused)."""
     x = _layer(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
                n_heads, head_dim, n_threads, attn_threads)
     for i in range(1, len(layers)):
