@@ -13,6 +13,10 @@
 - Activations between packed linears are bf16, the int4 kernel's own input and output: the norms
   write bf16, and rotary, SiLU-and-mul and attention read the projections' bf16 output directly
   (one rounding per value, as converting at the edges would give). The residual stream stays float32.
+- Decode steps run the whole layer stack in one Numba call (``decoder_layers``,
+  ``kernels/cpu/decode_layers.py``): up to 8 rows on ``int4_gemv``, more on AVX512-BF16 CPUs on the
+  batched kernels. The same kernels and numbers as the ops one by one, without ~10 us of Python and
+  dispatch around each of 150-210 calls a step (``EDGELLM_FUSED_LAYERS=0`` turns it off).
 - ``batch_invariant`` mode (or a step holding a seeded request) keeps the arithmetic of every token
   independent of its batch: int4 kernel for generated tokens, exact fp32 tiles for prompt tokens,
   Numba attention for all.
