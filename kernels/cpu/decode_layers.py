@@ -1,4 +1,4 @@
-"""A decode step's whole stack of Llama-family layers in one compiled call, for a few rows.
+"""A decode step's whole stack of Llama-family layers in one compiled call.
 
 One stream's token costs ~150 kernel calls (five a layer), and each call from Python costs ~10 us of
 wrapping and Numba dispatch around ~20-40 us of work: a fifth of the token. Here the same kernels
@@ -6,9 +6,12 @@ wrapping and Numba dispatch around ~20-40 us of work: a fifth of the token. Here
 batches on AVX512-BF16 the norms, ``int4_dpbf16_matmul`` and SiLU-and-mul) run layer after layer
 inside one Numba function, on the same arrays, so the numbers are those of the ops one by one.
 
-The layers come as one typed list of per-layer tuples (``layer_tuple``), built once per model and
+The layers come as one typed list of per-layer tuples (``layer_list``), built once per model and
 cache: ``(input_norm, qkv packed, qkv sz, o packed, o sz, post_norm, gate_up packed, gate_up sz,
 down packed, down sz, kv)``, the int4 weights as ``Int4PackedWeight.amx_operands``.
+
+``decode_layers_dp`` and ``decode_layers`` differ only in their attention kernel, and must stay two
+functions: one holding ``vdpbf16ps`` code would not compile on a CPU without AVX512-BF16.
 
 Example::
 
