@@ -19,6 +19,7 @@ import torch
 from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
 from edgellm.kernels.cpu.dpbf16 import int8_to_bf16_panels
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
+from edgellm.kernels.cpu.q4_repack import q4_blocks_to_int4pack
 from edgellm.kernels.cpu.q8_0 import q8_0_row_int8, repack_q8_0
 from edgellm.quant import QuantizedTensor
 
@@ -39,19 +40,19 @@ class Int4PackedWeight:
     def from_quantized(cls, w: QuantizedTensor) -> Int4PackedWeight:
         n, k = w.shape
         spec = 20 if w.fmt == "Q4_1" else 18
-        blocks = w.data.reshape(n, k // 32, spec)
-        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()  # [N, K/32]
-        zero = (blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() + 8 * d
-                if w.fmt == "Q4_1" else torch.zeros_like(d))
-        qs = blocks[..., spec - 16:]
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)  # uint8 nibbles in element order
-        if n % 64 == 0:  # build ATen's layout directly: [N/64, K, 32], row j low, row j+32 high
-            q = q.reshape(n // 64, 2, 32, k)
-            packed = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous().reshape(n, k // 2)
+        blocks = w.data.contiguous().reshape(n, k // 32, spec)
+        head = blocks[..., 0:spec - 16].contiguous().view(torch.float16).float()  # [N, K/32, 1 or 2]
+        d = head[..., 0]
+        zero = head[..., 1] + 8 * d if w.fmt == "Q4_1" else torch.zeros_like(d)
+        if n % 64 == 0:  # ATen's layout directly: [N/64, K, 32], row j low nibble, row j+32 high
+            packed = torch.empty(n, k // 2, dtype=torch.uint8)
+            q4_blocks_to_int4pack(blocks.numpy(), packed.numpy().reshape(n // 64, k, 32))
         else:
+            qs = blocks[..., spec - 16:]
+            q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)  # uint8 nibbles in element order
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         # the kernel's fast path takes bf16 activations and bf16 scales; fp32 is ~50x slower
-        sz = torch.stack([d.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        sz = torch.stack([d, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [K/32, N, 2]
         return cls(packed, sz, (n, k))
 
     @functools.cached_property

@@ -27,10 +27,23 @@ ROWS_PER_TASK = 64  # output features per parallel task: 36 KiB of int8 at K=576
 def repack_q8_0(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """GGML Q8_0 bytes ``uint8 [N, K/32*34]`` -> ``(qs int8 [N, K], d float32 [N, K/32])``."""
     n = raw.shape[0]
-    blocks = raw.reshape(n, -1, QK + 2)
-    d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[:, :, 0].astype(np.float32)
-    qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(n, -1)
-    return qs, d
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, QK + 2)
+    qs = np.empty((n, blocks.shape[1] * QK), np.uint8)
+    d_bits = np.empty((n, blocks.shape[1]), np.uint16)
+    _split_q8_0(blocks, qs, d_bits)
+    return qs.view(np.int8), d_bits.view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _split_q8_0(blocks: np.ndarray, qs: np.ndarray, d_bits: np.ndarray) -> None:
+    """Blocks ``[N, K/32, 34]`` -> quants ``[N, K]`` and float16 scale bits ``[N, K/32]``, parallel over
+    rows: numpy's strided copies took ~0.05-0.09 s of start-up for SmolLM2's 28 MB head."""
+    n, nb, _ = blocks.shape
+    for r in prange(n):
+        for b in range(nb):
+            d_bits[r, b] = np.uint16(blocks[r, b, 0]) | (np.uint16(blocks[r, b, 1]) << 8)
+            for i in range(QK):
+                qs[r, b * QK + i] = blocks[r, b, 2 + i]
 
 
 @njit(cache=True, parallel=True)

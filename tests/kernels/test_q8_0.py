@@ -87,3 +87,14 @@ def test_row_int8_requantization_is_the_float64_reference():
     for got, exact in ((head.err_norm, (wd - approx).norm(dim=1)), (head.w_norm, approx.norm(dim=1))):
         assert (got.astype(np.float64) >= exact.numpy()).all()  # rounded up: a bound, never below
         assert (got == np.nextafter(exact.numpy().astype(np.float32), np.float32(np.inf))).all()
+
+
+@pytest.mark.parametrize("n, k", [(2, 32), (200, 96), (576, 1536)])
+def test_repack_splits_blocks_into_quants_and_scales(n, k):
+    """Block ``b`` of row ``r``: bytes 0-1 are the float16 scale, bytes 2-33 the 32 quants."""
+    raw = q8_weight(n, k).data.numpy()
+    qs, d = repack_q8_0(raw)
+    blocks = raw.reshape(n, k // 32, 34)
+    assert qs.dtype == np.int8 and qs.shape == (n, k) and qs.flags.c_contiguous
+    assert np.array_equal(qs.view(np.uint8), blocks[:, :, 2:].reshape(n, k))
+    assert np.array_equal(d, blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32))
