@@ -111,6 +111,12 @@ class Backend(ABC):
             batch_invariant = os.environ.get("EDGELLM_BATCH_INVARIANT", "0").lower() in ("1", "true", "yes")
         self.batch_invariant = bool(batch_invariant)
 
+    def warmup(self) -> float:
+        """Compile or load every kernel a step can use; return the seconds it took. Backends built with
+        ``warmup=False`` may call it later (``edgellm chat`` does, while the user types), but never
+        while a step runs. Nothing to do here."""
+        return 0.0
+
     # -- identity and capability --------------------------------------------------------------
     @abstractmethod
     def capabilities(self) -> Capabilities: ...

@@ -28,10 +28,12 @@ def make_client(model: str | None, url: str | None, api_key: str | None, engine:
     from edgellm.cli.loading import has_chat_template, load_llm
 
     name = model or DEFAULT_MODEL
-    llm = load_llm(name, engine)
+    # the kernels load after the model: while the user types (a terminal), or at their first use
+    # (piped input, one answer, as `generate` does)
+    llm = load_llm(name, {**engine, "warmup": False})
     if not has_chat_template(llm):
         raise click.UsageError(f"{name} has no chat template; use `edgellm generate --raw` for plain completion")
-    return InProcessClient(llm, name)
+    return InProcessClient(llm, name, warm_up=sys.stdin.isatty())
 
 
 def answer_piped(client: Any, session: Any) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -117,3 +119,26 @@ def test_in_process_client_maps_deltas_and_closes() -> None:
     _, params, stream = llm.calls[0]
     assert stream and params.temperature == 0.2
     assert llm.closed
+
+
+def test_in_process_client_warms_up_on_a_thread_and_answers_only_after_it() -> None:
+    events: list[str] = []
+    release = threading.Event()
+
+    class SlowBackend:
+        def warmup(self) -> float:
+            release.wait(10)
+            events.append(f"warm on {threading.current_thread().name}")
+            return 0.0
+
+    llm = FakeLLM()
+    llm.engine = SimpleNamespace(backend=SlowBackend())
+    original = llm.chat
+    llm.chat = lambda *a, **k: (events.append("chat"), original(*a, **k))[1]
+    client = InProcessClient(llm, "m", warm_up=True)
+    threading.Timer(0.2, release.set).start()  # the warm-up is still running when the first answer is asked for
+    chunks = list(client.stream([{"role": "user", "content": "hi"}], {}))
+    assert events == ["warm on edgellm-warmup", "chat"]
+    assert "".join(c.text for c in chunks) == "Hi there"
+    list(client.stream([{"role": "user", "content": "again"}], {}))  # later answers do not wait again
+    assert events == ["warm on edgellm-warmup", "chat", "chat"]
