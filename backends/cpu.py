@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 import numba
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata, Capabilities, DecoderLayer, DecoderShape
 from edgellm.backends.cpu_memory import populate
+from edgellm.backends.cpu_warmup import warm_up
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
@@ -164,88 +164,11 @@ class CPUBackend(TorchBackend):
             self.warmup()
 
     def warmup(self) -> float:
-        """Compile (first process) or load from Numba's cache (later ones) the kernels a step uses."""
-        t0 = time.perf_counter()
-        w = QuantizedTensor("Q8_0", torch.zeros(2, 34, dtype=torch.uint8), (2, 32))
-        self.linear(torch.zeros(1, 32), Q8_0Weight.from_quantized(w))
-        self.embedding(torch.zeros(1, dtype=torch.long), w, torch.float32)
-        self.embedding(torch.zeros(1, dtype=torch.long), Q8_0Weight.from_quantized(w), torch.float32)
-        many = max(INT4_KERNEL_MAX_ROWS, Q8_0_GEMM_MIN_ROWS, AMX_MAX_ROWS) + 1  # the expanded-weight paths of big steps
-        self.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w))
-        w4 = QuantizedTensor("Q4_1", torch.zeros(64, 20, dtype=torch.uint8), (64, 32))
-        self.linear(torch.zeros(many, 32), Int4PackedWeight.from_quantized(w4))
-        # greedy steps' int8 head with its serial and parallel re-scoring (and the AMX head), then the
-        # AMX int4 kernel: one call compiles each, whatever the row count
-        head = Q8_0Weight.from_quantized(QuantizedTensor("Q8_0", torch.zeros(32, 34, dtype=torch.uint8), (32, 32)),
-                                         head=True)
-        for rows in (1, AMX_HEAD_MIN_ROWS, INT8_GEMV_MAX_ROWS):
-            self.logits(torch.zeros(rows, 32), head, argmax_cols=32)
-        w4 = Int4PackedWeight.from_quantized(w4)
-        for rows in {self._batched_rows[0], self._gemv_rows + 1}:  # int4_gemv, then the AMX / dpbf16 kernel
-            if self._batched_rows[0] <= rows <= self._batched_rows[1]:
-                self.linear(torch.zeros(rows, 32, dtype=torch.bfloat16), w4)
-        if self._gemv_rows:  # a decode's fused norm + projection (float32 input at the first layer) and MLP
-            for dt in (torch.float32, torch.bfloat16):
-                self.norm_linear(torch.zeros(1, 32, dtype=dt), torch.ones(32), 1e-6, None, w4, None, torch.bfloat16)
-            self.act_linear(torch.zeros(1, 64, dtype=torch.bfloat16), "silu", w4)
-        # packed models run bf16 activations: norms in and out of bf16, the gated MLP, rotary and
-        # attention on strided views of the qkv projection
-        norm_w = torch.ones(32)
-        for rows in (1, ROW_PARALLEL_MIN_ROWS):  # a decode on the calling thread, a prompt's rows split
-            x, res = self.rms_norm(torch.zeros(rows, 32), norm_w, 1e-6, None, torch.bfloat16)
-            x, res = self.rms_norm(x, norm_w, 1e-6, res, torch.bfloat16)
-            self.rms_norm(x, norm_w, 1e-6, res, torch.float32)
-        for rows in (1, PARALLEL_MIN_ROWS):
-            self.act_and_mul(torch.zeros(rows, 64, dtype=torch.bfloat16))
-        q, k, v = (t.view(1, 1, 32) for t in torch.zeros(1, 96, dtype=torch.bfloat16).split(32, dim=-1))
-        q, k = self.rotary(q, k, torch.zeros(1, dtype=torch.long), torch.zeros(1, 32))
-        kv = torch.zeros(2, 1, 1, 1, 32)
-        x = torch.zeros(1, 1, 32)
-        for decodes in (0, 1):  # a prompt row (flash attention) and a decode row (the Numba kernel)
-            meta = AttentionMetadata(
-                slot_mapping=torch.zeros(1, dtype=torch.long), query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
-                seq_lens=torch.ones(1, dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
-                block_size=1, max_query_len=1, max_seq_len=1, num_decode_tokens=decodes,
-                query_start_loc_list=[0, 1], seq_lens_list=[1])
-            self.attention(x, x, x, kv, meta, 1.0)
-            self.attention(q, k, v, kv, meta, 1.0)
-        # a decode step's fused rotary + attention on the default (bf16) cache of head size 64: on AMX
-        # tiles where the CPU has them
-        kv = torch.zeros(2, 1, 1, 16, 64, dtype=torch.bfloat16)
-        self.rope_attention(torch.zeros(1, 192, dtype=torch.bfloat16), 1, 1, 64, torch.zeros(1, dtype=torch.long),
-                            torch.zeros(1, 64), kv, meta, 1.0)
-        # and prompt chunks': rotary on the calling thread (a short chunk) or split among threads, then
-        # bf16 flash attention
-        for n in (1, ROW_PARALLEL_MIN_ROWS):
-            meta = AttentionMetadata(
-                slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-                seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
-                block_size=16, max_query_len=n, max_seq_len=n, num_decode_tokens=0, query_start_loc_list=[0, n],
-                seq_lens_list=[n])
-            self.rope_attention(torch.zeros(n, 192, dtype=torch.bfloat16), 1, 1, 64, torch.arange(n),
-                                torch.zeros(n, 64), kv, meta, 1.0)
-        self._warm_decoder_layers(kv)
-        self._kv_views.clear()
-        elapsed = time.perf_counter() - t0
+        """Compile (first run, with a helper process) or load from Numba's cache (later ones) the kernels
+        a step uses (``backends/cpu_warmup.py``)."""
+        elapsed = warm_up(self)
         logger.debug("CPU kernels ready in %.2f s", elapsed)
         return elapsed
-
-    def _warm_decoder_layers(self, kv: torch.Tensor) -> None:
-        """A one-row decode step through ``decoder_layers``' one-call path on a bf16 cache ``kv
-        [2, 1, 1, 16, 64]``: a layer of head size 64 and hidden size 64."""
-        def weight(n: int, k: int) -> Int4PackedWeight:
-            blocks = torch.zeros(n, k // 32 * 20, dtype=torch.uint8)
-            return Int4PackedWeight.from_quantized(QuantizedTensor("Q4_1", blocks, (n, k)))
-        layers = [DecoderLayer(torch.ones(64), weight(192, 64), None, weight(64, 64), torch.ones(64), weight(128, 64),
-                               weight(64, 64), torch.bfloat16, torch.bfloat16)]
-        meta = AttentionMetadata(
-            slot_mapping=torch.zeros(1, dtype=torch.long), query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
-            seq_lens=torch.ones(1, dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
-            block_size=16, max_query_len=1, max_seq_len=1, num_decode_tokens=1, query_start_loc_list=[0, 1],
-            seq_lens_list=[1])
-        self.decoder_layers(torch.zeros(1, 64), layers, DecoderShape(1, 1, 64, 1e-6, 1.0), [kv], torch.zeros(1,
-                            dtype=torch.long), torch.zeros(1, 64), meta)
-        self._stacks.clear()
 
     @property
     def uses_amx(self) -> bool:

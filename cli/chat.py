@@ -33,7 +33,8 @@ def make_client(model: str | None, url: str | None, api_key: str | None, engine:
     llm = load_llm(name, {**engine, "warmup": False})
     if not has_chat_template(llm):
         raise click.UsageError(f"{name} has no chat template; use `edgellm generate --raw` for plain completion")
-    return InProcessClient(llm, name, warm_up=sys.stdin.isatty())
+    warmed = llm.engine.config.warmup  # a first run compiled every kernel while loading
+    return InProcessClient(llm, name, warm_up=sys.stdin.isatty() and not warmed)
 
 
 def answer_piped(client: Any, session: Any) -> None:

@@ -46,14 +46,34 @@ SINGLE_USER = {"max_num_seqs": 1}
 
 def load_llm(model: str, engine: dict[str, Any]) -> Any:
     """An ``LLM`` for ``model`` with engine options ``engine``, sized for one user: fetched first if
-    not cached (with a progress bar), then loaded behind a spinner. Errors propagate (one line each)."""
+    not cached (with a progress bar), then loaded behind a spinner. Errors propagate (one line each).
+
+    On a machine whose CPU kernels are not compiled yet, the load compiles all of them at once
+    (``warmup=True``, with a helper process) and the spinner says so, rather than a first answer
+    stalling for minutes without a word; ``llm.engine.config.warmup`` then tells the caller."""
     from edgellm.catalog import resolve_model
 
     resolve_model(model)  # a download shows its own progress bar, so do it before the spinner starts
-    with spinner(f"loading {model}"):
+    message = f"loading {model}"
+    if first_run(engine):
+        engine = {**engine, "warmup": True}
+        message += ": compiling the CPU kernels for this machine, first run only (1-2 minutes on 2 cores)"
+    with spinner(message):
         from edgellm import LLM
 
         return LLM(model, **{**SINGLE_USER, **engine})
+
+
+def first_run(engine: dict[str, Any]) -> bool:
+    """Whether ``engine`` runs on the CPU backend and its kernels are not in Numba's cache yet."""
+    from edgellm.backends.registry import detect
+
+    device = engine.get("device") or "auto"
+    if (detect() if device == "auto" else device) != "cpu":
+        return False
+    from edgellm.backends.cpu_warmup import kernels_compiled
+
+    return not kernels_compiled()
 
 
 def has_chat_template(llm: Any) -> bool:

@@ -1,0 +1,91 @@
+"""First run on a machine: telling compiled kernels from cold ones, and the helper that halves the compile."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import edgellm
+from edgellm.backends import cpu_warmup
+from edgellm.backends.cpu import CPUBackend
+from edgellm.cli import loading
+
+WARM = CPUBackend(threads=2)  # compiles (first run) or loads every kernel, as any warmed backend does
+
+
+def test_kernels_compiled_reads_numbas_cache(tmp_path):
+    assert cpu_warmup.kernels_compiled()
+    code = "from edgellm.backends.cpu_warmup import kernels_compiled; print(kernels_compiled())"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "empty")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_helper_process_runs_the_steps_and_exits():
+    env = {**os.environ, cpu_warmup.HELPER_ENV: "1"}
+    done = subprocess.run([sys.executable, "-m", "edgellm.backends.cpu_warmup"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+class FakeProcess:
+    def __init__(self, args, env, **kwargs):
+        self.args, self.env, self.killed = args, env, False
+        STARTED.append(self)
+
+    def kill(self):
+        self.killed = True
+
+    def wait(self):
+        return 0
+
+
+STARTED: list[FakeProcess] = []
+
+
+def test_a_cold_warm_up_starts_a_helper_and_kills_it_when_done(monkeypatch):
+    STARTED.clear()
+    monkeypatch.setattr(cpu_warmup.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(cpu_warmup, "kernels_compiled", lambda: False)
+    monkeypatch.delenv(cpu_warmup.HELPER_ENV, raising=False)
+    cpu_warmup.warm_up(WARM)
+    [proc] = STARTED
+    assert proc.args[1:] == ["-m", "edgellm.backends.cpu_warmup"] and proc.env[cpu_warmup.HELPER_ENV] == "1"
+    assert proc.killed
+
+
+def test_no_helper_when_compiled_or_inside_the_helper(monkeypatch):
+    STARTED.clear()
+    monkeypatch.setattr(cpu_warmup.subprocess, "Popen", FakeProcess)
+    cpu_warmup.warm_up(WARM)  # compiled: nothing to share
+    monkeypatch.setattr(cpu_warmup, "kernels_compiled", lambda: False)
+    monkeypatch.setenv(cpu_warmup.HELPER_ENV, "1")
+    cpu_warmup.warm_up(WARM)  # the helper itself never starts another
+    assert STARTED == []
+
+
+def test_steps_cover_the_default_warm_up_in_either_order():
+    steps = cpu_warmup.steps(WARM)
+    assert len(steps) == 8
+    for step in reversed(steps):
+        step()
+
+
+def test_first_run_loads_with_every_kernel_and_says_so(monkeypatch, smollm2_gguf):
+    made = []
+
+    class FakeLLM:
+        def __init__(self, model, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(edgellm, "LLM", FakeLLM)
+    monkeypatch.setattr(loading, "first_run", lambda engine: True)
+    loading.load_llm(str(smollm2_gguf), {"warmup": False})
+    monkeypatch.setattr(loading, "first_run", lambda engine: False)
+    loading.load_llm(str(smollm2_gguf), {"warmup": False})
+    assert [kw["warmup"] for kw in made] == [True, False]
+
+
+def test_first_run_is_only_about_the_cpu_backend(monkeypatch):
+    monkeypatch.setattr(cpu_warmup, "kernels_compiled", lambda: False)
+    assert loading.first_run({"device": "cpu"}) and not loading.first_run({"device": "torch"})
