@@ -21,7 +21,8 @@
   independent of its batch: int4 kernel for generated tokens, exact fp32 tiles for prompt tokens,
   Numba attention for all.
 
-Kernels are compiled with ``cache=True`` and warmed at init, so a second process only loads them.
+Kernels are compiled with ``cache=True`` and warmed at init (``backends/cpu_warmup.py``; on a first
+run with a helper process compiling from the other end), so a later process only loads them.
 """
 from __future__ import annotations
 
