@@ -151,10 +151,11 @@ def steps(b: CPUBackend) -> list[Callable[[], object]]:
                              torch.zeros(n, 64), _bf16_cache(), _meta(n, n, 0), 1.0)
 
     def decoder_layers() -> None:
-        # a one-row decode step through decoder_layers' one-call path: head size 64, hidden size 64
+        # a one-row decode step through decoder_layers' one-call path: head size 64, hidden size 64, two
+        # layers, so that building the typed list of layers appends one too
         layers = [DecoderLayer(torch.ones(64), _int4(192, 64), None, _int4(64, 64), torch.ones(64), _int4(128, 64),
-                               _int4(64, 64), torch.bfloat16, torch.bfloat16)]
-        b.decoder_layers(torch.zeros(1, 64), layers, DecoderShape(1, 1, 64, 1e-6, 1.0), [_bf16_cache()],
+                               _int4(64, 64), torch.bfloat16, torch.bfloat16) for _ in range(2)]
+        b.decoder_layers(torch.zeros(1, 64), layers, DecoderShape(1, 1, 64, 1e-6, 1.0), [_bf16_cache(), _bf16_cache()],
                          torch.zeros(1, dtype=torch.long), torch.zeros(1, 64), _meta(1, 1, 1))
 
     return [q8_0_and_expanded, greedy_head, int4_kernels, norms_and_activations, separate_attention,

@@ -9,6 +9,7 @@ import edgellm
 from edgellm.backends import cpu_warmup
 from edgellm.backends.cpu import CPUBackend
 from edgellm.cli import loading
+from edgellm.kernels.cpu import decode_layers
 
 WARM = CPUBackend(threads=2)  # compiles (first run) or loads every kernel, as any warmed backend does
 
@@ -69,6 +70,8 @@ def test_steps_cover_the_default_warm_up_in_either_order():
     assert len(steps) == 8
     for step in reversed(steps):
         step()
+    if WARM._gemv_rows:  # the one-call decode path: a model's stack of layers appends to its typed list
+        assert decode_layers._list_of.signatures and decode_layers._append.signatures
 
 
 def test_first_run_loads_with_every_kernel_and_says_so(monkeypatch, smollm2_gguf):
