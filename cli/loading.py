@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -53,7 +55,7 @@ def load_llm(model: str, engine: dict[str, Any]) -> Any:
     stalling for minutes without a word; ``llm.engine.config.warmup`` then tells the caller."""
     from edgellm.catalog import resolve_model
 
-    resolve_model(model)  # a download shows its own progress bar, so do it before the spinner starts
+    read_ahead(resolve_model(model))  # a download shows its own progress bar, so before the spinner
     message = f"loading {model}"
     if first_run(engine):
         engine = {**engine, "warmup": True}
@@ -62,6 +64,22 @@ def load_llm(model: str, engine: dict[str, Any]) -> Any:
         from edgellm import LLM
 
         return LLM(model, **{**SINGLE_USER, **engine})
+
+
+def read_ahead(path: Path) -> None:
+    """Ask the OS to read the model's weights into the page cache now, in the background, while Python
+    spends ~1.5 s importing torch: after a reboot the file is no longer cached, and the load would
+    otherwise wait for the disk on its own. Best effort: nothing happens where the OS cannot."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):  # AttributeError: no posix_fadvise (macOS, Windows)
+            return
 
 
 def first_run(engine: dict[str, Any]) -> bool:

@@ -1,4 +1,5 @@
-"""First run on a machine: telling compiled kernels from cold ones, and the helper that halves the compile."""
+"""Starting on a machine: telling compiled kernels from cold ones, the helper that halves the compile, and
+reading the weights ahead while torch imports."""
 from __future__ import annotations
 
 import os
@@ -92,3 +93,18 @@ def test_first_run_loads_with_every_kernel_and_says_so(monkeypatch, smollm2_gguf
 def test_first_run_is_only_about_the_cpu_backend(monkeypatch):
     monkeypatch.setattr(cpu_warmup, "kernels_compiled", lambda: False)
     assert loading.first_run({"device": "cpu"}) and not loading.first_run({"device": "torch"})
+
+
+def test_read_ahead_asks_the_os_for_each_weights_file(monkeypatch, tmp_path):
+    advised = []
+    monkeypatch.setattr(loading.os, "posix_fadvise", lambda fd, off, n, how: advised.append((os.fstat(fd).st_size, how)))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 10)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name, size in (("a.safetensors", 3), ("b.safetensors", 4), ("config.json", 5)):
+        (folder / name).write_bytes(b"x" * size)
+    loading.read_ahead(model)
+    loading.read_ahead(folder)
+    loading.read_ahead(tmp_path / "missing.gguf")  # nothing to read: nothing happens
+    assert advised == [(10, os.POSIX_FADV_WILLNEED), (3, os.POSIX_FADV_WILLNEED), (4, os.POSIX_FADV_WILLNEED)]
