@@ -40,8 +40,8 @@ def warm_up(backend: CPUBackend, helper: bool | None = None) -> float:
     """Run every step on ``backend``; with ``helper`` (default: when the kernels are not compiled yet
     and this is not the helper itself) a second process compiles from the other end. Seconds taken."""
     t0 = time.perf_counter()
-    if helper is None:
-        helper = os.environ.get(HELPER_ENV) is None and not kernels_compiled()
+    if helper is None:  # a helper needs a core of its own to gain anything
+        helper = os.environ.get(HELPER_ENV) is None and usable_cpus() > 1 and not kernels_compiled()
     with _helper_process() if helper else contextlib.nullcontext():
         for step in steps(backend):
             step()
@@ -65,6 +65,14 @@ def _helper_process() -> Iterator[None]:
     finally:  # whatever it still compiles, this process has done already
         proc.kill()
         proc.wait()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def kernels_compiled() -> bool:

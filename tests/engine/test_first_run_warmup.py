@@ -49,6 +49,7 @@ def test_a_cold_warm_up_starts_a_helper_and_kills_it_when_done(monkeypatch):
     STARTED.clear()
     monkeypatch.setattr(cpu_warmup.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(cpu_warmup, "kernels_compiled", lambda: False)
+    monkeypatch.setattr(cpu_warmup, "usable_cpus", lambda: 2)
     monkeypatch.delenv(cpu_warmup.HELPER_ENV, raising=False)
     cpu_warmup.warm_up(WARM)
     [proc] = STARTED
@@ -56,11 +57,14 @@ def test_a_cold_warm_up_starts_a_helper_and_kills_it_when_done(monkeypatch):
     assert proc.killed
 
 
-def test_no_helper_when_compiled_or_inside_the_helper(monkeypatch):
+def test_no_helper_when_compiled_on_one_core_or_inside_the_helper(monkeypatch):
     STARTED.clear()
     monkeypatch.setattr(cpu_warmup.subprocess, "Popen", FakeProcess)
     cpu_warmup.warm_up(WARM)  # compiled: nothing to share
     monkeypatch.setattr(cpu_warmup, "kernels_compiled", lambda: False)
+    monkeypatch.setattr(cpu_warmup, "usable_cpus", lambda: 1)
+    cpu_warmup.warm_up(WARM)  # one core: two compiling processes would only take turns
+    monkeypatch.setattr(cpu_warmup, "usable_cpus", lambda: 2)
     monkeypatch.setenv(cpu_warmup.HELPER_ENV, "1")
     cpu_warmup.warm_up(WARM)  # the helper itself never starts another
     assert STARTED == []
