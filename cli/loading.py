@@ -13,12 +13,20 @@ from typing import IO, Any
 FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
+class Status:
+    """What a running spinner says; the block may change ``message`` as it learns more."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
 @contextlib.contextmanager
-def spinner(message: str, stream: IO[str] | None = None, interval: float = 0.1) -> Iterator[None]:
+def spinner(message: str, stream: IO[str] | None = None, interval: float = 0.1) -> Iterator[Status]:
     """Show ``⠋ message (1.2 s)`` on ``stream`` (stderr) while the block runs, if it is a terminal."""
     out = stream or sys.stderr
+    status = Status(message)
     if not out.isatty():
-        yield
+        yield status
         return
     done = threading.Event()
     start = time.perf_counter()
@@ -26,14 +34,14 @@ def spinner(message: str, stream: IO[str] | None = None, interval: float = 0.1) 
     def spin() -> None:
         i = 0
         while not done.wait(interval):
-            out.write(f"\r{FRAMES[i % len(FRAMES)]} {message} ({time.perf_counter() - start:.1f} s)\x1b[K")
+            out.write(f"\r{FRAMES[i % len(FRAMES)]} {status.message} ({time.perf_counter() - start:.1f} s)\x1b[K")
             out.flush()
             i += 1
 
     thread = threading.Thread(target=spin, name="edgellm-spinner", daemon=True)
     thread.start()
     try:
-        yield
+        yield status
     finally:
         done.set()
         thread.join()
@@ -46,6 +54,9 @@ def spinner(message: str, stream: IO[str] | None = None, interval: float = 0.1) 
 SINGLE_USER = {"max_num_seqs": 1}
 
 
+FIRST_RUN = "compiling the CPU kernels for this machine, first run only (1-2 minutes on 2 cores)"
+
+
 def load_llm(model: str, engine: dict[str, Any]) -> Any:
     """An ``LLM`` for ``model`` with engine options ``engine``, sized for one user: fetched first if
     not cached (with a progress bar), then loaded behind a spinner. Errors propagate (one line each).
@@ -56,11 +67,10 @@ def load_llm(model: str, engine: dict[str, Any]) -> Any:
     from edgellm.catalog import resolve_model
 
     read_ahead(resolve_model(model))  # a download shows its own progress bar, so before the spinner
-    message = f"loading {model}"
-    if first_run(engine):
-        engine = {**engine, "warmup": True}
-        message += ": compiling the CPU kernels for this machine, first run only (1-2 minutes on 2 cores)"
-    with spinner(message):
+    with spinner(f"loading {model}") as status:  # from here torch imports: ~1.5 s
+        if first_run(engine):
+            engine = {**engine, "warmup": True}
+            status.message += f": {FIRST_RUN}"
         from edgellm import LLM
 
         return LLM(model, **{**SINGLE_USER, **engine})

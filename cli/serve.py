@@ -66,11 +66,10 @@ def serve_command(model: str, host: str, port: int, api_key: str | None, allowed
         log_level=log_level, engine_options={k: v for k, v in engine_options.items() if v is not None},
     )
     from edgellm.async_llm import AsyncLLM
-    from edgellm.cli.loading import first_run
+    from edgellm.cli.loading import FIRST_RUN, first_run
     from edgellm.server.run import serve_engine
 
-    first = " (compiling the CPU kernels for this machine, first run only: 1-2 minutes on 2 cores)"
-    click.echo(f"loading {model} ...{first if first_run(settings.engine_options) else ''}", err=True)
+    click.echo(f"loading {model} ...{f' ({FIRST_RUN})' if first_run(settings.engine_options) else ''}", err=True)
     try:
         engine = AsyncLLM(model, **settings.engine_options)
     except Exception as e:

@@ -2,9 +2,11 @@
 reading the weights ahead while torch imports."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import time
 
 import edgellm
 from edgellm.backends import cpu_warmup
@@ -112,3 +114,15 @@ def test_read_ahead_asks_the_os_for_each_weights_file(monkeypatch, tmp_path):
     loading.read_ahead(folder)
     loading.read_ahead(tmp_path / "missing.gguf")  # nothing to read: nothing happens
     assert advised == [(10, os.POSIX_FADV_WILLNEED), (3, os.POSIX_FADV_WILLNEED), (4, os.POSIX_FADV_WILLNEED)]
+
+
+def test_spinner_shows_a_message_changed_inside_the_block():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    with loading.spinner("loading m", stream=out, interval=0.01) as status:
+        status.message += ": compiling"
+        time.sleep(0.1)
+    assert "loading m: compiling (" in out.getvalue()
