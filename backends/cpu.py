@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata, Capabilities, DecoderLayer, DecoderShape
 from edgellm.backends.cpu_memory import populate
-from edgellm.backends.cpu_warmup import warm_up
+from edgellm.backends.cpu_warmup import usable_cpus, warm_up
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
@@ -700,10 +700,7 @@ def _tiled_mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
 
 def default_threads() -> int:
     """Physical cores available to this process: hyperthreads slow memory-bound decode down."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
+    usable = usable_cpus()
     physical = psutil.cpu_count(logical=False) or usable
     return max(1, min(usable, physical))
 
