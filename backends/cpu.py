@@ -15,7 +15,8 @@
   (one rounding per value, as converting at the edges would give). The residual stream stays float32.
 - Decode steps run the whole layer stack in one Numba call (``decoder_layers``,
   ``kernels/cpu/decode_layers.py``): up to 8 rows on ``int4_gemv``, more on AVX512-BF16 CPUs on the
-  batched kernels. The same kernels and numbers as the ops one by one, without ~10 us of Python and
+  batched kernels; on AMX CPUs up to 9 rows on ``int4_gemv`` and up to 256 on tiles
+  (``kernels/cpu/decode_layers_amx.py``). The same kernels and numbers as the ops one by one, without ~10 us of Python and
   dispatch around each of 150-210 calls a step (``EDGELLM_FUSED_LAYERS=0`` turns it off).
 - ``batch_invariant`` mode (or a step holding a seeded request) keeps the arithmetic of every token
   independent of its batch: int4 kernel for generated tokens, exact fp32 tiles for prompt tokens,
@@ -49,6 +50,7 @@ from edgellm.kernels.cpu.attention_amx import supports as amx_attention_supports
 from edgellm.kernels.cpu.attention_dpbf16 import paged_attention_step_dp, rope_attention_step_dp
 from edgellm.kernels.cpu.attention_dpbf16 import supports as dp_attention_supports
 from edgellm.kernels.cpu.decode_layers import decode_layers, decode_layers_dp, layer_list
+from edgellm.kernels.cpu.decode_layers_amx import decode_layers_amx
 from edgellm.kernels.cpu.dpbf16 import bf16_panels_matmul, int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
@@ -306,26 +308,28 @@ class CPUBackend(TorchBackend):
 
     def decoder_layers(self, h, layers, shape, kv_caches, positions, cos_sin, meta):
         """A decode step runs every layer in one Numba call (``kernels/cpu/decode_layers.py``): a few
-        rows (``int4_gemv``'s) on any CPU with it, more where the AVX512-BF16 kernels take them. The
-        same kernels as the ops one by one, without ~10 us of Python and dispatch around each of 5-7
-        calls a layer. Other steps (prompt rows, AMX) take the ops."""
+        rows (``int4_gemv``'s) on any CPU with it, more where the AVX512-BF16 or AMX kernels take them
+        (AMX: up to ``AMX_MAX_ROWS``, bf16 cache). The same kernels as the ops one by one, without
+        ~10 us of Python and dispatch around each of 5-7 calls a layer. Prompt rows take the ops."""
         t = h.shape[0]
         stack = None
         if (self._fused_layers and 1 <= t and meta.num_decode_tokens == t and not self._invariant and h.dim() == 2
-                and h.dtype in _NUMBA_DTYPES and h.is_contiguous() and (t <= self._gemv_rows or self._dpbf16)):
+                and h.dtype in _NUMBA_DTYPES and h.is_contiguous()
+                and (t <= self._gemv_rows or self._dpbf16 or (self.uses_amx and t <= AMX_MAX_ROWS))):
             stack = self._layer_stack(layers, shape, kv_caches, cos_sin)
-            if stack is not None and t > self._gemv_rows and stack[0] is not decode_layers_dp:
+            if stack is not None and t > self._gemv_rows and stack[0] is decode_layers:
                 stack = None
         if stack is None:
             return super().decoder_layers(h, layers, shape, kv_caches, positions, cos_sin, meta)
         kernel, typed = stack
+        extra = (self._amx_config,) if kernel is decode_layers_amx else ()
         residual, res_np = _new_array(h.shape, torch.float32)
         slots, starts, lens, tables = self._meta_arrays(meta)
         work = t * shape.num_heads * meta.max_seq_len
         x = kernel(_as_numpy(h), res_np, typed, positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables,
                    float(shape.scale), int(shape.sliding_window or 0), float(shape.eps), shape.num_heads,
                    shape.head_dim, self.threads, self.threads if work >= SERIAL_ATTENTION_WORK else 1,
-                   self._gemv_rows, self.threads if t >= ROW_PARALLEL_MIN_ROWS else 1)
+                   self._gemv_rows, self.threads if t >= ROW_PARALLEL_MIN_ROWS else 1, *extra)
         out = torch.from_numpy(x).view(torch.bfloat16)
         out._edgellm_np = x
         return out, residual
@@ -339,7 +343,7 @@ class CPUBackend(TorchBackend):
                 and all(a is b for a, b in zip(hit[1], kv_caches))):
             return hit[2]
         stack = None
-        ok = (self._amx_config is None and self._gemv_rows and shape.act == "silu" and layers
+        ok = (self._gemv_rows and shape.act == "silu" and layers
               and len(layers) == len(kv_caches) and cos_sin.dtype == torch.float32 and cos_sin.is_contiguous()
               and all(c.dtype in _NUMBA_DTYPES and c.dtype == kv_caches[0].dtype for c in kv_caches)
               and all(_stackable(layer) for layer in layers))
@@ -349,7 +353,9 @@ class CPUBackend(TorchBackend):
                                  layer.post_norm.numpy(), *layer.gate_up.amx_operands, *layer.down.amx_operands, kv)
                                 for layer, kv in zip(layers, kvs)])
             group = shape.num_heads // shape.num_kv_heads
-            stack = (decode_layers_dp if self._dp_decodes(kvs[0], group) else decode_layers, typed)
+            kernel = (decode_layers_amx if self._amx_decodes(kvs[0], group) else
+                      decode_layers_dp if self._dp_decodes(kvs[0], group) else decode_layers)
+            stack = (kernel, typed)
         self._stacks[id(layers)] = (layers, list(kv_caches), stack)
         return stack
 

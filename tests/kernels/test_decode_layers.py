@@ -6,6 +6,8 @@ import torch
 
 from edgellm.backends.base import Backend, DecoderLayer, DecoderShape
 from edgellm.backends.cpu import CPUBackend
+from edgellm.kernels.cpu.amx import request_amx
+from edgellm.kernels.cpu.decode_layers_amx import decode_layers_amx
 from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
@@ -81,6 +83,22 @@ def test_one_call_gives_the_ops_numbers(seqs, kv_dtype, window, dpbf16, monkeypa
     if len(seqs) <= cpu._gemv_rows or (kv_dtype == torch.bfloat16 and cpu._dpbf16):
         assert cpu._stacks[id(layers)][2] is not None, "the step should have taken the one-call path"
     assert out.dtype == want.dtype == torch.bfloat16 and out.shape == (len(seqs), HIDDEN)
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+@pytest.mark.skipif(not request_amx(), reason="needs AMX-BF16")
+@pytest.mark.parametrize("seqs", DECODE_BATCHES, ids=lambda s: f"{len(s)}rows")
+@pytest.mark.parametrize("window", [None, 20])
+def test_one_call_on_amx_gives_the_ops_numbers(seqs, window, monkeypatch):
+    """On AMX CPUs the bf16 cache's steps take ``decode_layers_amx`` (int4_gemv, then AMX tiles)."""
+    monkeypatch.setenv("EDGELLM_AMX", "1")
+    cpu = CPUBackend(threads=2, warmup=False)
+    assert cpu.uses_amx
+    layers = _layers(cpu)
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, window)
+    (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, seqs, torch.bfloat16)
+    assert cpu._stacks[id(layers)][2][0] is decode_layers_amx
     assert torch.equal(out, want) and torch.equal(res, want_res)
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
 
