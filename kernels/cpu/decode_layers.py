@@ -76,16 +76,35 @@ def _out_and_mlp(attn, residual, layer, eps, n_threads):
 
 
 @njit(cache=True)
-def _norm_matmul(h, residual, norm_w, eps, has_residual, packed, sz, n_threads, norm_threads):
-    """``add_rms_norm`` (rows split among ``norm_threads``) into bf16, then ``int4_dpbf16_matmul``."""
+def norm_rows(h, residual, norm_w, eps, has_residual, norm_threads):
+    """``add_rms_norm`` into bf16 bits, its rows split among ``norm_threads``."""
     x = np.empty(h.shape, np.uint16)
     if norm_threads > 1:
         add_rms_norm_parallel(h, residual, norm_w, eps, x, has_residual, norm_threads)
     else:
         add_rms_norm(h, residual, norm_w, eps, x, has_residual)
+    return x
+
+
+@njit(cache=True)
+def _norm_matmul(h, residual, norm_w, eps, has_residual, packed, sz, n_threads, norm_threads):
+    """``norm_rows``, then ``int4_dpbf16_matmul``."""
+    x = norm_rows(h, residual, norm_w, eps, has_residual, norm_threads)
     out = np.empty((h.shape[0], sz.shape[1]), np.uint16)
     int4_dpbf16_matmul(x, packed, sz, out, n_threads)
     return out
+
+
+@njit(cache=True)
+def silu_rows(gate_up, n_threads):
+    """SiLU-and-mul of ``gate_up [T, 2I]`` (bf16 bits) into ``[T, I]``, rows split among the threads
+    from ``PARALLEL_MIN_ROWS`` rows."""
+    act = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), np.uint16)
+    if gate_up.shape[0] >= PARALLEL_MIN_ROWS and n_threads > 1:
+        silu_and_mul_parallel(gate_up, act, n_threads)
+    else:
+        silu_and_mul(gate_up, act)
+    return act
 
 
 @njit(cache=True)
@@ -95,11 +114,7 @@ def _out_and_mlp_batched(attn, residual, layer, eps, n_threads, norm_threads):
     o = np.empty((t, layer[4].shape[1]), np.uint16)
     int4_dpbf16_matmul(attn.reshape(t, attn.shape[1] * attn.shape[2]), layer[3], layer[4], o, n_threads)
     gate_up = _norm_matmul(o, residual, layer[5], eps, True, layer[6], layer[7], n_threads, norm_threads)
-    act = np.empty((t, gate_up.shape[1] // 2), np.uint16)
-    if t >= PARALLEL_MIN_ROWS and n_threads > 1:
-        silu_and_mul_parallel(gate_up, act, n_threads)
-    else:
-        silu_and_mul(gate_up, act)
+    act = silu_rows(gate_up, n_threads)
     out = np.empty((t, layer[9].shape[1]), np.uint16)
     int4_dpbf16_matmul(act, layer[8], layer[9], out, n_threads)
     return out

@@ -15,22 +15,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
 from edgellm.kernels.cpu.attention_amx import rope_attention_step_amx
-from edgellm.kernels.cpu.decode_layers import _out_and_mlp, _qkv
+from edgellm.kernels.cpu.decode_layers import _out_and_mlp, _qkv, norm_rows, silu_rows
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
-from edgellm.kernels.cpu.norm_rope import add_rms_norm, add_rms_norm_parallel
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE
 
 
 @njit(cache=True)
 def _norm_matmul_amx(h, residual, norm_w, eps, has_residual, packed, sz, n_threads, norm_threads, cfg):
-    """``add_rms_norm`` (rows split among ``norm_threads``) into bf16, then ``int4_amx_matmul``."""
-    x = np.empty(h.shape, np.uint16)
-    if norm_threads > 1:
-        add_rms_norm_parallel(h, residual, norm_w, eps, x, has_residual, norm_threads)
-    else:
-        add_rms_norm(h, residual, norm_w, eps, x, has_residual)
+    """``norm_rows``, then ``int4_amx_matmul``."""
+    x = norm_rows(h, residual, norm_w, eps, has_residual, norm_threads)
     out = np.empty((h.shape[0], sz.shape[1]), np.uint16)
     int4_amx_matmul(x, packed, sz, out, cfg, n_threads)
     return out
@@ -43,11 +37,7 @@ def _out_and_mlp_amx(attn, residual, layer, eps, n_threads, norm_threads, cfg):
     o = np.empty((t, layer[4].shape[1]), np.uint16)
     int4_amx_matmul(attn.reshape(t, attn.shape[1] * attn.shape[2]), layer[3], layer[4], o, cfg, n_threads)
     gate_up = _norm_matmul_amx(o, residual, layer[5], eps, True, layer[6], layer[7], n_threads, norm_threads, cfg)
-    act = np.empty((t, gate_up.shape[1] // 2), np.uint16)
-    if t >= PARALLEL_MIN_ROWS and n_threads > 1:
-        silu_and_mul_parallel(gate_up, act, n_threads)
-    else:
-        silu_and_mul(gate_up, act)
+    act = silu_rows(gate_up, n_threads)
     out = np.empty((t, layer[9].shape[1]), np.uint16)
     int4_amx_matmul(act, layer[8], layer[9], out, cfg, n_threads)
     return out
