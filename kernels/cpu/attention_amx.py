@@ -22,6 +22,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import (
+    cvt_ne2ps2bf16,
     element_ptr,
     tile_config,
     tile_dp_bf16,
@@ -30,7 +31,6 @@ from edgellm.kernels.cpu.amx import (
     tile_store,
     tile_zero,
 )
-from edgellm.kernels.cpu.bf16 import round_bits, widen_bits
 from edgellm.kernels.cpu.paged_attention import (
     DECODE_KEYS_PER_ITEM,
     _attend_tile,
@@ -82,17 +82,40 @@ def _vnni_rows(typingctx, a, a_index, b, b_index, dst, dst_index):
     return types.void(a, a_index, b, b_index, dst, dst_index), codegen
 
 
+@intrinsic
+def split_bf16_32(typingctx, src, src_index, hi, hi_index, lo, lo_index):
+    """Each of the 32 floats ``x = src.flat[src_index + i]`` as ``hi.flat[hi_index + i] = bf16(x)`` and
+    ``lo.flat[lo_index + i] = bf16(x - hi)`` (bits as uint16): two ``vcvtne2ps2bf16`` (AVX512-BF16),
+    rounding to nearest even as ``bf16.round_bits`` does."""
+    if not (all(isinstance(a, types.Array) and a.layout == "C" for a in (src, hi, lo)) and src.dtype == types.float32
+            and hi.dtype == types.uint16 and lo.dtype == types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f16x, i32x = ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.IntType(32), 32)
+        cvt = cvt_ne2ps2bf16(builder)
+        x = [builder.load(element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], f16x, 16 * h),
+                          align=4) for h in range(2)]
+        h = builder.call(cvt, [x[1], x[0]])
+        wide = builder.shl(builder.zext(builder.bitcast(h, ir.VectorType(ir.IntType(16), 32)), i32x),
+                           ir.Constant(i32x, [16] * 32))
+        wide = builder.bitcast(wide, ir.VectorType(ir.FloatType(), 32))
+        w = [builder.shuffle_vector(wide, wide, ir.Constant(ir.VectorType(ir.IntType(32), 16),
+                                                            list(range(16 * k, 16 * k + 16)))) for k in range(2)]
+        low = builder.call(cvt, [builder.fsub(x[1], w[1]), builder.fsub(x[0], w[0])])
+        for val, i in ((h, 2), (low, 4)):
+            builder.store(val, element_ptr(context, builder, sig.args[i], args[i], args[i + 1], sig.args[i + 1],
+                                           val.type), align=2)
+        return context.get_dummy_value()
+
+    return types.void(src, src_index, hi, hi_index, lo, lo_index), codegen
+
+
 @njit(cache=True, inline="always")
-def _split_row(src, j0, cnt, hi, lo):
-    """Each ``x = src[j0 + j]`` (``j < cnt``) as ``hi[j] = bf16(x)``, ``lo[j] = bf16(x - hi[j])``, and
-    zeros up to the rows' end: 1-D rows and no branch inside, so the loop vectorizes."""
-    for j in range(cnt):
-        h = round_bits(src[j0 + j])
-        hi[j] = h
-        lo[j] = round_bits(np.float32(src[j0 + j] - widen_bits(h)))
-    for j in range(cnt, hi.shape[0]):
-        hi[j] = 0
-        lo[j] = 0
+def split_row(src, hi, lo):
+    """``split_bf16_32`` over a whole row (a multiple of 32 floats)."""
+    for i in range(0, src.shape[0], 32):
+        split_bf16_32(src, i, hi, i, lo, i)
 
 
 @njit(cache=True, inline="always")
@@ -104,10 +127,11 @@ def _k_row(kv, table, hk, key):
 
 @njit(cache=True)
 def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap, partials, slot, qb, qb32, sc,
-                       scores, exp_bits, pa, vb, acc, zero_row, rows, maxes, sums, q_row, q_hi, q_lo):
+                       scores, exp_bits, pa, vb, acc, zero_row, maxes, sums, q_row, q_hi, q_lo, next_k):
     """``_attend_decode`` on tiles (the calling thread has configured them): one decode row, kv head
     ``hk``, keys ``lo:hi``; the same outputs and partials. ``qb`` and ``pa`` hold zeros past their
-    first ``2 group`` columns and rows (``_run_items_amx`` zeroes them once)."""
+    first ``2 group`` columns and rows (``_run_items_amx`` zeroes them once). ``next_k`` is the flat
+    index of the thread's next item's first K row (or -1): its first tiles are fetched during p @ V."""
     group = q.shape[1] // kv.shape[2]
     block_size = kv.shape[3]
     n = hi - lo
@@ -119,7 +143,7 @@ def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap
         base = (t * q.shape[1] + hk * group + g) * HEAD_DIM
         for d in range(HEAD_DIM):
             q_row[d] = q_flat[base + d] * scale
-        _split_row(q_row, 0, HEAD_DIM, q_hi, q_lo)
+        split_row(q_row, q_hi, q_lo)
         for p in range(HEAD_DIM // 2):
             qb32[16 * p + g] = hi32[p]
             qb32[16 * p + group + g] = lo32[p]
@@ -158,41 +182,69 @@ def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap
             tile_dp_bf16(5, 7, 3)
             tile_store(5, sc, (i + 1) * KEY_TILE * 16, 64)
         tile_store(0, sc, i * KEY_TILE * 16, 64)
+    # each head's scores (hi and lo columns summed) and their max: four keys a pass, four running
+    # maxima (one max chain is a 4-cycle latency per key)
+    sc_flat = sc.reshape(-1)
     off = lo - t_first * KEY_TILE
-    for g in range(group):  # each head's scores (hi and lo columns summed) and their max
+    for g in range(group):
         row = scores[g]
-        m = sc[off, g] + sc[off, group + g]
-        row[0] = m
-        for j in range(1, n):
-            s = sc[off + j, g] + sc[off + j, group + g]
-            row[j] = s
-            m = max(m, s)
-        maxes[g] = m
+        h0, l0 = off * 16 + g, off * 16 + group + g
+        m0 = m1 = m2 = m3 = np.float32(-np.inf)
+        j = 0
+        while j + 4 <= n:
+            s0 = sc_flat[h0 + 16 * j] + sc_flat[l0 + 16 * j]
+            s1 = sc_flat[h0 + 16 * j + 16] + sc_flat[l0 + 16 * j + 16]
+            s2 = sc_flat[h0 + 16 * j + 32] + sc_flat[l0 + 16 * j + 32]
+            s3 = sc_flat[h0 + 16 * j + 48] + sc_flat[l0 + 16 * j + 48]
+            row[j], row[j + 1], row[j + 2], row[j + 3] = s0, s1, s2, s3
+            m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
+            j += 4
+        while j < n:
+            s0 = sc_flat[h0 + 16 * j] + sc_flat[l0 + 16 * j]
+            row[j] = s0
+            m0 = max(m0, s0)
+            j += 1
+        maxes[g] = max(max(m0, m1), max(m2, m3))
     if soft_cap > 0:
         maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
     else:
         _exp_rows(scores, maxes, sums, group, n, exp_bits)
+    n_chunks = (n + KEY_CHUNK - 1) // KEY_CHUNK
+    for g in range(group):  # p of keys past the range: zeros for the last chunk's P rows
+        for j in range(n, n_chunks * KEY_CHUNK):
+            scores[g, j] = 0.0
     # p @ V: P rows (hi, then lo) as the A tile, V pairs as four B tiles, four C tiles of 16 dims
     tile_zero(0)
     tile_zero(1)
     tile_zero(2)
     tile_zero(3)
-    for j0 in range(0, n, KEY_CHUNK):
+    s_flat, s_width, pa_flat = scores.reshape(-1), scores.shape[1], pa.reshape(-1)
+    ahead = 0  # lines of the next item's first two K tiles asked for so far
+    for c in range(n_chunks):
+        j0 = c * KEY_CHUNK
         cnt = min(KEY_CHUNK, n - j0)
         for g in range(group):
-            _split_row(scores[g], j0, cnt, pa[g], pa[group + g])
-        key = lo + j0  # walk the chunk's rows block by block: no division per key
-        bi, off = key // block_size, key % block_size
-        for j in range(cnt):
-            rows[j] = v_off + ((table[bi] * kv.shape[2] + hk) * block_size + off) * HEAD_DIM
-            off += 1
-            if off == block_size:
-                bi += 1
-                off = 0
-        for r in range(cnt // 2):
-            _vnni_rows(kv, rows[2 * r], kv, rows[2 * r + 1], vb, 32 * r)
+            split_bf16_32(s_flat, g * s_width + j0, pa_flat, g * KEY_CHUNK, pa_flat, (group + g) * KEY_CHUNK)
+        if next_k >= 0 and ahead < 2 * KEY_TILE * HEAD_DIM:
+            for e in range(ahead, ahead + KEY_TILE * HEAD_DIM // 4, PREFETCH_STEP):
+                prefetch(flat, next_k + e)
+            ahead += KEY_TILE * HEAD_DIM // 4
+        # V pairs block by block: a block's rows are consecutive (a sliding window may start a pair
+        # on a block's last key; that pair takes its two rows from two blocks)
+        r = 0
+        while r < cnt // 2:
+            key = lo + j0 + 2 * r
+            row = v_off + _k_row(kv, table, hk, key)
+            if key % block_size + 1 == block_size:
+                _vnni_rows(kv, row, kv, v_off + _k_row(kv, table, hk, key + 1), vb, 32 * r)
+                r += 1
+                continue
+            pairs = min((block_size - key % block_size) // 2, cnt // 2 - r)
+            for i in range(pairs):
+                _vnni_rows(kv, row + 2 * i * HEAD_DIM, kv, row + (2 * i + 1) * HEAD_DIM, vb, 32 * (r + i))
+            r += pairs
         if cnt % 2:  # keys past the range read zeros: 0 * garbage could be NaN
-            _vnni_rows(kv, rows[cnt - 1], zero_row, 0, vb, 32 * (cnt // 2))
+            _vnni_rows(kv, v_off + _k_row(kv, table, hk, lo + j0 + cnt - 1), zero_row, 0, vb, 32 * (cnt // 2))
         for r in range((cnt + 1) // 2, KEY_CHUNK // 2 if cnt < KEY_CHUNK else 0):
             _vnni_rows(zero_row, 0, zero_row, 0, vb, 32 * r)
         tile_load(4, pa, 0, 64)
@@ -235,11 +287,12 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
     vb = np.empty((HEAD_DIM // 16, 16, 32), np.uint16)
     acc = np.empty((16, HEAD_DIM), np.float32)
     zero_row = np.zeros(HEAD_DIM, np.uint16)
-    rows = np.empty(KEY_CHUNK, np.int64)
     maxes = np.empty(group, np.float32)
     sums = np.empty(group, np.float32)
     configured = False
-    for item in dealt_items(order, worker, n_workers):
+    mine = dealt_items(order, worker, n_workers)
+    for i in range(mine.shape[0]):
+        item = mine[i]
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
@@ -247,9 +300,14 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
             if not configured:
                 tile_config(cfg)
                 configured = True
+            next_k = -1
+            if i + 1 < mine.shape[0]:
+                nb = items[mine[i + 1], 0]
+                if query_start_loc[nb + 1] - query_start_loc[nb] == 1:
+                    next_k = _k_row(kv, block_tables[nb], items[mine[i + 1], 1], items[mine[i + 1], 4])
             _attend_decode_amx(out, q, q_flat, kv, block_tables[b], items[item, 4], items[item, 5], seq_q0,
                                items[item, 1], scale32, cap32, partials, items[item, 6], qb, qb32, sc, scores,
-                               exp_bits, pa, vb, acc, zero_row, rows, maxes, sums, q_row, q_hi, q_lo)
+                               exp_bits, pa, vb, acc, zero_row, maxes, sums, q_row, q_hi, q_lo, next_k)
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)

@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import _BFloat, element_ptr
-from edgellm.kernels.cpu.attention_amx import _split_row
+from edgellm.kernels.cpu.attention_amx import split_row
 from edgellm.kernels.cpu.dpbf16 import _dp
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.paged_attention import (
@@ -162,7 +162,7 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
         base = (t * n_heads + hk * group + g) * head_dim
         for d in range(head_dim):
             q_row[d] = q_flat[base + d] * scale
-        _split_row(q_row, 0, head_dim, q_hi, q_lo)
+        split_row(q_row, q_hi, q_lo)
         for p in range(half):
             q2[2 * g * half + p] = hi32[p]
             q2[(2 * g + 1) * half + p] = lo32[p]
