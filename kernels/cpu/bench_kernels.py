@@ -105,6 +105,18 @@ def attention_batch(n_seqs: int, ctx: int, new: int, kv_dtype: torch.dtype, n_he
             kv, meta)
 
 
+def cold_decode_seconds(backend: CPUBackend, n_seqs: int, ctx: int, layers: int = 30) -> float:
+    """A decode's attention as a model's step meets it: ``layers`` caches (bf16) attended in turn, so
+    each is read from memory, not from the cache the call before left warm. Seconds a layer."""
+    batches = [attention_batch(n_seqs, ctx, 1, torch.bfloat16) for _ in range(layers)]
+
+    def step() -> None:
+        for batch in batches:
+            backend.attention(*batch, 0.125)
+
+    return best_seconds(step, budget_s=0.5, min_runs=3) / layers
+
+
 def bench_attention(backend: CPUBackend) -> list[str]:
     ref = TorchBackend()
     lines = []
@@ -121,6 +133,9 @@ def bench_attention(backend: CPUBackend) -> list[str]:
                 dt = best_seconds(lambda batch=batch, be=be: be.attention(*batch, 0.125))
                 kv_bytes = n_seqs * ctx * kv.shape[2] * kv.shape[4] * 2 * kv.element_size()
                 cells.append(f"{name} {str(kv_dtype)[6:]:8s} {dt * 1e6:8.0f}us {kv_bytes / dt / 1e9:5.1f}GB/s")
+        if new == 1:
+            dt = cold_decode_seconds(backend, n_seqs, ctx)
+            cells.append(f"cold bf16 {dt * 1e6:8.0f}us {kv_bytes / dt / 1e9:5.1f}GB/s")
         dt = best_seconds(lambda batch=batch: ref.attention(*batch, 0.125), budget_s=0.1, min_runs=1)
         cells.append(f"torch reference (bf16 KV) {dt * 1e6:8.0f}us")
         kind = "prefill" if new > 1 else "decode"
