@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from edgellm.kernels.cpu.bf16 import load_row, store_row
-from edgellm.kernels.cpu.expf import exp_parts
+from edgellm.kernels.cpu.expf import exp_f32
 
 FASTMATH = {"reassoc", "contract"}
 # NumPy's error model: a float division by zero gives inf instead of raising, so the division by
@@ -20,15 +20,12 @@ PARALLEL_MIN_ROWS = 4  # below this, waking the thread pool costs more than the 
 
 
 @njit(inline="always")
-def _silu_and_mul_row(x, out, wide, act, bits):
+def _silu_and_mul_row(x, out, wide, act):
     d = out.shape[0]
     xr = load_row(x, wide)
-    pow2 = bits.view(np.float32)
     for j in range(d):  # exp(-|g|) never overflows
-        act[j], bits[j] = exp_parts(max(-abs(xr[j]), np.float32(-87.0)))
-    for j in range(d):
         g = xr[j]
-        e = act[j] * pow2[j]
+        e = exp_f32(max(-abs(g), np.float32(-87.0)))
         act[j] = (g if g >= 0 else g * e) / (np.float32(1.0) + e) * xr[d + j]  # silu(g) * up
     store_row(out, act)
 
@@ -39,9 +36,8 @@ def silu_and_mul(x: np.ndarray, out: np.ndarray) -> None:
     d = out.shape[1]
     wide = np.empty(2 * d, np.uint32)
     act = np.empty(d, np.float32)
-    bits = np.empty(d, np.int32)
     for r in range(x.shape[0]):
-        _silu_and_mul_row(x[r], out[r], wide, act, bits)
+        _silu_and_mul_row(x[r], out[r], wide, act)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True, error_model=ERRORS)

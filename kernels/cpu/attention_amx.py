@@ -127,7 +127,8 @@ def _k_row(kv, table, hk, key):
 
 @njit(cache=True)
 def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap, partials, slot, qb, qb32, sc,
-                       scores, exp_bits, pa, vb, acc, zero_row, maxes, sums, q_row, q_hi, q_lo, next_k):
+                       scores, s_flat, pa, pa_flat, vb, acc, zero_row, maxes, sums, q_row, q_hi, q_lo, hi32, lo32, flat, sc_flat,
+                       next_k):
     """``_attend_decode`` on tiles (the calling thread has configured them): one decode row, kv head
     ``hk``, keys ``lo:hi``; the same outputs and partials. ``qb`` and ``pa`` hold zeros past their
     first ``2 group`` columns and rows (``_run_items_amx`` zeroes them once). ``next_k`` is the flat
@@ -137,8 +138,7 @@ def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap
     n = hi - lo
     # Q^T as VNNI B tiles: qb[c, r, 2 col + e] = dim 32 c + 2 r + e of column col (hi rows, then lo),
     # so the uint32 ``qb32[16 p + col]`` holds dims 2p, 2p + 1. Each row splits in vectors first.
-    # (Flat views are made once per thread: a view per item counts references on shared arrays.)
-    hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
+    # (Flat views are made once per thread: Numba's reshape and view cost 35-80 ns a call.)
     for g in range(group):
         base = (t * q.shape[1] + hk * group + g) * HEAD_DIM
         for d in range(HEAD_DIM):
@@ -153,7 +153,6 @@ def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap
     tile_load(3, qb, 512, 64)
     t_first = lo // KEY_TILE
     n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
-    flat = kv.reshape(-1)
     v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
     for i in range(0, n_tiles, 2):
         # paged blocks are scattered 2 KiB pieces the hardware prefetchers start cold on: ask for the
@@ -184,7 +183,6 @@ def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap
         tile_store(0, sc, i * KEY_TILE * 16, 64)
     # each head's scores (hi and lo columns summed) and their max: four keys a pass, four running
     # maxima (one max chain is a 4-cycle latency per key)
-    sc_flat = sc.reshape(-1)
     off = lo - t_first * KEY_TILE
     for g in range(group):
         row = scores[g]
@@ -206,9 +204,9 @@ def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap
             j += 1
         maxes[g] = max(max(m0, m1), max(m2, m3))
     if soft_cap > 0:
-        maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
+        _decode_softmax(scores, group, n, soft_cap, maxes, sums)
     else:
-        _exp_rows(scores, maxes, sums, group, n, exp_bits)
+        _exp_rows(scores, maxes, sums, group, n)
     n_chunks = (n + KEY_CHUNK - 1) // KEY_CHUNK
     for g in range(group):  # p of keys past the range: zeros for the last chunk's P rows
         for j in range(n, n_chunks * KEY_CHUNK):
@@ -218,7 +216,7 @@ def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap
     tile_zero(1)
     tile_zero(2)
     tile_zero(3)
-    s_flat, s_width, pa_flat = scores.reshape(-1), scores.shape[1], pa.reshape(-1)
+    s_width = scores.shape[1]
     ahead = 0  # lines of the next item's first two K tiles asked for so far
     for c in range(n_chunks):
         j0 = c * KEY_CHUNK
@@ -276,7 +274,6 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
     qb = np.empty((HEAD_DIM // 32, 16, 32), np.uint16)
     sc = np.empty((DECODE_KEYS_PER_ITEM + 2 * KEY_TILE, 16), np.float32)
     scores = np.empty((group, DECODE_KEYS_PER_ITEM), np.float32)
-    exp_bits = np.empty(DECODE_KEYS_PER_ITEM, np.int32)
     pa = np.zeros((16, KEY_CHUNK), np.uint16)
     qb[:] = 0
     qb32 = qb.reshape(-1).view(np.uint32)
@@ -284,6 +281,8 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
     q_row = np.empty(HEAD_DIM, np.float32)
     q_hi = np.empty(HEAD_DIM, np.uint16)
     q_lo = np.empty(HEAD_DIM, np.uint16)
+    hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
+    flat, sc_flat, s_flat, pa_flat = kv.reshape(-1), sc.reshape(-1), scores.reshape(-1), pa.reshape(-1)
     vb = np.empty((HEAD_DIM // 16, 16, 32), np.uint16)
     acc = np.empty((16, HEAD_DIM), np.float32)
     zero_row = np.zeros(HEAD_DIM, np.uint16)
@@ -307,7 +306,8 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
                     next_k = _k_row(kv, block_tables[nb], items[mine[i + 1], 1], items[mine[i + 1], 4])
             _attend_decode_amx(out, q, q_flat, kv, block_tables[b], items[item, 4], items[item, 5], seq_q0,
                                items[item, 1], scale32, cap32, partials, items[item, 6], qb, qb32, sc, scores,
-                               exp_bits, pa, vb, acc, zero_row, maxes, sums, q_row, q_hi, q_lo, next_k)
+                               s_flat, pa, pa_flat, vb, acc, zero_row, maxes, sums, q_row, q_hi, q_lo, hi32, lo32,
+                               flat, sc_flat, next_k)
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)

@@ -149,7 +149,7 @@ def _block_scores(kv_flat, k0, q2, q0, head_dim, out, o0):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, soft_cap, partials, slot, n_heads,
-                      q2, q_row, q_hi, q_lo, hi32, lo32, blk, scores, exp_bits, acc):
+                      q2, q_row, q_hi, q_lo, hi32, lo32, blk, scores, scores_flat, maxes, sums, acc):
     """``paged_attention._attend_decode`` with the scores on ``vdpbf16ps``: one decode row, kv head
     ``hk``, keys ``lo:hi``; the same outputs and partials (``_run_items_dp`` owns the scratch)."""
     head_dim = kv.shape[4]
@@ -157,7 +157,7 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
     block_size = kv.shape[3]
     half = head_dim // 2
     n = hi - lo
-    scores_flat, n_scores = scores.reshape(-1), scores.shape[1]
+    n_scores = scores.shape[1]
     for g in range(group):  # q2 rows: the group's hi pairs, then its lo pairs, one head after another
         base = (t * n_heads + hk * group + g) * head_dim
         for d in range(head_dim):
@@ -185,7 +185,7 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
                 _block_scores(kv_flat, (row0 + s) * head_dim, q2, 2 * g * half, head_dim, blk, 0)
                 for j in range(j0, j1):
                     scores[g, base + s + j - lo] = blk[j]
-    maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
+    _decode_softmax(scores, group, n, soft_cap, maxes, sums)
     acc[:] = 0
     decode_pv(kv, table, lo, hi, hk, scores, acc)
     _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
@@ -222,7 +222,9 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
     hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
     blk = np.empty(16, np.float32)
     scores = np.empty((group, DECODE_KEYS_PER_ITEM), np.float32)
-    exp_bits = np.empty(DECODE_KEYS_PER_ITEM, np.int32)
+    scores_flat = scores.reshape(-1)
+    maxes = np.empty(group, np.float32)
+    sums = np.empty(group, np.float32)
     acc = np.empty((group, head_dim), np.float32)
     q_flat = q.reshape(-1)
     kv_flat = kv.reshape(-1)
@@ -237,7 +239,7 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
         if nq == 1:
             _attend_decode_dp(out, q_flat, kv, kv_flat, block_tables[b], items[item, 4], items[item, 5], seq_q0,
                               items[item, 1], scale32, cap32, partials, items[item, 6], n_heads, q2, q_row, q_hi,
-                              q_lo, hi32, lo32, blk, scores, exp_bits, acc)
+                              q_lo, hi32, lo32, blk, scores, scores_flat, maxes, sums, acc)
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)

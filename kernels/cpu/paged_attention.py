@@ -22,7 +22,7 @@ from numba.extending import overload
 from edgellm.kernels.cpu.bf16 import as_f32 as _f32
 from edgellm.kernels.cpu.bf16 import load_row, store_row
 from edgellm.kernels.cpu.decode_pv import decode_pv
-from edgellm.kernels.cpu.expf import exp_parts
+from edgellm.kernels.cpu.expf import exp_f32
 from edgellm.kernels.cpu.norm_rope import rope_neox_qk
 from edgellm.kernels.cpu.prefetch import prefetch_rows
 
@@ -83,17 +83,14 @@ def write_kv_parallel(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _exp_shifted(s: np.ndarray, j0: int, j1: int, shift: np.float32, bits: np.ndarray) -> np.float32:
+def _exp_shifted(s: np.ndarray, j0: int, j1: int, shift: np.float32) -> np.float32:
     """``s[j] = exp(s[j] - shift)`` for ``j0 <= j < j1`` (all arguments <= 0); returns their sum.
 
-    The exp is ``expf.exp_parts``, which vectorizes. ``bits`` is int32 scratch as long as ``s``.
+    The exp is ``expf.exp_f32``, which vectorizes.
     """
-    pow2 = bits.view(np.float32)
-    for j in range(j0, j1):
-        s[j], bits[j] = exp_parts(max(s[j] - shift, np.float32(-87.0)))  # below -87 exp underflows
     total = np.float32(0.0)
     for j in range(j0, j1):
-        s[j] *= pow2[j]
+        s[j] = exp_f32(max(s[j] - shift, np.float32(-87.0)))  # below -87 exp underflows
         total += s[j]
     return total
 
@@ -113,7 +110,6 @@ def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, 
     row_max = np.full(rows, -np.inf, np.float32)
     row_sum = np.zeros(rows, np.float32)
     s = np.empty(block_size, np.float32)
-    exp_bits = np.empty(block_size, np.int32)
     k_scratch = np.empty(block_size * head_dim, np.uint32)
     v_scratch = np.empty(block_size * head_dim, np.uint32)
     for i in range(t1 - t0):
@@ -152,7 +148,7 @@ def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, 
                 for d in range(head_dim):
                     acc[r, d] *= corr
                 row_max[r] = m_new
-            total = row_sum[r] + _exp_shifted(s, j0, j1, m_new, exp_bits)
+            total = row_sum[r] + _exp_shifted(s, j0, j1, m_new)
             for j in range(j0, j1):
                 p = s[j]
                 for d in range(head_dim):
@@ -169,19 +165,17 @@ def _attend_tile(out, q, kv, table, ctx, seq_q0, nq, t0, t1, hk, scale, window, 
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _decode_softmax(scores, group, n, soft_cap, exp_bits):
-    """In place over ``scores[g, :n]``: the soft cap (``soft_cap > 0``), then ``exp(s - max)``; returns
-    each row's ``(max, sum)``, unnormalized as ``p @ V`` and ``_merge_partials`` want them."""
-    sums = np.empty(group, np.float32)
-    maxes = np.empty(group, np.float32)
+def _decode_softmax(scores, group, n, soft_cap, maxes, sums):
+    """In place over ``scores[g, :n]``: the soft cap (``soft_cap > 0``), then ``exp(s - max)``; each
+    row's max and sum into ``maxes[g]``, ``sums[g]`` (unnormalized, as ``p @ V`` and
+    ``_merge_partials`` want them)."""
     for g in range(group):
         row = scores[g]
         if soft_cap > 0:
             for j in range(n):
                 row[j] = soft_cap * np.tanh(row[j] / soft_cap)
         maxes[g] = row_max(row, n)
-    _exp_rows(scores, maxes, sums, group, n, exp_bits)
-    return maxes, sums
+    _exp_rows(scores, maxes, sums, group, n)
 
 
 @njit(cache=True, inline="always")
@@ -201,10 +195,10 @@ def row_max(row, n):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _exp_rows(scores, maxes, sums, group, n, exp_bits):
+def _exp_rows(scores, maxes, sums, group, n):
     """``scores[g, :n] = exp(scores[g, :n] - maxes[g])`` in place, their sums into ``sums[g]``."""
     for g in range(group):
-        sums[g] = _exp_shifted(scores[g], 0, n, maxes[g], exp_bits)
+        sums[g] = _exp_shifted(scores[g], 0, n, maxes[g])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -243,7 +237,8 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
     block_size = kv.shape[3]
     n = hi - lo
     scores = np.empty((group, n), np.float32)
-    exp_bits = np.empty(n, np.int32)
+    maxes = np.empty(group, np.float32)
+    sums = np.empty(group, np.float32)
     qt = np.empty((group, head_dim), np.float32)
     for g in range(group):
         for d in range(head_dim):
@@ -281,7 +276,7 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                     a += qg[d] * _f32(kb[j, d])
                 scores[g, base + j - lo] = a
                 j += 1
-    maxes, sums = _decode_softmax(scores, group, n, soft_cap, exp_bits)
+    _decode_softmax(scores, group, n, soft_cap, maxes, sums)
     acc = np.zeros((group, head_dim), np.float32)
     decode_pv(kv, table, lo, hi, hk, scores, acc)
     _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)

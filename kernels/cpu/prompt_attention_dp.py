@@ -84,7 +84,7 @@ def _gather_kv(kv, table, hk, keys, kt, vp):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, pa, cbuf, inv, bits):
+def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, pa, cbuf, inv):
     """Rows ``r0:r1`` of one sequence's chunk (``n`` rows from ``q0``, ``ctx`` keys with the chunk's
     own) for kv head ``hk``'s query heads."""
     dim = q.shape[2]
@@ -122,7 +122,7 @@ def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, 
                 m = scores[r, 0]
                 for j in range(1, limit):
                     m = max(m, scores[r, j])
-                total = _exp_shifted(scores[r], 0, limit, m, bits)
+                total = _exp_shifted(scores[r], 0, limit, m)
                 for j in range(limit, cols):
                     scores[r, j] = 0.0
                 inv[r] = np.float32(1.0) / total
@@ -154,9 +154,8 @@ def prompt_attention_dp(out, q, kv, starts, lens, block_tables, s0, s1, scale, n
         pa = np.empty((BLOCK_ROWS, width // 2), np.uint32)
         cbuf = np.empty((BLOCK_ROWS, KEYS), np.float32)
         inv = np.empty(BLOCK_ROWS, np.float32)  # each row's 1 / sum of probabilities
-        bits = np.empty(width, np.int32)
         mine = dealt_items(order, w, workers)
         for i in range(mine.shape[0]):
             s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
             _attend_chunk(out, q, kv, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s], hk, r0, r1,
-                          scale, qa, scores, pa, cbuf, inv, bits)
+                          scale, qa, scores, pa, cbuf, inv)
