@@ -24,10 +24,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
+from edgellm.kernels.cpu.prefetch import CACHE_LINE, emit_prefetch
 
 MAX_ROWS = 8  # x rows per pass over a chunk of weight rows: 8 accumulators
 N_CHUNK = 256  # weight rows per chunk: 147 KB at K = 576, read from L2 by every pass
 CHUNK = 32  # weights per sign extension and dot product
+# weight rows ahead to prefetch (9 KiB at K = 576): one core's hardware prefetchers alone stream the head
+# at ~7 GB/s; with these, 1.97 -> 1.27 ms for 49152 x 576 on 2 threads (AMX Xeon VM)
+PREFETCH_ROWS = 16
 INT32_MAX = 2 ** 31 - 1
 
 
@@ -77,6 +81,11 @@ def _rows_dot(typingctx, qw, n0, n1, xq, rows, out):
                 for acc in accs:
                     builder.store(ir.Constant(v16i, None), acc)
                 row = builder.mul(n, k)
+                ahead = builder.add(row, builder.mul(k, ir.Constant(i64, PREFETCH_ROWS)))
+                with cgutils.for_range(builder, builder.sdiv(builder.add(k, ir.Constant(i64, CACHE_LINE - 1)),
+                                                             ir.Constant(i64, CACHE_LINE))) as l_loop:
+                    line = builder.add(ahead, builder.mul(l_loop.index, ir.Constant(i64, CACHE_LINE)))
+                    emit_prefetch(builder, element_ptr(context, builder, t_qw, a_qw, line, types.int64), 3)
                 with cgutils.for_range(builder, chunks) as c_loop:
                     off = builder.mul(c_loop.index, ir.Constant(i64, CHUNK))
                     w8 = builder.load(element_ptr(context, builder, t_qw, a_qw, builder.add(row, off), types.int64,
