@@ -88,10 +88,11 @@ def _exp_shifted(s: np.ndarray, j0: int, j1: int, shift: np.float32) -> np.float
 
     The exp is ``expf.exp_f32``, which vectorizes.
     """
+    seg = s[j0:j1]  # indexes from 0: a runtime j0 could be negative, and wraparound blocks vectorizing
     total = np.float32(0.0)
-    for j in range(j0, j1):
-        s[j] = exp_f32(max(s[j] - shift, np.float32(-87.0)))  # below -87 exp underflows
-        total += s[j]
+    for j in range(seg.shape[0]):
+        seg[j] = exp_f32(max(seg[j] - shift, np.float32(-87.0)))  # below -87 exp underflows
+        total += seg[j]
     return total
 
 
