@@ -126,156 +126,19 @@ def _k_row(kv, table, hk, key):
 
 
 @njit(cache=True)
-def _attend_decode_amx(out, q, q_flat, kv, table, lo, hi, t, hk, scale, soft_cap, partials, slot, qb, qb32, sc,
-                       scores, s_flat, pa, pa_flat, vb, acc, zero_row, maxes, sums, q_row, q_hi, q_lo, hi32, lo32, flat, sc_flat,
-                       next_k):
-    """``_attend_decode`` on tiles (the calling thread has configured them): one decode row, kv head
-    ``hk``, keys ``lo:hi``; the same outputs and partials. ``qb`` and ``pa`` hold zeros past their
-    first ``2 group`` columns and rows (``_run_items_amx`` zeroes them once). ``next_k`` is the flat
-    index of the thread's next item's first K row (or -1): its first tiles are fetched during p @ V."""
+def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_cap, items, mine, partials, cfg):
+    """``_attend_decode`` on tiles for the decode items of ``mine`` (this thread's), each one decode
+    row, kv head, key range: the same outputs and partials. One call for all of them: a call with the
+    ~30 scratch arrays an item needs costs ~0.6 us in Numba, as much as scoring 40 keys."""
     group = q.shape[1] // kv.shape[2]
     block_size = kv.shape[3]
-    n = hi - lo
     # Q^T as VNNI B tiles: qb[c, r, 2 col + e] = dim 32 c + 2 r + e of column col (hi rows, then lo),
-    # so the uint32 ``qb32[16 p + col]`` holds dims 2p, 2p + 1. Each row splits in vectors first.
-    # (Flat views are made once per thread: Numba's reshape and view cost 35-80 ns a call.)
-    for g in range(group):
-        base = (t * q.shape[1] + hk * group + g) * HEAD_DIM
-        for d in range(HEAD_DIM):
-            q_row[d] = q_flat[base + d] * scale
-        split_row(q_row, q_hi, q_lo)
-        for p in range(HEAD_DIM // 2):
-            qb32[16 * p + g] = hi32[p]
-            qb32[16 * p + group + g] = lo32[p]
-    # scores: Q^T stays in tiles 2, 3; key tiles alternate between two (C, A, A) sets so one tile's
-    # loads overlap the other's products; every C tile goes to its own rows of ``sc``, read after
-    tile_load(2, qb, 0, 64)
-    tile_load(3, qb, 512, 64)
-    t_first = lo // KEY_TILE
-    n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
-    v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
-    for i in range(0, n_tiles, 2):
-        # paged blocks are scattered 2 KiB pieces the hardware prefetchers start cold on: ask for the
-        # V rows of these keys (read by p @ V below) and the K rows two tiles ahead (3 % of a
-        # 32-stream decode step in an A/B run)
-        for j in range(i, min(i + 2, n_tiles)):
-            v_row = v_off + _k_row(kv, table, hk, (t_first + j) * KEY_TILE)
-            for e in range(0, KEY_TILE * HEAD_DIM, PREFETCH_STEP):
-                prefetch(flat, v_row + e)
-            if j + 2 < n_tiles:
-                k_row = _k_row(kv, table, hk, (t_first + j + 2) * KEY_TILE)
-                for e in range(0, KEY_TILE * HEAD_DIM, PREFETCH_STEP):
-                    prefetch(flat, k_row + e)
-        tile_zero(0)
-        row = _k_row(kv, table, hk, (t_first + i) * KEY_TILE)
-        tile_load(1, kv, row, 2 * HEAD_DIM)
-        tile_load(4, kv, row + 32, 2 * HEAD_DIM)
-        tile_dp_bf16(0, 1, 2)
-        tile_dp_bf16(0, 4, 3)
-        if i + 1 < n_tiles:
-            tile_zero(5)
-            row = _k_row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
-            tile_load(6, kv, row, 2 * HEAD_DIM)
-            tile_load(7, kv, row + 32, 2 * HEAD_DIM)
-            tile_dp_bf16(5, 6, 2)
-            tile_dp_bf16(5, 7, 3)
-            tile_store(5, sc, (i + 1) * KEY_TILE * 16, 64)
-        tile_store(0, sc, i * KEY_TILE * 16, 64)
-    # each head's scores (hi and lo columns summed) and their max: four keys a pass, four running
-    # maxima (one max chain is a 4-cycle latency per key)
-    off = lo - t_first * KEY_TILE
-    for g in range(group):
-        row = scores[g]
-        h0, l0 = off * 16 + g, off * 16 + group + g
-        m0 = m1 = m2 = m3 = np.float32(-np.inf)
-        j = 0
-        while j + 4 <= n:
-            s0 = sc_flat[h0 + 16 * j] + sc_flat[l0 + 16 * j]
-            s1 = sc_flat[h0 + 16 * j + 16] + sc_flat[l0 + 16 * j + 16]
-            s2 = sc_flat[h0 + 16 * j + 32] + sc_flat[l0 + 16 * j + 32]
-            s3 = sc_flat[h0 + 16 * j + 48] + sc_flat[l0 + 16 * j + 48]
-            row[j], row[j + 1], row[j + 2], row[j + 3] = s0, s1, s2, s3
-            m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
-            j += 4
-        while j < n:
-            s0 = sc_flat[h0 + 16 * j] + sc_flat[l0 + 16 * j]
-            row[j] = s0
-            m0 = max(m0, s0)
-            j += 1
-        maxes[g] = max(max(m0, m1), max(m2, m3))
-    if soft_cap > 0:
-        _decode_softmax(scores, group, n, soft_cap, maxes, sums)
-    else:
-        _exp_rows(scores, maxes, sums, group, n)
-    n_chunks = (n + KEY_CHUNK - 1) // KEY_CHUNK
-    for g in range(group):  # p of keys past the range: zeros for the last chunk's P rows
-        for j in range(n, n_chunks * KEY_CHUNK):
-            scores[g, j] = 0.0
-    # p @ V: P rows (hi, then lo) as the A tile, V pairs as four B tiles, four C tiles of 16 dims
-    tile_zero(0)
-    tile_zero(1)
-    tile_zero(2)
-    tile_zero(3)
-    s_width = scores.shape[1]
-    ahead = 0  # lines of the next item's first two K tiles asked for so far
-    for c in range(n_chunks):
-        j0 = c * KEY_CHUNK
-        cnt = min(KEY_CHUNK, n - j0)
-        for g in range(group):
-            split_bf16_32(s_flat, g * s_width + j0, pa_flat, g * KEY_CHUNK, pa_flat, (group + g) * KEY_CHUNK)
-        if next_k >= 0 and ahead < 2 * KEY_TILE * HEAD_DIM:
-            for e in range(ahead, ahead + KEY_TILE * HEAD_DIM // 4, PREFETCH_STEP):
-                prefetch(flat, next_k + e)
-            ahead += KEY_TILE * HEAD_DIM // 4
-        # V pairs block by block: a block's rows are consecutive (a sliding window may start a pair
-        # on a block's last key; that pair takes its two rows from two blocks)
-        r = 0
-        while r < cnt // 2:
-            key = lo + j0 + 2 * r
-            row = v_off + _k_row(kv, table, hk, key)
-            if key % block_size + 1 == block_size:
-                _vnni_rows(kv, row, kv, v_off + _k_row(kv, table, hk, key + 1), vb, 32 * r)
-                r += 1
-                continue
-            pairs = min((block_size - key % block_size) // 2, cnt // 2 - r)
-            for i in range(pairs):
-                _vnni_rows(kv, row + 2 * i * HEAD_DIM, kv, row + (2 * i + 1) * HEAD_DIM, vb, 32 * (r + i))
-            r += pairs
-        if cnt % 2:  # keys past the range read zeros: 0 * garbage could be NaN
-            _vnni_rows(kv, v_off + _k_row(kv, table, hk, lo + j0 + cnt - 1), zero_row, 0, vb, 32 * (cnt // 2))
-        for r in range((cnt + 1) // 2, KEY_CHUNK // 2 if cnt < KEY_CHUNK else 0):
-            _vnni_rows(zero_row, 0, zero_row, 0, vb, 32 * r)
-        tile_load(4, pa, 0, 64)
-        tile_load(5, vb, 0, 64)
-        tile_dp_bf16(0, 4, 5)
-        tile_load(5, vb, 512, 64)
-        tile_dp_bf16(1, 4, 5)
-        tile_load(5, vb, 1024, 64)
-        tile_dp_bf16(2, 4, 5)
-        tile_load(5, vb, 1536, 64)
-        tile_dp_bf16(3, 4, 5)
-    tile_store(0, acc, 0, 4 * HEAD_DIM)
-    tile_store(1, acc, 16, 4 * HEAD_DIM)
-    tile_store(2, acc, 32, 4 * HEAD_DIM)
-    tile_store(3, acc, 48, 4 * HEAD_DIM)
-    for g in range(group):
-        for d in range(HEAD_DIM):
-            acc[g, d] += acc[group + g, d]
-    _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
-
-
-@njit(cache=True)
-def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
-                   partials, worker, n_workers, cfg):
-    """``paged_attention._run_items`` with decodes on tiles (this thread configures them first)."""
-    scale32 = np.float32(scale)
-    cap32 = np.float32(soft_cap)
-    group = q.shape[1] // kv.shape[2]
-    qb = np.empty((HEAD_DIM // 32, 16, 32), np.uint16)
+    # so the uint32 ``qb32[16 p + col]`` holds dims 2p, 2p + 1; qb and pa stay zero past their first
+    # 2 group columns and rows. Flat views are made once: Numba's reshape and view cost 35-80 ns a call.
+    qb = np.zeros((HEAD_DIM // 32, 16, 32), np.uint16)
     sc = np.empty((DECODE_KEYS_PER_ITEM + 2 * KEY_TILE, 16), np.float32)
     scores = np.empty((group, DECODE_KEYS_PER_ITEM), np.float32)
     pa = np.zeros((16, KEY_CHUNK), np.uint16)
-    qb[:] = 0
     qb32 = qb.reshape(-1).view(np.uint32)
     q_flat = q.reshape(-1)
     q_row = np.empty(HEAD_DIM, np.float32)
@@ -289,30 +152,169 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
     maxes = np.empty(group, np.float32)
     sums = np.empty(group, np.float32)
     configured = False
+    for m in range(mine.shape[0]):
+        item = mine[m]
+        b = items[item, 0]
+        t = query_start_loc[b]
+        if query_start_loc[b + 1] - t != 1:
+            continue
+        if not configured:
+            tile_config(cfg)
+            configured = True
+        table = block_tables[b]
+        hk, lo, hi, slot = items[item, 1], items[item, 4], items[item, 5], items[item, 6]
+        # the flat index of the thread's next decode item's first K row (or -1): its first tiles
+        # are fetched during this one's p @ V
+        next_k = -1
+        if m + 1 < mine.shape[0]:
+            nb = items[mine[m + 1], 0]
+            if query_start_loc[nb + 1] - query_start_loc[nb] == 1:
+                next_k = _k_row(kv, block_tables[nb], items[mine[m + 1], 1], items[mine[m + 1], 4])
+        n = hi - lo
+        # Q^T into qb (each row split into hi and lo in vectors first)
+        for g in range(group):
+            base = (t * q.shape[1] + hk * group + g) * HEAD_DIM
+            for d in range(HEAD_DIM):
+                q_row[d] = q_flat[base + d] * scale
+            split_row(q_row, q_hi, q_lo)
+            for p in range(HEAD_DIM // 2):
+                qb32[16 * p + g] = hi32[p]
+                qb32[16 * p + group + g] = lo32[p]
+        # scores: Q^T stays in tiles 2, 3; key tiles alternate between two (C, A, A) sets so one tile's
+        # loads overlap the other's products; every C tile goes to its own rows of ``sc``, read after
+        tile_load(2, qb, 0, 64)
+        tile_load(3, qb, 512, 64)
+        t_first = lo // KEY_TILE
+        n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
+        v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
+        for i in range(0, n_tiles, 2):
+            # paged blocks are scattered 2 KiB pieces the hardware prefetchers start cold on: ask for the
+            # V rows of these keys (read by p @ V below) and the K rows two tiles ahead (3 % of a
+            # 32-stream decode step in an A/B run)
+            for j in range(i, min(i + 2, n_tiles)):
+                v_row = v_off + _k_row(kv, table, hk, (t_first + j) * KEY_TILE)
+                for e in range(0, KEY_TILE * HEAD_DIM, PREFETCH_STEP):
+                    prefetch(flat, v_row + e)
+                if j + 2 < n_tiles:
+                    k_row = _k_row(kv, table, hk, (t_first + j + 2) * KEY_TILE)
+                    for e in range(0, KEY_TILE * HEAD_DIM, PREFETCH_STEP):
+                        prefetch(flat, k_row + e)
+            tile_zero(0)
+            row = _k_row(kv, table, hk, (t_first + i) * KEY_TILE)
+            tile_load(1, kv, row, 2 * HEAD_DIM)
+            tile_load(4, kv, row + 32, 2 * HEAD_DIM)
+            tile_dp_bf16(0, 1, 2)
+            tile_dp_bf16(0, 4, 3)
+            if i + 1 < n_tiles:
+                tile_zero(5)
+                row = _k_row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
+                tile_load(6, kv, row, 2 * HEAD_DIM)
+                tile_load(7, kv, row + 32, 2 * HEAD_DIM)
+                tile_dp_bf16(5, 6, 2)
+                tile_dp_bf16(5, 7, 3)
+                tile_store(5, sc, (i + 1) * KEY_TILE * 16, 64)
+            tile_store(0, sc, i * KEY_TILE * 16, 64)
+        # each head's scores (hi and lo columns summed) and their max: four keys a pass, four running
+        # maxima (one max chain is a 4-cycle latency per key)
+        off = lo - t_first * KEY_TILE
+        for g in range(group):
+            row = scores[g]
+            h0, l0 = off * 16 + g, off * 16 + group + g
+            m0 = m1 = m2 = m3 = np.float32(-np.inf)
+            j = 0
+            while j + 4 <= n:
+                s0 = sc_flat[h0 + 16 * j] + sc_flat[l0 + 16 * j]
+                s1 = sc_flat[h0 + 16 * j + 16] + sc_flat[l0 + 16 * j + 16]
+                s2 = sc_flat[h0 + 16 * j + 32] + sc_flat[l0 + 16 * j + 32]
+                s3 = sc_flat[h0 + 16 * j + 48] + sc_flat[l0 + 16 * j + 48]
+                row[j], row[j + 1], row[j + 2], row[j + 3] = s0, s1, s2, s3
+                m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
+                j += 4
+            while j < n:
+                s0 = sc_flat[h0 + 16 * j] + sc_flat[l0 + 16 * j]
+                row[j] = s0
+                m0 = max(m0, s0)
+                j += 1
+            maxes[g] = max(max(m0, m1), max(m2, m3))
+        if soft_cap > 0:
+            _decode_softmax(scores, group, n, soft_cap, maxes, sums)
+        else:
+            _exp_rows(scores, maxes, sums, group, n)
+        n_chunks = (n + KEY_CHUNK - 1) // KEY_CHUNK
+        for g in range(group):  # p of keys past the range: zeros for the last chunk's P rows
+            for j in range(n, n_chunks * KEY_CHUNK):
+                scores[g, j] = 0.0
+        # p @ V: P rows (hi, then lo) as the A tile, V pairs as four B tiles, four C tiles of 16 dims
+        tile_zero(0)
+        tile_zero(1)
+        tile_zero(2)
+        tile_zero(3)
+        s_width = scores.shape[1]
+        ahead = 0  # lines of the next item's first two K tiles asked for so far
+        for c in range(n_chunks):
+            j0 = c * KEY_CHUNK
+            cnt = min(KEY_CHUNK, n - j0)
+            for g in range(group):
+                split_bf16_32(s_flat, g * s_width + j0, pa_flat, g * KEY_CHUNK, pa_flat, (group + g) * KEY_CHUNK)
+            if next_k >= 0 and ahead < 2 * KEY_TILE * HEAD_DIM:
+                for e in range(ahead, ahead + KEY_TILE * HEAD_DIM // 4, PREFETCH_STEP):
+                    prefetch(flat, next_k + e)
+                ahead += KEY_TILE * HEAD_DIM // 4
+            # V pairs block by block: a block's rows are consecutive (a sliding window may start a pair
+            # on a block's last key; that pair takes its two rows from two blocks)
+            r = 0
+            while r < cnt // 2:
+                key = lo + j0 + 2 * r
+                row = v_off + _k_row(kv, table, hk, key)
+                if key % block_size + 1 == block_size:
+                    _vnni_rows(kv, row, kv, v_off + _k_row(kv, table, hk, key + 1), vb, 32 * r)
+                    r += 1
+                    continue
+                pairs = min((block_size - key % block_size) // 2, cnt // 2 - r)
+                for i in range(pairs):
+                    _vnni_rows(kv, row + 2 * i * HEAD_DIM, kv, row + (2 * i + 1) * HEAD_DIM, vb, 32 * (r + i))
+                r += pairs
+            if cnt % 2:  # keys past the range read zeros: 0 * garbage could be NaN
+                _vnni_rows(kv, v_off + _k_row(kv, table, hk, lo + j0 + cnt - 1), zero_row, 0, vb, 32 * (cnt // 2))
+            for r in range((cnt + 1) // 2, KEY_CHUNK // 2 if cnt < KEY_CHUNK else 0):
+                _vnni_rows(zero_row, 0, zero_row, 0, vb, 32 * r)
+            tile_load(4, pa, 0, 64)
+            tile_load(5, vb, 0, 64)
+            tile_dp_bf16(0, 4, 5)
+            tile_load(5, vb, 512, 64)
+            tile_dp_bf16(1, 4, 5)
+            tile_load(5, vb, 1024, 64)
+            tile_dp_bf16(2, 4, 5)
+            tile_load(5, vb, 1536, 64)
+            tile_dp_bf16(3, 4, 5)
+        tile_store(0, acc, 0, 4 * HEAD_DIM)
+        tile_store(1, acc, 16, 4 * HEAD_DIM)
+        tile_store(2, acc, 32, 4 * HEAD_DIM)
+        tile_store(3, acc, 48, 4 * HEAD_DIM)
+        for g in range(group):
+            for d in range(HEAD_DIM):
+                acc[g, d] += acc[group + g, d]
+        _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
+    if configured:
+        tile_release()
+
+
+@njit(cache=True)
+def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
+                   partials, worker, n_workers, cfg):
+    """``paged_attention._run_items`` with decodes on tiles (configured for them alone)."""
+    scale32 = np.float32(scale)
+    cap32 = np.float32(soft_cap)
     mine = dealt_items(order, worker, n_workers)
+    _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale32, cap32, items, mine, partials, cfg)
     for i in range(mine.shape[0]):
         item = mine[i]
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
-        if nq == 1:
-            if not configured:
-                tile_config(cfg)
-                configured = True
-            next_k = -1
-            if i + 1 < mine.shape[0]:
-                nb = items[mine[i + 1], 0]
-                if query_start_loc[nb + 1] - query_start_loc[nb] == 1:
-                    next_k = _k_row(kv, block_tables[nb], items[mine[i + 1], 1], items[mine[i + 1], 4])
-            _attend_decode_amx(out, q, q_flat, kv, block_tables[b], items[item, 4], items[item, 5], seq_q0,
-                               items[item, 1], scale32, cap32, partials, items[item, 6], qb, qb32, sc, scores,
-                               s_flat, pa, pa_flat, vb, acc, zero_row, maxes, sums, q_row, q_hi, q_lo, hi32, lo32,
-                               flat, sc_flat, next_k)
-            continue
-        _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
-                     items[item, 3], items[item, 1], scale32, window, cap32)
-    if configured:
-        tile_release()
+        if nq != 1:
+            _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
+                         items[item, 3], items[item, 1], scale32, window, cap32)
 
 
 @njit(cache=True, parallel=True)
