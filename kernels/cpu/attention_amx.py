@@ -151,6 +151,8 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
     zero_row = np.zeros(HEAD_DIM, np.uint16)
     maxes = np.empty(group, np.float32)
     sums = np.empty(group, np.float32)
+    v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
+    s_width = scores.shape[1]
     configured = False
     for m in range(mine.shape[0]):
         item = mine[m]
@@ -186,7 +188,6 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
         tile_load(3, qb, 512, 64)
         t_first = lo // KEY_TILE
         n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
-        v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
         for i in range(0, n_tiles, 2):
             # paged blocks are scattered 2 KiB pieces the hardware prefetchers start cold on: ask for the
             # V rows of these keys (read by p @ V below) and the K rows two tiles ahead (3 % of a
@@ -249,7 +250,6 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
         tile_zero(1)
         tile_zero(2)
         tile_zero(3)
-        s_width = scores.shape[1]
         ahead = 0  # lines of the next item's first two K tiles asked for so far
         for c in range(n_chunks):
             j0 = c * KEY_CHUNK
