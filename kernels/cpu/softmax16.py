@@ -1,0 +1,116 @@
+"""A float32 row's softmax numerator in 16-lane AVX-512 vectors, for Numba kernels.
+
+Numba's own loops compile to 256-bit vectors here (LLVM's tuning for these CPUs prefers them) and
+keep a scalar tail; the exp and the max over a row are most of a prompt tile's vector work, so
+``softmax_row`` spells them out on ``<16 x float>``:
+
+- ``exp(x) = 2^n e^r`` with ``n = round(x / ln 2)``, ``r = x - n ln 2`` (two constants, Cody-Waite),
+  ``e^r`` the polynomial of ``expf.exp_f32`` and ``2^n`` applied by ``vscalefps``, which takes a very
+  negative ``n`` to zero (no clamping, no exponent arithmetic);
+- the max as ``vmaxps``, the row's masked tail (keys a row may not see) as selects on its last vectors.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.amx import element_ptr
+
+F16 = ir.VectorType(ir.FloatType(), 16)
+I16 = ir.VectorType(ir.IntType(32), 16)
+_MASKED = -1.0e4  # what a masked score reads as: exp underflows to exactly zero
+
+
+def _fn(builder, name, ret, params):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
+
+
+def _const(v) -> ir.Constant:
+    return ir.Constant(F16, [v] * 16)
+
+
+def splat_i32(builder, x):
+    """An i32 in all 16 lanes."""
+    one = builder.insert_element(ir.Constant(I16, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(I16, ir.Undefined), ir.Constant(I16, [0] * 16))
+
+
+def vec_exp(builder, x):
+    """``exp(x)`` on 16 lanes for ``x <= 0``; below about -103 it is 0."""
+    fma = _fn(builder, "llvm.fma.v16f32", F16, [F16] * 3)
+    rnd = _fn(builder, "llvm.x86.avx512.mask.rndscale.ps.512", F16,
+              [F16, ir.IntType(32), F16, ir.IntType(16), ir.IntType(32)])
+    scalef = _fn(builder, "llvm.x86.avx512.mask.scalef.ps.512", F16,
+                 [F16, F16, F16, ir.IntType(16), ir.IntType(32)])
+    all_lanes, current = ir.Constant(ir.IntType(16), -1), ir.Constant(ir.IntType(32), 4)
+    # nearest, precision exception suppressed
+    n = builder.call(rnd, [builder.fmul(x, _const(1.44269504)), ir.Constant(ir.IntType(32), 8), x, all_lanes, current])
+    r = builder.call(fma, [n, _const(-0.693359375), x])
+    r = builder.call(fma, [n, _const(2.12194440e-4), r])
+    p = _const(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = builder.call(fma, [p, r, _const(k)])
+    e = builder.fadd(builder.call(fma, [builder.fmul(p, r), r, r]), _const(1.0))
+    return builder.call(scalef, [e, n, e, all_lanes, current])
+
+
+def _hreduce(builder, v, op):
+    """Every lane of ``v`` combined by ``op`` (each lane ends up holding the result)."""
+    for half in (8, 4, 2, 1):
+        v = op(v, builder.shuffle_vector(v, v, ir.Constant(I16, [(i + half) % 16 for i in range(16)])))
+    return v
+
+
+@intrinsic
+def softmax_row(typingctx, s, row, limit, width):
+    """``p = exp(x - max)`` over ``x = s.flat[row:row + limit]`` (float32) in place, zeros from there to
+    ``row + width`` (``width`` a multiple of 16, ``limit >= 1``); returns the sum of the p."""
+    if not (isinstance(s, types.Array) and s.dtype == types.float32 and s.layout == "C"
+            and all(isinstance(t, types.Integer) for t in (row, limit, width))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        row_v = context.cast(builder, args[1], sig.args[1], types.int64)
+        limit_v = context.cast(builder, args[2], sig.args[2], types.int64)
+        n_vec = builder.udiv(context.cast(builder, args[3], sig.args[3], types.int64), ir.Constant(i64, 16))
+        n_full = builder.udiv(limit_v, ir.Constant(i64, 16))  # vectors every lane of which the row sees
+        lim = splat_i32(builder, builder.trunc(limit_v, ir.IntType(32)))
+        iota = ir.Constant(I16, list(range(16)))
+
+        def ptr(k):
+            return element_ptr(context, builder, sig.args[0], args[0],
+                               builder.add(row_v, builder.mul(k, ir.Constant(i64, 16))), types.int64, F16)
+
+        def masked(k, v):  # lanes at or past ``limit`` read as _MASKED
+            at = builder.add(iota, splat_i32(builder, builder.trunc(builder.mul(k, ir.Constant(i64, 16)),
+                                                                      ir.IntType(32))))
+            return builder.select(builder.icmp_signed("<", at, lim), v, _const(_MASKED))
+
+        def vmax(a, b):
+            return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+        acc = cgutils.alloca_once_value(builder, _const(_MASKED))
+        with cgutils.for_range(builder, n_full) as loop:
+            builder.store(vmax(builder.load(acc), builder.load(ptr(loop.index), align=4)), acc)
+        with cgutils.for_range_slice(builder, n_full, n_vec, ir.Constant(i64, 1), inc=True) as (k, _):
+            builder.store(vmax(builder.load(acc), masked(k, builder.load(ptr(k), align=4))), acc)
+        m = _hreduce(builder, builder.load(acc), vmax)
+        tot = cgutils.alloca_once_value(builder, _const(0.0))
+
+        def step(k, mask):
+            x = builder.load(ptr(k), align=4)
+            p = vec_exp(builder, builder.fsub(masked(k, x) if mask else x, m))
+            builder.store(p, ptr(k), align=4)
+            builder.store(builder.fadd(builder.load(tot), p), tot)
+
+        with cgutils.for_range(builder, n_full) as loop:
+            step(loop.index, False)
+        with cgutils.for_range_slice(builder, n_full, n_vec, ir.Constant(i64, 1), inc=True) as (k, _):
+            step(k, True)
+        t = _hreduce(builder, builder.load(tot), builder.fadd)
+        return builder.extract_element(t, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(s, row, limit, width), codegen
