@@ -108,10 +108,10 @@ def steps(b: CPUBackend) -> list[Callable[[], object]]:
 
     def greedy_head() -> None:
         # greedy steps' int8 head with its serial and parallel re-scoring (and the AMX head)
-        head = Q8_0Weight.from_quantized(QuantizedTensor("Q8_0", torch.zeros(32, 34, dtype=torch.uint8), (32, 32)),
-                                         head=True)
+        head = Q8_0Weight.from_quantized(QuantizedTensor("Q8_0", torch.zeros(32, 68, dtype=torch.uint8), (32, 64)),
+                                         head=True)  # k = 64: the AMX-INT8 head's tiles take it
         for rows in (1, c.AMX_HEAD_MIN_ROWS, c.INT8_GEMV_MAX_ROWS):
-            b.logits(torch.zeros(rows, 32), head, argmax_cols=32)
+            b.logits(torch.zeros(rows, 64), head, argmax_cols=32)
 
     def int4_kernels() -> None:
         w4 = _int4(64, 32)

@@ -33,6 +33,11 @@ _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
 
 
+def amx_int8_supported() -> bool:
+    """Whether this CPU has AMX-INT8 (``tile_dp_bssd``, ``tile_dp_bsud``); ``request_amx`` grants the tiles."""
+    return bool(llvm.get_host_cpu_features().get("amx-int8"))
+
+
 @functools.cache
 def request_amx() -> bool:
     """True when this CPU has AMX-BF16 and the kernel lets this process use the tile registers."""
@@ -153,18 +158,26 @@ tile_store = intrinsic(prefer_literal=True)(_load_store("llvm.x86.tilestored64")
 tile_store.__doc__ = "``tilestored [arr.flat[index]], stride, t``."
 
 
-@intrinsic(prefer_literal=True)
-def tile_dp_bf16(typingctx, c, a, b):
-    """``tdpbf16ps c, a, b``: ``C += A @ B`` (bf16 pairs, float32 accumulation)."""
-    if not (_is_tile(c) and _is_tile(a) and _is_tile(b)):
-        return None
+def _tile_dp(name):
+    def typer(typingctx, c, a, b):
+        if not (_is_tile(c) and _is_tile(a) and _is_tile(b)):
+            return None
 
-    def codegen(context, builder, sig, args):
-        ids = [_tile_id(s) for s in sig.args]
-        _call(builder, "llvm.x86.tdpbf16ps", ids, [ir.IntType(8)] * 3)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            _call(builder, name, [_tile_id(s) for s in sig.args], [ir.IntType(8)] * 3)
+            return context.get_dummy_value()
 
-    return types.void(c, a, b), codegen
+        return types.void(c, a, b), codegen
+    return typer
+
+
+tile_dp_bf16 = intrinsic(prefer_literal=True)(_tile_dp("llvm.x86.tdpbf16ps"))
+tile_dp_bf16.__doc__ = "``tdpbf16ps c, a, b``: ``C += A @ B`` (bf16 pairs, float32 accumulation)."
+tile_dp_bssd = intrinsic(prefer_literal=True)(_tile_dp("llvm.x86.tdpbssd"))
+tile_dp_bssd.__doc__ = ("``tdpbssd c, a, b`` (AMX-INT8): ``C += A @ B``, signed bytes by signed bytes in groups of "
+                        "four (B's row ``r`` holds rows ``4r..4r+3``), int32 sums.")
+tile_dp_bsud = intrinsic(prefer_literal=True)(_tile_dp("llvm.x86.tdpbsud"))
+tile_dp_bsud.__doc__ = "``tdpbsud c, a, b`` (AMX-INT8): as ``tile_dp_bssd`` with B's bytes unsigned."
 
 
 class _BFloat(ir.Type):

@@ -1,6 +1,8 @@
-"""The AMX int8 head kernel against float64, and greedy steps through it keeping the exact argmax.
+"""The AMX int8 head kernels against float64 and ``int8_gemv``, and greedy steps through them keeping
+the exact argmax.
 
-These run where the CPU has AMX-BF16; elsewhere the backend never calls the kernel, and they skip.
+These run where the CPU has AMX (AMX-INT8 for ``int8_head_amx``); elsewhere the backend never calls
+the kernels, and they skip.
 """
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import pytest
 import torch
 
 from edgellm.backends import cpu as cpu_backend
-from edgellm.kernels.cpu.amx import make_config, request_amx
+from edgellm.kernels.cpu.amx import amx_int8_supported, make_config, request_amx
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
+from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
+from edgellm.kernels.cpu.int8_head_amx import int8_head_amx
 from tests.kernels.int8_head_checks import assert_greedy_head_exact, assert_matches_float64, int8_case
 
 pytestmark = pytest.mark.skipif(not request_amx(), reason="this CPU has no AMX-BF16")
@@ -25,6 +29,30 @@ def test_matches_float64(m, n, k):
     assert_matches_float64(out, x, qw, scale)
 
 
+def test_greedy_steps_through_amx_keep_the_exact_argmax(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "amx_int8_supported", lambda: False)  # CPUs with AMX-BF16 alone
+    for m in (cpu_backend.AMX_HEAD_MIN_ROWS, 32, 40):
+        assert_greedy_head_exact(m, monkeypatch, "int8_amx_matmul")
+
+
+int8_tiles = pytest.mark.skipif(not amx_int8_supported(), reason="this CPU has no AMX-INT8")
+
+
+@int8_tiles
+@pytest.mark.parametrize("m", [1, 4, 16, 17, 32, 33, 100])
+@pytest.mark.parametrize("n, k", [(16, 64), (96, 576), (1024, 128), (2048, 2048)])
+def test_int16_activations_on_int8_tiles_give_int8_gemvs_numbers(m, n, k):
+    x, qw, scale = int8_case(m, n, k)
+    xq, s = quantize_rows_int16(x.float().numpy() * 50, xq_limit(k))  # |xq| up to the limit
+    want = np.empty((m, n), np.float32)
+    int8_gemv(xq, s, qw.numpy(), scale.float().numpy(), want, 2)
+    for threads in (1, 2, 3):
+        out = np.full((m, n), np.nan, np.float32)
+        int8_head_amx(xq, s, qw.numpy(), scale.float().numpy(), out, make_config(), threads)
+        assert np.array_equal(out, want)
+
+
+@int8_tiles
 @pytest.mark.parametrize("m", [cpu_backend.AMX_HEAD_MIN_ROWS, 32, 40])
-def test_greedy_steps_through_amx_keep_the_exact_argmax(m, monkeypatch):
-    assert_greedy_head_exact(m, monkeypatch, "int8_amx_matmul")
+def test_greedy_steps_through_int8_tiles_keep_the_exact_argmax(m, monkeypatch):
+    assert_greedy_head_exact(m, monkeypatch, "int8_head_amx")

@@ -1,0 +1,166 @@
+"""The greedy head's int8 copy times int16 activations on AMX-INT8 tiles.
+
+``out [M, N] = s[:, None] * (xq @ qw^T) * scale``: ``int8_gemv``'s numbers bit for bit (exact int32
+sums, then two float32 scalings) from its int16 activations ``xq`` and int8 weights ``qw [N, K]``.
+Tiles multiply bytes, so each activation splits as ``xq = 256 hi + lo`` (hi signed, lo unsigned):
+``tdpbssd`` and ``tdpbsud`` sum the two halves' products exactly and ``256 C_hi + C_lo`` is the
+int32 sum (``int8_gemv.xq_limit`` keeps it in range). The weight rows are the A tiles straight from
+memory, prefetched a few tiles ahead (``int8_amx`` widens every weight to bf16 first, which cost
+more than reading it); the activations' bytes, regrouped in fours once per call, are the B tiles. A
+16 x 16 transpose turns each C tile (weight rows by activation rows) into output rows.
+
+Example::
+
+    xq, s = quantize_rows_int16(x, xq_limit(k))
+    int8_head_amx(xq, s, qw, scale, out, amx.make_config(), n_threads=2)
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.amx import (
+    element_ptr,
+    tile_config,
+    tile_dp_bssd,
+    tile_dp_bsud,
+    tile_load,
+    tile_release,
+    tile_store,
+    tile_zero,
+)
+from edgellm.kernels.cpu.prefetch import prefetch
+
+K_TILE = 64  # bytes of K per tile product
+PREFETCH_TILES = 4  # weight tiles (16 rows) read ahead
+
+
+def supports(n: int, k: int) -> bool:
+    """Whether a head ``[n, k]`` fits the tiles (the caller checks the CPU: ``amx.amx_int8_supported``)."""
+    return n % 16 == 0 and k % K_TILE == 0
+
+
+@njit(cache=True)
+def split_activations(xq):
+    """``(hi int8, lo uint8)``, each ``[M/16 rounded up, K/64, 16, 64]``: B tile ``(t, kt)``, row ``r``,
+    byte ``4 c + e`` holds the high (signed) or low (unsigned) byte of ``xq[16 t + c, 64 kt + 4 r + e]``;
+    rows past M are zeros."""
+    m, k = xq.shape
+    hi = np.zeros(((m + 15) // 16, k // K_TILE, 16, 64), np.int8)
+    lo = np.zeros(((m + 15) // 16, k // K_TILE, 16, 64), np.uint8)
+    for i in range(m):
+        t, c = i // 16, i % 16
+        for j in range(k):
+            v = np.int32(xq[i, j])
+            kt, r, e = j // K_TILE, j % K_TILE // 4, j % 4
+            hi[t, kt, r, 4 * c + e] = np.int8(v >> 8)
+            lo[t, kt, r, 4 * c + e] = np.uint8(v & 0xFF)
+    return hi, lo
+
+
+@intrinsic
+def _store_tile(typingctx, acc, s, c0, scale, n0, out, n_cols, count):
+    """Output rows ``c0 + c`` (``c < count``), columns ``n0 : n0 + 16`` of ``out`` (float32, row length
+    ``n_cols``) from the int32 C tiles in ``acc``: high halves' sums ``acc[16 i + c]``, low halves'
+    ``acc[256 + 16 i + c]`` (weight row ``i``, activation row ``c``), as
+    ``float(256 hi + lo) * s[c0 + c] * scale[n0 + i]``; ``s`` has 16 readable entries from ``c0``."""
+    if not (isinstance(acc, types.Array) and acc.dtype == types.int32 and acc.layout == "C"
+            and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" for a in (s, scale, out))
+            and all(isinstance(t, types.Integer) for t in (c0, n0, n_cols, count))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        t_acc, t_s, t_c0, t_scale, t_n0, t_out, t_cols, t_count = sig.args
+        a_acc, a_s, a_c0, a_scale, a_n0, a_out, a_cols, a_count = args
+        i16, f16 = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.FloatType(), 16)
+        i64 = ir.IntType(64)
+        zero = context.get_constant(types.intp, 0)
+        s_vec = builder.load(element_ptr(context, builder, t_s, a_s, a_c0, t_c0, f16), align=4)
+        rows = []
+        for i in range(16):
+            hi = builder.load(element_ptr(context, builder, t_acc, a_acc, zero, types.intp, i16, 16 * i), align=4)
+            lo = builder.load(element_ptr(context, builder, t_acc, a_acc, zero, types.intp, i16, 256 + 16 * i), align=4)
+            total = builder.add(builder.shl(hi, ir.Constant(i16, [8] * 16)), lo)
+            rows.append(builder.bitcast(builder.fmul(builder.sitofp(total, f16), s_vec), i16))
+        for b in range(4):  # round b swaps the elements whose row and column differ in bit b
+            d = 1 << b
+            rows = [builder.shuffle_vector(rows[i], rows[i ^ d], ir.Constant(
+                i16, [c if (c & d) == (i & d) else 16 + (c ^ d) for c in range(16)])) for i in range(16)]
+        scale_vec = builder.load(element_ptr(context, builder, t_scale, a_scale, a_n0, t_n0, f16), align=4)
+        c0 = context.cast(builder, a_c0, t_c0, types.int64)
+        n0 = context.cast(builder, a_n0, t_n0, types.int64)
+        cols = context.cast(builder, a_cols, t_cols, types.int64)
+        count = context.cast(builder, a_count, t_count, types.int64)
+        for c in range(16):
+            with cgutils.if_likely(builder, builder.icmp_signed("<", ir.Constant(i64, c), count)):
+                at = builder.add(builder.mul(builder.add(c0, ir.Constant(i64, c)), cols), n0)
+                val = builder.fmul(builder.bitcast(rows[c], f16), scale_vec)
+                builder.store(val, element_ptr(context, builder, t_out, a_out, at, types.int64, f16), align=4)
+        return context.get_dummy_value()
+
+    return types.void(acc, s, c0, scale, n0, out, n_cols, count), codegen
+
+
+@njit(cache=True)
+def _weight_tiles(qw, hi, lo, s_pad, scale, out, m, cfg, t0, t1):
+    """Output columns ``16 t0 : 16 t1`` for every activation row, two 16-row B tiles at a time."""
+    k = qw.shape[1]
+    n = out.shape[1]
+    kt_n = k // K_TILE
+    flat, hi_f, lo_f = qw.reshape(-1), hi.reshape(-1), lo.reshape(-1)
+    acc = np.empty(512, np.int32)
+    acc2 = np.empty(512, np.int32)
+    tile_config(cfg)
+    for t in range(t0, t1):
+        n0 = 16 * t
+        ahead = (n0 + 16 * PREFETCH_TILES) * k
+        for c0 in range(0, m, 32):
+            two = m - c0 > 16
+            b0 = c0 // 16 * kt_n * 1024  # the chunk's first B tile (bytes)
+            b1 = b0 + kt_n * 1024
+            tile_zero(0)
+            tile_zero(1)
+            if two:
+                tile_zero(2)
+                tile_zero(3)
+            for kt in range(kt_n):
+                if c0 == 0 and t + PREFETCH_TILES < t1:
+                    for i in range(16):
+                        prefetch(flat, ahead + i * k + kt * K_TILE)
+                tile_load(4, flat, n0 * k + kt * K_TILE, k)
+                tile_load(5, hi_f, b0 + kt * 1024, 64)
+                tile_dp_bssd(0, 4, 5)
+                tile_load(6, lo_f, b0 + kt * 1024, 64)
+                tile_dp_bsud(1, 4, 6)
+                if two:
+                    tile_load(7, hi_f, b1 + kt * 1024, 64)
+                    tile_dp_bssd(2, 4, 7)
+                    tile_load(5, lo_f, b1 + kt * 1024, 64)
+                    tile_dp_bsud(3, 4, 5)
+            tile_store(0, acc, 0, 64)
+            tile_store(1, acc, 256, 64)
+            _store_tile(acc, s_pad, c0, scale, n0, out, n, min(16, m - c0))
+            if two:
+                tile_store(2, acc2, 0, 64)
+                tile_store(3, acc2, 256, 64)
+                _store_tile(acc2, s_pad, c0 + 16, scale, n0, out, n, m - c0 - 16)
+    tile_release()
+
+
+@njit(cache=True, parallel=True)
+def int8_head_amx(xq: np.ndarray, s: np.ndarray, qw: np.ndarray, scale: np.ndarray, out: np.ndarray,
+                  cfg: np.ndarray, n_threads: int) -> None:
+    """``out [M, N] = s[:, None] * (xq @ qw^T) * scale`` (float32): ``xq`` int16 ``[M, K]`` with
+    ``|xq| <= int8_gemv.xq_limit(K)``, ``s`` float32 ``[M]``, ``qw`` int8 ``[N, K]``, ``scale``
+    float32 ``[N]`` (``supports(N, K)``); ``cfg`` from ``amx.make_config()``."""
+    m = xq.shape[0]
+    hi, lo = split_activations(xq)
+    s_pad = np.zeros(hi.shape[0] * 16 + 16, np.float32)
+    s_pad[:m] = s
+    n_tiles = out.shape[1] // 16
+    workers = max(1, min(n_threads, n_tiles))
+    for w in prange(workers):
+        _weight_tiles(qw, hi, lo, s_pad, scale, out, m, cfg, w * n_tiles // workers, (w + 1) * n_tiles // workers)
