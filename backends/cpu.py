@@ -7,9 +7,11 @@
   it once into registers' bf16 pairs for ``vdpbf16ps`` (``kernels/cpu/dpbf16.py``). Other big steps expand each
   weight to bf16 in a scratch buffer (``kernels/cpu/bf16_expand.py``) for one oneDNN GEMM.
 - Attention: decodes read K/V in place through block tables (``kernels/cpu/paged_attention.py``);
-  prompt chunks go through ``kernels/cpu/prompt_attention_dp.py`` on AVX512-BF16 CPUs (bf16 cache,
-  no sliding window), else torch's flash attention.
-- Q8_0 weights (head, embedding) stay int8 and go through Numba kernels (``kernels/cpu/q8_0.py``).
+  prompt chunks (bf16 cache, no sliding window) go through ``kernels/cpu/prompt_attention_amx.py`` on
+  AMX CPUs or ``kernels/cpu/prompt_attention_dp.py`` on AVX512-BF16 ones, else torch's flash attention.
+- Q8_0 weights (head, embedding) stay int8 and go through Numba kernels (``kernels/cpu/q8_0.py``);
+  greedy steps take the head's int8 copy first (``int8_gemv``, ``int8_head_amx`` on AMX-INT8 tiles)
+  and recompute exactly only the entries that could be the argmax.
 - Activations between packed linears are bf16, the int4 kernel's own input and output: the norms
   write bf16, and rotary, SiLU-and-mul and attention read the projections' bf16 output directly
   (one rounding per value, as converting at the edges would give). The residual stream stays float32.

@@ -152,8 +152,8 @@ def steps(b: CPUBackend) -> list[Callable[[], object]]:
                          torch.zeros(1, 64), _bf16_cache(), _meta(1, 1, 1, block_size=1), 1.0)
 
     def prompt_attention() -> None:
-        # prompt chunks': rotary on the calling thread (a short chunk) or split among threads, then
-        # bf16 flash attention
+        # prompt chunks': rotary on the calling thread (a short chunk) or split among threads, then the
+        # AMX or AVX512-BF16 prompt kernel where the CPU has one, else bf16 flash attention
         for n in (1, c.ROW_PARALLEL_MIN_ROWS):
             b.rope_attention(torch.zeros(n, 192, dtype=torch.bfloat16), 1, 1, 64, torch.arange(n),
                              torch.zeros(n, 64), _bf16_cache(), _meta(n, n, 0), 1.0)
