@@ -117,7 +117,7 @@ def _gather(kv, kv32, table, hk, keys, kt, vt, k_rows, zero_row):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _attend_item(out, q_flat, kv, kv32, table, q0, n, ctx, hk, r0, r1, scale, kt, vt, qrow, qa, scores, pa,
-                 obuf, inv, lanes, k_rows, zero_row):
+                 obuf, inv, k_rows, zero_row):
     """Rows ``r0:r1`` of one sequence's chunk (``n`` rows from ``q0``, ``ctx`` keys with the chunk's
     own) for kv head ``hk``'s query heads; the tiles are configured."""
     n_heads = out.shape[1]
@@ -214,7 +214,6 @@ def prompt_attention_amx(out, q, kv, starts, lens, block_tables, s0, s1, scale, 
         pa = np.zeros(ROWS * width, np.uint16)
         obuf = np.empty(ROWS * HEAD_DIM, np.float32)
         inv = np.empty(ROWS, np.float32)
-        lanes = np.empty(16, np.float32)
         k_rows = np.empty(KEY_TILE, np.int64)
         zero_row = np.zeros(HEAD_DIM, np.uint16)
         kv32 = kv.reshape(-1).view(np.uint32)
@@ -225,5 +224,5 @@ def prompt_attention_amx(out, q, kv, starts, lens, block_tables, s0, s1, scale, 
             for i in range(mine.shape[0]):
                 s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
                 _attend_item(out, q_flat, kv, kv32, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s],
-                             hk, r0, r1, s32, kt, vt, qrow, qa, scores, pa, obuf, inv, lanes, k_rows, zero_row)
+                             hk, r0, r1, s32, kt, vt, qrow, qa, scores, pa, obuf, inv, k_rows, zero_row)
             tile_release()
