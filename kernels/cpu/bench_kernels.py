@@ -121,7 +121,8 @@ def bench_attention(backend: CPUBackend) -> list[str]:
     ref = TorchBackend()
     lines = []
     invariant = CPUBackend(threads=backend.threads, warmup=False, batch_invariant=True)
-    cases = [(b, c, 1) for b in (1, 8, 32) for c in (512, 1024)] + [(1, 512, 512)]
+    # decodes; one 512-token prompt; a batch of 32 chat-length prompts (prefill steps of a serving burst)
+    cases = [(b, c, 1) for b in (1, 8, 32) for c in (512, 1024)] + [(1, 512, 512), (32, 192, 192)]
     for n_seqs, ctx, new in cases:
         cells = []
         for kv_dtype in (torch.float32, torch.bfloat16):
