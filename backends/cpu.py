@@ -449,10 +449,10 @@ class CPUBackend(TorchBackend):
 
         The int8 copy of the head gives approximate logits: with AVX512-VNNI, ``int8_gemv`` for up
         to 31 rows (activations quantized to int16, exact integer sums); with AMX, from 4 rows up to
-        256, ``int8_head_amx`` (the same int16 activations and numbers on AMX-INT8 tiles: 1.6-1.9x
-        ``int8_amx_matmul``, which widens the weight to bf16 and takes CPUs without AMX-INT8); with AVX512-BF16, ``bf16_panels_matmul`` from 32 (``int8_dpbf16_matmul``
-        from 8 without VNNI); else ATen's
-        ``_weight_int8pack_mm`` for a few rows. ``q8_0_rescore`` then recomputes exactly every entry
+        256, ``int8_head_amx`` (the same int16 activations and numbers on AMX-INT8 tiles, 1.6-2x
+        ``int8_amx_matmul``, which widens the weight to bf16 and stays for CPUs without AMX-INT8);
+        with AVX512-BF16, ``bf16_panels_matmul`` from 32 (``int8_dpbf16_matmul`` from 8 without
+        VNNI); else ATen's ``_weight_int8pack_mm`` for a few rows. ``q8_0_rescore`` then recomputes exactly every entry
         that could be a row's maximum, with the activations the kernel used, and returns the exact
         argmax.
         """
@@ -545,9 +545,9 @@ class CPUBackend(TorchBackend):
                 paged_attention_step(*args)
         amx = self._amx_config is not None and prompt_amx_supports(kv, group)
         if sdpa and not sliding_window and (amx or (self._dpbf16 and prompt_dp_supports(kv, group))):
-            # prompt chunks in one Numba call on AMX tiles (~4x torch's flash attention on 32 prompts of
-            # ~190 tokens) or AVX512-BF16 (1.5-2x on a Zen 4). Their output is bf16, as flash attention's
-            # over a bf16 cache is, whatever v's dtype.
+            # prompt chunks in one Numba call on AMX tiles (2.5x torch's flash attention on 32 chat
+            # prompts, 1.6x on one of 512 tokens) or AVX512-BF16 (1.5-2x on a Zen 4). Their output is
+            # bf16, as flash attention's over a bf16 cache is, whatever v's dtype.
             ob = out if out.dtype == torch.bfloat16 else torch.empty(q.shape, dtype=torch.bfloat16)
             if amx:
                 prompt_attention_amx(_as_numpy(ob), q_np, kv, starts, lens, tables, n_numba, n_seqs, float(scale),
