@@ -33,6 +33,7 @@ from edgellm.kernels.cpu.activations import silu_and_mul
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
 from edgellm.kernels.cpu.norm_rope import add_rms_norm
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, emit_prefetch
+from edgellm.kernels.cpu.vec16 import splat
 
 MAX_ROWS = 4  # activation rows per pass over a weight block: 4 x 4 int32 + 4 x 4 float32 accumulators
 GROUP = 32
@@ -115,7 +116,7 @@ def _block_rows(typingctx, packed, block, xq, xs, xsum, rows, sz, out):
                     for r in range(n_rows):
                         xi = builder.add(builder.mul(const(r), k), kk)
                         x2 = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64, i32), align=2)
-                        xb = _splat(builder, x2)
+                        xb = splat(builder, x2)
                         for v in range(4):
                             builder.store(builder.call(dp, [builder.load(iacc[r][v]), wv[v], xb]), iacc[r][v])
                 # the group's float step: scale and zero are each column's bf16 pair (scale low)
@@ -131,8 +132,8 @@ def _block_rows(typingctx, packed, block, xq, xs, xsum, rows, sz, out):
                     ri = builder.add(builder.mul(const(r), groups), g)
                     s = builder.load(element_ptr(context, builder, t_xs, a_xs, ri, types.int64, f32), align=4)
                     xsum = builder.load(element_ptr(context, builder, t_xsum, a_xsum, ri, types.int64, f32), align=4)
-                    s_v = _splat(builder, s)
-                    xsum_v = _splat(builder, xsum)
+                    s_v = splat(builder, s)
+                    xsum_v = splat(builder, xsum)
                     for v in range(4):
                         acc = builder.load(facc[r][v])
                         acc = builder.fadd(acc, builder.fmul(zeros[v], xsum_v))
@@ -152,12 +153,6 @@ def _block_rows(typingctx, packed, block, xq, xs, xsum, rows, sz, out):
         return context.get_dummy_value()
 
     return types.void(packed, block, xq, xs, xsum, rows, sz, out), codegen
-
-
-def _splat(builder, scalar):
-    v = ir.VectorType(scalar.type, 16)
-    one = builder.insert_element(ir.Constant(v, None), scalar, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, ir.Constant(v, None), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
 
 
 @njit(cache=True)

@@ -33,6 +33,7 @@ from edgellm.kernels.cpu.amx import (
     tile_zero,
 )
 from edgellm.kernels.cpu.prefetch import prefetch
+from edgellm.kernels.cpu.vec16 import transpose16
 
 K_TILE = 64  # bytes of K per tile product
 PREFETCH_TILES = 4  # weight tiles (16 rows) read ahead
@@ -85,10 +86,7 @@ def _store_tile(typingctx, acc, s, c0, scale, n0, out, n_cols, count):
             lo = builder.load(element_ptr(context, builder, t_acc, a_acc, zero, types.intp, i16, 256 + 16 * i), align=4)
             total = builder.add(builder.shl(hi, ir.Constant(i16, [8] * 16)), lo)
             rows.append(builder.bitcast(builder.fmul(builder.sitofp(total, f16), s_vec), i16))
-        for b in range(4):  # round b swaps the elements whose row and column differ in bit b
-            d = 1 << b
-            rows = [builder.shuffle_vector(rows[i], rows[i ^ d], ir.Constant(
-                i16, [c if (c & d) == (i & d) else 16 + (c ^ d) for c in range(16)])) for i in range(16)]
+        rows = transpose16(builder, rows)
         scale_vec = builder.load(element_ptr(context, builder, t_scale, a_scale, a_n0, t_n0, f16), align=4)
         c0 = context.cast(builder, a_c0, t_c0, types.int64)
         n0 = context.cast(builder, a_n0, t_n0, types.int64)
@@ -111,8 +109,7 @@ def _weight_tiles(qw, hi, lo, s_pad, scale, out, m, cfg, t0, t1):
     n = out.shape[1]
     kt_n = k // K_TILE
     flat, hi_f, lo_f = qw.reshape(-1), hi.reshape(-1), lo.reshape(-1)
-    acc = np.empty(512, np.int32)
-    acc2 = np.empty(512, np.int32)
+    acc = np.empty(512, np.int32)  # one 16-row chunk's two C tiles, read out before the next are stored
     tile_config(cfg)
     for t in range(t0, t1):
         n0 = 16 * t
@@ -144,9 +141,9 @@ def _weight_tiles(qw, hi, lo, s_pad, scale, out, m, cfg, t0, t1):
             tile_store(1, acc, 256, 64)
             _store_tile(acc, s_pad, c0, scale, n0, out, n, min(16, m - c0))
             if two:
-                tile_store(2, acc2, 0, 64)
-                tile_store(3, acc2, 256, 64)
-                _store_tile(acc2, s_pad, c0 + 16, scale, n0, out, n, m - c0 - 16)
+                tile_store(2, acc, 0, 64)
+                tile_store(3, acc, 256, 64)
+                _store_tile(acc, s_pad, c0 + 16, scale, n0, out, n, m - c0 - 16)
     tile_release()
 
 

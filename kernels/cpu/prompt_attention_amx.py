@@ -34,6 +34,7 @@ from edgellm.kernels.cpu.int4_amx import store_bf16_32
 from edgellm.kernels.cpu.paged_attention import FASTMATH, dealt_items
 from edgellm.kernels.cpu.prompt_attention_dp import _plan
 from edgellm.kernels.cpu.softmax16 import softmax_row
+from edgellm.kernels.cpu.vec16 import transpose16
 
 ROWS = 16  # query rows per tile product
 KEY_TILE = 16  # keys per scores tile
@@ -52,8 +53,7 @@ def supports(kv: np.ndarray, group: int) -> bool:
 def _k_tile(typingctx, src, rows, dst, dst_index):
     """One key tile's two K^T B tiles: ``dst.flat[dst_index + 256 h + 16 p + n] = src.flat[rows[n] + 16 h
     + p]`` for 16 keys ``n`` (their rows at the offsets ``rows``, uint32 dim pairs) and 32 dim pairs
-    ``16 h + p``: a 16 x 16 transpose per half in four rounds of two-source shuffles (round ``b`` swaps
-    the elements whose row and column differ in bit ``b``)."""
+    ``16 h + p``: a 16 x 16 transpose per half (``vec16.transpose16``)."""
     if not (isinstance(src, types.Array) and src.dtype == types.uint32 and isinstance(dst, types.Array)
             and dst.dtype == types.uint32 and isinstance(rows, types.Array) and rows.dtype == types.int64):
         return None
@@ -68,11 +68,7 @@ def _k_tile(typingctx, src, rows, dst, dst_index):
                                               types.intp, ir.IntType(64)))
                 vecs.append(builder.load(element_ptr(context, builder, sig.args[0], args[0], at, types.int64, v16,
                                                      16 * h), align=4))
-            for b in range(4):
-                d = 1 << b
-                vecs = [builder.shuffle_vector(vecs[i], vecs[i ^ d], ir.Constant(
-                    ir.VectorType(ir.IntType(32), 16),
-                    [c if (c & d) == (i & d) else 16 + (c ^ d) for c in range(16)])) for i in range(16)]
+            vecs = transpose16(builder, vecs)
             for p in range(16):
                 builder.store(vecs[p], element_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], v16,
                                                    256 * h + 16 * p), align=4)

@@ -17,6 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr
+from edgellm.kernels.cpu.vec16 import splat
 
 F16 = ir.VectorType(ir.FloatType(), 16)
 I16 = ir.VectorType(ir.IntType(32), 16)
@@ -29,12 +30,6 @@ def _fn(builder, name, ret, params):
 
 def _const(v) -> ir.Constant:
     return ir.Constant(F16, [v] * 16)
-
-
-def splat_i32(builder, x):
-    """An i32 in all 16 lanes."""
-    one = builder.insert_element(ir.Constant(I16, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, ir.Constant(I16, ir.Undefined), ir.Constant(I16, [0] * 16))
 
 
 def vec_exp(builder, x):
@@ -77,7 +72,7 @@ def softmax_row(typingctx, s, row, limit, width):
         limit_v = context.cast(builder, args[2], sig.args[2], types.int64)
         n_vec = builder.udiv(context.cast(builder, args[3], sig.args[3], types.int64), ir.Constant(i64, 16))
         n_full = builder.udiv(limit_v, ir.Constant(i64, 16))  # vectors every lane of which the row sees
-        lim = splat_i32(builder, builder.trunc(limit_v, ir.IntType(32)))
+        lim = splat(builder, builder.trunc(limit_v, ir.IntType(32)))
         iota = ir.Constant(I16, list(range(16)))
 
         def ptr(k):
@@ -85,7 +80,7 @@ def softmax_row(typingctx, s, row, limit, width):
                                builder.add(row_v, builder.mul(k, ir.Constant(i64, 16))), types.int64, F16)
 
         def masked(k, v):  # lanes at or past ``limit`` read as _MASKED
-            at = builder.add(iota, splat_i32(builder, builder.trunc(builder.mul(k, ir.Constant(i64, 16)),
+            at = builder.add(iota, splat(builder, builder.trunc(builder.mul(k, ir.Constant(i64, 16)),
                                                                       ir.IntType(32))))
             return builder.select(builder.icmp_signed("<", at, lim), v, _const(_MASKED))
 
