@@ -32,7 +32,7 @@ from edgellm.kernels.cpu.amx import (
     tile_zero,
 )
 from edgellm.kernels.cpu.paged_attention import (
-    DECODE_KEYS_PER_ITEM,
+    DECODE_MAX_KEYS,
     _attend_tile,
     _decode_finish,
     _decode_softmax,
@@ -136,8 +136,8 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
     # so the uint32 ``qb32[16 p + col]`` holds dims 2p, 2p + 1; qb and pa stay zero past their first
     # 2 group columns and rows. Flat views are made once: Numba's reshape and view cost 35-80 ns a call.
     qb = np.zeros((HEAD_DIM // 32, 16, 32), np.uint16)
-    sc = np.empty((DECODE_KEYS_PER_ITEM + 2 * KEY_TILE, 16), np.float32)
-    scores = np.empty((group, DECODE_KEYS_PER_ITEM), np.float32)
+    sc = np.empty((DECODE_MAX_KEYS + 2 * KEY_TILE, 16), np.float32)
+    scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
     pa = np.zeros((16, KEY_CHUNK), np.uint16)
     qb32 = qb.reshape(-1).view(np.uint32)
     q_flat = q.reshape(-1)

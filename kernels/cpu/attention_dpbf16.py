@@ -26,7 +26,7 @@ from edgellm.kernels.cpu.attention_amx import split_row
 from edgellm.kernels.cpu.dpbf16 import _dp
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.paged_attention import (
-    DECODE_KEYS_PER_ITEM,
+    DECODE_MAX_KEYS,
     FASTMATH,
     _attend_tile,
     _decode_finish,
@@ -221,7 +221,7 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
     q_lo = np.empty(head_dim, np.uint16)
     hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
     blk = np.empty(16, np.float32)
-    scores = np.empty((group, DECODE_KEYS_PER_ITEM), np.float32)
+    scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
     scores_flat = scores.reshape(-1)
     maxes = np.empty(group, np.float32)
     sums = np.empty(group, np.float32)

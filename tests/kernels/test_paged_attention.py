@@ -109,6 +109,27 @@ def test_long_decodes_split_across_threads_and_merge(paged_batch, window):
     check(*paged_batch([(2 * n + 37, 1), (60, 60)], 6, 2, 64, 16, seed=8), window=window)
 
 
+def test_long_decodes_split_into_equal_whole_tile_ranges():
+    """A context splits into ctx // 256 ranges of equal size (whole 16-key tiles, the last shorter):
+    no short tail item, none past DECODE_MAX_KEYS, and together they cover the keys exactly."""
+    from edgellm.kernels.cpu.paged_attention import DECODE_KEYS_PER_ITEM, DECODE_MAX_KEYS, _plan
+
+    cases = [(1, 0, 1), (255, 0, 1), (256, 0, 1), (257, 0, 1), (511, 0, 1), (512, 0, 2), (600, 0, 2), (767, 0, 2),
+             (768, 0, 3), (4000, 0, 15), (8000, 0, 30), (900, 300, 1)]
+    cases += [(ctx, 0, None) for ctx in range(200, 20000, 97)]
+    for ctx, window, want_parts in cases:
+        items, _, partials = _plan(np.array([0, 1]), np.array([ctx]), 1, 16, window, 3, 64)
+        ranges = sorted((int(a), int(b)) for a, b in items[:, 4:6])
+        lo = max(0, ctx - window) if window else 0
+        assert len(ranges) == (want_parts or len(ranges)) == (partials.shape[0] or 1)
+        assert ranges[0][0] == lo and ranges[-1][1] == ctx
+        assert all(a1 == b0 for (_, a1), (b0, _) in zip(ranges, ranges[1:]))
+        sizes = [b - a for a, b in ranges]
+        assert max(sizes) <= DECODE_MAX_KEYS and len(set(sizes[:-1])) <= 1 and 0 < sizes[-1] <= sizes[0]
+        if len(ranges) > 1:
+            assert sizes[0] % 16 == 0 and sizes[0] >= DECODE_KEYS_PER_ITEM
+
+
 def test_metadata_without_host_lists_reads_the_tensors(paged_batch):
     import dataclasses
 
