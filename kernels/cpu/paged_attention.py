@@ -30,8 +30,8 @@ from edgellm.kernels.cpu.prefetch import prefetch_rows
 # change rounding. No 'nnan'/'ninf': masked scores and the running max start at -inf.
 FASTMATH = {"reassoc", "contract"}
 DEFAULT_Q_TILE = 16
-# A decode's keys per work item: a context of c keys splits into c // 256 equal ranges that threads share
-# (flash-decoding), so no range holds more than DECODE_MAX_KEYS.
+# A decode's keys per work item: a context of c keys splits into up to c // 256 equal ranges that threads
+# share (flash-decoding, ``_decode_range``), so no range holds more than DECODE_MAX_KEYS.
 DECODE_KEYS_PER_ITEM = 256
 DECODE_MAX_KEYS = 2 * DECODE_KEYS_PER_ITEM
 
