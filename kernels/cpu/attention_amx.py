@@ -6,13 +6,13 @@ AMX both products are tile multiplies:
 
 - scores: ``C[16 keys, heads] = K_block[16 keys, 32 dims] @ Q^T[32 dims, heads]``, K straight from
   the cache (its rows are the A tile's rows), Q transposed once per work item into VNNI pairs;
-- output: ``C[heads, 16 dims] += P[heads, 32 keys] @ V[32 keys, 16 dims]``, V's rows interleaved in
-  pairs (VNNI) into a scratch tile per 32 keys.
 
-Tiles multiply bf16, so q and p are split into ``hi = bf16(x)`` and ``lo = bf16(x - hi)`` as two
-rows (columns) of the tile: ``hi + lo`` carries 16 bits of mantissa, the products are exact and
-accumulate in float32. The softmax between the two products is the AVX-512 kernel's. Prompt tiles
-and other cache shapes stay on the AVX-512 kernels.
+Tiles multiply bf16, so q is split into ``hi = bf16(q)`` and ``lo = bf16(q - hi)`` as two columns of
+the tile: ``hi + lo`` carries 16 bits of mantissa, the products are exact and accumulate in float32.
+The softmax is the AVX-512 kernel's, and ``p @ V`` is ``decode_pv``'s: float32 p, the group's
+accumulators in registers, each V row widened once. (``p @ V`` on tiles, with p split into hi and lo
+and V's rows interleaved into VNNI pairs per 32 keys, cost more than this: a 32-stream decode step
+ran 4-5 % faster without it.) Prompt tiles and other cache shapes stay on the AVX-512 kernels.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from edgellm.kernels.cpu.amx import (
     tile_store,
     tile_zero,
 )
+from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.paged_attention import (
     DECODE_MAX_KEYS,
     _attend_tile,
@@ -47,7 +48,6 @@ from edgellm.kernels.cpu.prefetch import prefetch
 
 HEAD_DIM = 64
 KEY_TILE = 16  # keys per scores tile (one A tile of K rows)
-KEY_CHUNK = 32  # keys per output tile product (one P tile row)
 PREFETCH_STEP = 32  # bf16 elements per cache line
 MAX_GROUP = 8  # query heads per kv head: hi and lo of each fill at most 16 tile columns
 
@@ -133,26 +133,22 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
     group = q.shape[1] // kv.shape[2]
     block_size = kv.shape[3]
     # Q^T as VNNI B tiles: qb[c, r, 2 col + e] = dim 32 c + 2 r + e of column col (hi rows, then lo),
-    # so the uint32 ``qb32[16 p + col]`` holds dims 2p, 2p + 1; qb and pa stay zero past their first
-    # 2 group columns and rows. Flat views are made once: Numba's reshape and view cost 35-80 ns a call.
+    # so the uint32 ``qb32[16 p + col]`` holds dims 2p, 2p + 1; qb stays zero past its first 2 group
+    # columns. Flat views are made once: Numba's reshape and view cost 35-80 ns a call.
     qb = np.zeros((HEAD_DIM // 32, 16, 32), np.uint16)
     sc = np.empty((DECODE_MAX_KEYS + 2 * KEY_TILE, 16), np.float32)
     scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
-    pa = np.zeros((16, KEY_CHUNK), np.uint16)
     qb32 = qb.reshape(-1).view(np.uint32)
     q_flat = q.reshape(-1)
     q_row = np.empty(HEAD_DIM, np.float32)
     q_hi = np.empty(HEAD_DIM, np.uint16)
     q_lo = np.empty(HEAD_DIM, np.uint16)
     hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
-    flat, sc_flat, s_flat, pa_flat = kv.reshape(-1), sc.reshape(-1), scores.reshape(-1), pa.reshape(-1)
-    vb = np.empty((HEAD_DIM // 16, 16, 32), np.uint16)
-    acc = np.empty((16, HEAD_DIM), np.float32)
-    zero_row = np.zeros(HEAD_DIM, np.uint16)
+    flat, sc_flat = kv.reshape(-1), sc.reshape(-1)
+    acc = np.empty((group, HEAD_DIM), np.float32)
     maxes = np.empty(group, np.float32)
     sums = np.empty(group, np.float32)
     v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
-    s_width = scores.shape[1]
     configured = False
     for m in range(mine.shape[0]):
         item = mine[m]
@@ -165,13 +161,6 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
             configured = True
         table = block_tables[b]
         hk, lo, hi, slot = items[item, 1], items[item, 4], items[item, 5], items[item, 6]
-        # the flat index of the thread's next decode item's first K row (or -1): its first tiles
-        # are fetched during this one's p @ V
-        next_k = -1
-        if m + 1 < mine.shape[0]:
-            nb = items[mine[m + 1], 0]
-            if query_start_loc[nb + 1] - query_start_loc[nb] == 1:
-                next_k = _k_row(kv, block_tables[nb], items[mine[m + 1], 1], items[mine[m + 1], 4])
         n = hi - lo
         # Q^T into qb (each row split into hi and lo in vectors first)
         for g in range(group):
@@ -241,59 +230,9 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
             _decode_softmax(scores, group, n, soft_cap, maxes, sums)
         else:
             _exp_rows(scores, maxes, sums, group, n)
-        n_chunks = (n + KEY_CHUNK - 1) // KEY_CHUNK
-        for g in range(group):  # p of keys past the range: zeros for the last chunk's P rows
-            for j in range(n, n_chunks * KEY_CHUNK):
-                scores[g, j] = 0.0
-        # p @ V: P rows (hi, then lo) as the A tile, V pairs as four B tiles, four C tiles of 16 dims
-        tile_zero(0)
-        tile_zero(1)
-        tile_zero(2)
-        tile_zero(3)
-        ahead = 0  # lines of the next item's first two K tiles asked for so far
-        for c in range(n_chunks):
-            j0 = c * KEY_CHUNK
-            cnt = min(KEY_CHUNK, n - j0)
-            for g in range(group):
-                split_bf16_32(s_flat, g * s_width + j0, pa_flat, g * KEY_CHUNK, pa_flat, (group + g) * KEY_CHUNK)
-            if next_k >= 0 and ahead < 2 * KEY_TILE * HEAD_DIM:
-                for e in range(ahead, ahead + KEY_TILE * HEAD_DIM // 4, PREFETCH_STEP):
-                    prefetch(flat, next_k + e)
-                ahead += KEY_TILE * HEAD_DIM // 4
-            # V pairs block by block: a block's rows are consecutive (a sliding window may start a pair
-            # on a block's last key; that pair takes its two rows from two blocks)
-            r = 0
-            while r < cnt // 2:
-                key = lo + j0 + 2 * r
-                row = v_off + _k_row(kv, table, hk, key)
-                if key % block_size + 1 == block_size:
-                    _vnni_rows(kv, row, kv, v_off + _k_row(kv, table, hk, key + 1), vb, 32 * r)
-                    r += 1
-                    continue
-                pairs = min((block_size - key % block_size) // 2, cnt // 2 - r)
-                for i in range(pairs):
-                    _vnni_rows(kv, row + 2 * i * HEAD_DIM, kv, row + (2 * i + 1) * HEAD_DIM, vb, 32 * (r + i))
-                r += pairs
-            if cnt % 2:  # keys past the range read zeros: 0 * garbage could be NaN
-                _vnni_rows(kv, v_off + _k_row(kv, table, hk, lo + j0 + cnt - 1), zero_row, 0, vb, 32 * (cnt // 2))
-            for r in range((cnt + 1) // 2, KEY_CHUNK // 2 if cnt < KEY_CHUNK else 0):
-                _vnni_rows(zero_row, 0, zero_row, 0, vb, 32 * r)
-            tile_load(4, pa, 0, 64)
-            tile_load(5, vb, 0, 64)
-            tile_dp_bf16(0, 4, 5)
-            tile_load(5, vb, 512, 64)
-            tile_dp_bf16(1, 4, 5)
-            tile_load(5, vb, 1024, 64)
-            tile_dp_bf16(2, 4, 5)
-            tile_load(5, vb, 1536, 64)
-            tile_dp_bf16(3, 4, 5)
-        tile_store(0, acc, 0, 4 * HEAD_DIM)
-        tile_store(1, acc, 16, 4 * HEAD_DIM)
-        tile_store(2, acc, 32, 4 * HEAD_DIM)
-        tile_store(3, acc, 48, 4 * HEAD_DIM)
-        for g in range(group):
-            for d in range(HEAD_DIM):
-                acc[g, d] += acc[group + g, d]
+        # p @ V in AVX-512 registers: float32 p, each V row widened once for the group's heads
+        acc[:] = 0.0
+        decode_pv(kv, table, lo, hi, hk, scores, acc)
         _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
     if configured:
         tile_release()

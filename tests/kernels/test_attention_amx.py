@@ -43,7 +43,8 @@ def test_decodes_match_the_float32_reference(paged_batch, group, block_size, win
     v = v.bfloat16()
     want = REF.attention(q, k, v.float(), kv.clone(), meta, 0.125, window, cap)
     got = _run(paged_attention_step_amx, q, k, v, kv.clone(), meta, 0.125, window, cap, threads, make_config())
-    # q and p enter the tiles as bf16 hi + lo pairs: float32-class scores; the output rounds to bf16
+    # q enters the tiles as bf16 hi + lo pairs (float32-class scores), p meets V in float32; the output
+    # rounds to bf16
     torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-5)
     avx = _run(paged_attention_step, q, k, v, kv.clone(), meta, 0.125, window, cap, threads)
     assert (got != avx).float().mean() < 0.02  # at most a last-bit difference here and there
