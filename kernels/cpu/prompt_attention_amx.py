@@ -29,7 +29,7 @@ from edgellm.kernels.cpu.amx import (
     tile_store,
     tile_zero,
 )
-from edgellm.kernels.cpu.attention_amx import HEAD_DIM, _vnni_rows
+from edgellm.kernels.cpu.attention_amx import HEAD_DIM
 from edgellm.kernels.cpu.int4_amx import store_bf16_32
 from edgellm.kernels.cpu.paged_attention import FASTMATH, dealt_items
 from edgellm.kernels.cpu.prompt_attention_dp import _plan
@@ -47,6 +47,29 @@ def supports(kv: np.ndarray, group: int) -> bool:
     """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) fits this kernel
     (the caller checks the CPU: ``amx.request_amx``)."""
     return kv.dtype == np.uint16 and kv.shape[4] == HEAD_DIM and 1 <= group <= 16
+
+
+@intrinsic
+def _vnni_rows(typingctx, a, a_index, b, b_index, dst, dst_index):
+    """Interleave two 64-element bf16 rows ``a`` (key 2r) and ``b`` (key 2r + 1) into the VNNI row
+    ``r`` of four B tiles: ``dst.flat[dst_index + 512 c + 2 n + e] = (a, b)[e][16 c + n]``."""
+    ok = all(isinstance(t, types.Array) and t.dtype == types.uint16 for t in (a, b, dst))
+    if not (ok and all(isinstance(t, types.Integer) for t in (a_index, b_index, dst_index))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v64 = ir.VectorType(ir.IntType(16), HEAD_DIM)
+        ra = builder.load(element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], v64), align=2)
+        rb = builder.load(element_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], v64), align=2)
+        for c in range(HEAD_DIM // 16):
+            mask = ir.Constant(ir.VectorType(ir.IntType(32), 32),
+                               [16 * c + i // 2 + (HEAD_DIM if i % 2 else 0) for i in range(32)])
+            row = builder.shuffle_vector(ra, rb, mask)
+            builder.store(row, element_ptr(context, builder, sig.args[4], args[4], args[5], sig.args[5], row.type,
+                                           512 * c), align=2)
+        return context.get_dummy_value()
+
+    return types.void(a, a_index, b, b_index, dst, dst_index), codegen
 
 
 @intrinsic
