@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from edgellm.quant.kv_int8 import SCALE_BYTES
+
 
 @dataclass
 class Capabilities:
@@ -244,12 +246,14 @@ class Backend(ABC):
     # -- KV cache -----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                           head_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """One tensor per layer, ``[2, num_blocks, num_kv_heads, block_size, head_dim]``.
+        """One tensor per layer, ``[2, num_blocks, num_kv_heads, block_size, head_dim]``; an int8 cache's
+        rows carry their scale in 4 more bytes (``quant.kv_int8``).
 
         Left uninitialised: attention never reads a slot before writing it, and untouched pages of a
         large pool then cost no resident memory (nor the time to zero them at start-up).
         """
-        return [torch.empty(2, num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype,
+        row = head_dim + SCALE_BYTES if dtype == torch.int8 else head_dim
+        return [torch.empty(2, num_blocks, num_kv_heads, block_size, row, dtype=dtype,
                             device=self.device) for _ in range(num_layers)]
 
     def populate_kv(self, kv_caches: list[torch.Tensor], start: int, end: int) -> None:  # noqa: B027

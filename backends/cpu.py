@@ -84,6 +84,7 @@ from edgellm.kernels.cpu.prompt_attention_dp import prompt_attention_dp
 from edgellm.kernels.cpu.prompt_attention_dp import supports as prompt_dp_supports
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
 from edgellm.quant import QuantizedTensor
+from edgellm.quant.kv_int8 import dequantize_kv_rows, quantize_kv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ class CPUBackend(TorchBackend):
         stack = None
         ok = (self._gemv_rows and shape.act == "silu" and layers
               and len(layers) == len(kv_caches) and cos_sin.dtype == torch.float32 and cos_sin.is_contiguous()
-              and all(c.dtype in _NUMBA_DTYPES and c.dtype == kv_caches[0].dtype for c in kv_caches)
+              and all(c.dtype in _CACHE_DTYPES and c.dtype == kv_caches[0].dtype for c in kv_caches)
               and all(_stackable(layer) for layer in layers))
         if ok:
             kvs = [self._kv_view(c) for c in kv_caches]
@@ -507,7 +508,7 @@ class CPUBackend(TorchBackend):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                   soft_cap: float | None = None) -> torch.Tensor:
-        """Paged attention over a float32 or bfloat16 cache; float32 math, ``v``'s dtype out.
+        """Paged attention over a float32, bfloat16 or int8 cache; float32 math, ``v``'s dtype out.
 
         Decodes read the cache in place with the Numba kernel. Prompt chunks (outside batch-invariant
         mode) go to torch's flash attention, several times faster for long chunks than the Numba
@@ -571,7 +572,7 @@ class CPUBackend(TorchBackend):
         batch-invariant mode) also write the cache and attend in the same dispatch; others go on
         to ``attention``."""
         t = qkv.shape[0]
-        if (qkv.dtype not in _NUMBA_DTYPES or cos_sin.dtype != torch.float32 or kv_cache.dtype not in _NUMBA_DTYPES
+        if (qkv.dtype not in _NUMBA_DTYPES or cos_sin.dtype != torch.float32 or kv_cache.dtype not in _CACHE_DTYPES
                 or not qkv.is_contiguous()):
             return super().rope_attention(qkv, num_heads, num_kv_heads, head_dim, positions, cos_sin, kv_cache,
                                           meta, scale, sliding_window)
@@ -619,16 +620,21 @@ class CPUBackend(TorchBackend):
         # keys and values from a bf16 cache are bf16 numbers: flash attention in bf16 (float32 softmax and
         # sums) is 2.4-3.2x faster than in float32 here, and only q rounds (teacher-forced agreement with
         # the float32 reference 99.6 %, 99.0 % in float32: within noise)
-        dt = torch.bfloat16 if kv_cache.dtype == torch.bfloat16 else torch.float32
+        # (an int8 cache's values, codes times scales, go through bf16 too: 2^-9 on top of its 1/254)
+        int8 = kv_cache.dtype == torch.int8
+        dt = torch.bfloat16 if kv_cache.dtype in (torch.bfloat16, torch.int8) else torch.float32
+        load = (lambda x: dequantize_kv_rows(x, dt)) if int8 else (lambda x: x.to(dt))
         qi = q[q0:q1].to(dt).transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if ctx == n:  # no cached prefix: this chunk's own keys and values, as the cache holds them
-            ki, vi = (t[q0:q1].to(kv_cache.dtype).to(dt).transpose(0, 1).unsqueeze(0) for t in (k, v))
+            own = (lambda x: load(quantize_kv_rows(x))) if int8 else (lambda x: x.to(kv_cache.dtype).to(dt))
+            ki, vi = (own(t[q0:q1]).transpose(0, 1).unsqueeze(0) for t in (k, v))
         else:
             blocks = table[: -(-ctx // bs)].long()
 
             def gather(plane: int) -> torch.Tensor:
-                g = kv_cache[plane, blocks]  # [nb, Hkv, bs, D]
-                return g.transpose(0, 1).reshape(g.shape[1], -1, g.shape[3])[:, :ctx].to(dt).unsqueeze(0)
+                g = kv_cache[plane, blocks]  # [nb, Hkv, bs, D (+ 4 for int8)]
+                g = g.transpose(0, 1).reshape(g.shape[1], -1, g.shape[3])[:, :ctx]
+                return load(g).unsqueeze(0)
 
             ki, vi = gather(0), gather(1)
         mask = None
@@ -643,16 +649,16 @@ class CPUBackend(TorchBackend):
         out[q0:q1] = o[0].transpose(0, 1)
 
     def _kv_view(self, kv_cache: torch.Tensor) -> np.ndarray:
-        """The cache as a numpy array (bf16 as its uint16 bits), made once per cache tensor."""
+        """The cache as a numpy array (bf16 as its uint16 bits; int8 as itself), made once per cache tensor."""
         hit = self._kv_views.get(id(kv_cache))
         if hit is not None and hit[0] is kv_cache:
             return hit[1]
-        if kv_cache.dtype == torch.float32:
+        if kv_cache.dtype in (torch.float32, torch.int8):
             view = kv_cache.numpy()
         elif kv_cache.dtype == torch.bfloat16:
             view = kv_cache.view(torch.uint16).numpy()
         else:
-            raise TypeError(f"CPU paged attention supports float32 and bfloat16 caches, not {kv_cache.dtype}")
+            raise TypeError(f"CPU paged attention supports float32, bfloat16 and int8 caches, not {kv_cache.dtype}")
         assert view.flags.c_contiguous, "KV cache must be contiguous"
         self._kv_views[id(kv_cache)] = (kv_cache, view)
         return view
@@ -674,6 +680,7 @@ class CPUBackend(TorchBackend):
 
 GEMM_TILE_ROWS = 64
 _NUMBA_DTYPES = (torch.float32, torch.bfloat16)
+_CACHE_DTYPES = (*_NUMBA_DTYPES, torch.int8)  # int8: rows with their scales (quant.kv_int8)
 
 
 def _stackable(layer: DecoderLayer) -> bool:

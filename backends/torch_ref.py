@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata, Backend, Capabilities
 from edgellm.quant import QuantizedTensor
+from edgellm.quant.kv_int8 import dequantize_kv_rows, quantize_kv_rows
 
 
 class TorchBackend(Backend):
@@ -72,8 +73,9 @@ class TorchBackend(Backend):
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata):
         bs = meta.block_size
         blocks, offs = meta.slot_mapping // bs, meta.slot_mapping % bs
-        kv_cache[0, blocks, :, offs] = k.to(kv_cache.dtype)
-        kv_cache[1, blocks, :, offs] = v.to(kv_cache.dtype)
+        store = quantize_kv_rows if kv_cache.dtype == torch.int8 else (lambda x: x.to(kv_cache.dtype))
+        kv_cache[0, blocks, :, offs] = store(k)
+        kv_cache[1, blocks, :, offs] = store(v)
 
     def attention(self, q, k, v, kv_cache, meta, scale, sliding_window=None, soft_cap=None):
         self.write_kv(k, v, kv_cache, meta)
@@ -87,8 +89,9 @@ class TorchBackend(Backend):
             nb = (ctx + bs - 1) // bs
             blocks = meta.block_tables[i, :nb].long()
             # the reference gathers the context; optimized backends read the blocks in place
-            kc = kv_cache[0, blocks].permute(1, 0, 2, 3).reshape(n_kv, nb * bs, -1)[:, :ctx].float()
-            vc = kv_cache[1, blocks].permute(1, 0, 2, 3).reshape(n_kv, nb * bs, -1)[:, :ctx].float()
+            load = dequantize_kv_rows if kv_cache.dtype == torch.int8 else (lambda x: x.float())
+            kc = load(kv_cache[0, blocks].permute(1, 0, 2, 3).reshape(n_kv, nb * bs, -1)[:, :ctx])
+            vc = load(kv_cache[1, blocks].permute(1, 0, 2, 3).reshape(n_kv, nb * bs, -1)[:, :ctx])
             kc = kc.repeat_interleave(group, dim=0)
             vc = vc.repeat_interleave(group, dim=0)
             qi = q[qs:qe].float().transpose(0, 1)  # [H, Q, D]

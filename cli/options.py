@@ -98,9 +98,10 @@ _ENGINE = [
                  help="Context length in tokens (default: the model's)."),
     click.option("--kv-cache-memory", type=MemorySize(), default=None,
                  help="KV cache size: bytes (2GiB, 512M) or a fraction of free memory (0.3)."),
-    click.option("--kv-cache-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+    click.option("--kv-cache-dtype", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default=None,
                  help="K/V cache dtype (default: auto, what the k/v projections produce: bfloat16 for "
-                      "packed GGUF weights on the CPU, else the model dtype)."),
+                      "packed GGUF weights on the CPU, else the model dtype). int8 keeps each row's codes and "
+                      "scale: 0.53x bf16's memory, faster batched decode, K/V rounded to 1/254 of their row's max."),
     click.option("--batch-invariant", is_flag=True, default=None,
                  help="Same output for a request alone or in any batch, at some cost in speed "
                       "(also $EDGELLM_BATCH_INVARIANT=1)."),

@@ -34,8 +34,9 @@ def _origins(text: str) -> list[str]:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores)")
-@click.option("--kv-cache-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
-              show_default=True, help="K/V cache dtype; bfloat16 halves its memory")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default="auto",
+              show_default=True, help="K/V cache dtype; bfloat16 halves its memory, int8 (per-row scales) "
+                                      "takes 0.53x bf16's and speeds up batched decode")
 @click.option("--batch-invariant", is_flag=True, default=None,
               help="same output for a request alone or among others, at some cost in speed")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), help="most sequences in one step (default: 256)")

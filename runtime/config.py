@@ -98,7 +98,8 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | rocm | xpu | torch (generic reference)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     # auto: the dtype the k/v projections produce (bf16 for packed GGUF weights on the CPU, else the
-    # model dtype); bfloat16 halves the cache's memory (the CPU kernels widen it exactly)
+    # model dtype); bfloat16 halves the cache's memory (the CPU kernels widen it exactly); int8 stores
+    # each row's codes and scale (quant.kv_int8): 0.53x bf16's bytes, a rounding of K and V
     kv_cache_dtype: str = "auto"
     weights: str = "auto"  # auto (as stored) | dequantize (GGUF tensors to dense)
     block_size: int = 16

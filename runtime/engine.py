@@ -18,6 +18,7 @@ from edgellm.kv_cache import BlockManager
 from edgellm.model_runner import ModelRunner, StepLogits
 from edgellm.models import MODEL_REGISTRY
 from edgellm.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob, Usage
+from edgellm.quant.kv_int8 import row_bytes
 from edgellm.sampler import SampledToken, Sampler, SamplingRow
 from edgellm.sampling_params import SamplingParams
 from edgellm.scheduler import Scheduler, SchedulerOutput
@@ -83,7 +84,7 @@ class LLMEngine:
         bs = config.block_size
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         kv_dtype = self._kv_dtype()
-        bytes_per_block = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bs * kv_dtype.itemsize
+        bytes_per_block = 2 * mc.num_layers * mc.num_kv_heads * row_bytes(mc.head_dim, kv_dtype) * bs
         num_blocks = self._kv_budget() // bytes_per_block
         useful = config.max_num_seqs * -(-self.max_model_len // bs)
         num_blocks = int(min(num_blocks, useful))
@@ -108,6 +109,8 @@ class LLMEngine:
                     bs, num_blocks * bytes_per_block / 2**20)
 
     def _kv_dtype(self) -> torch.dtype:
+        if self.config.kv_cache_dtype == "int8":
+            return torch.int8  # per-row scales (quant.kv_int8); every backend reads it
         if self.config.kv_cache_dtype not in (None, "auto"):
             return self.backend.resolve_dtype(self.config.kv_cache_dtype)
         return self.backend.kv_cache_dtype(self.model.kv_source_dtype)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from edgellm.kernels.cpu import attention_amx_int8
 from edgellm.kernels.cpu.amx import (
     cvt_ne2ps2bf16,
     element_ptr,
@@ -31,6 +32,7 @@ from edgellm.kernels.cpu.amx import (
     tile_store,
     tile_zero,
 )
+from edgellm.kernels.cpu.attention_amx_int8 import attend_decodes_amx_int8
 from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.paged_attention import (
     DECODE_MAX_KEYS,
@@ -54,7 +56,9 @@ MAX_GROUP = 8  # query heads per kv head: hi and lo of each fill at most 16 tile
 
 def supports(kv: np.ndarray, group: int) -> bool:
     """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) and a GQA group
-    size take this kernel."""
+    size take this kernel; int8 caches go to ``attention_amx_int8`` through the same entry points."""
+    if kv.dtype == np.int8:
+        return attention_amx_int8.supports(kv, group)
     return (kv.dtype == np.uint16 and kv.shape[4] == HEAD_DIM and kv.shape[3] % KEY_TILE == 0
             and 1 <= group <= MAX_GROUP)
 
@@ -215,6 +219,18 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
         tile_release()
 
 
+def _attend_decodes(out, q, kv, query_start_loc, block_tables, scale, soft_cap, items, mine, partials, cfg):
+    """The decode items of ``mine`` on tiles: ``_attend_decodes_amx``, or its int8-cache twin."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_attend_decodes)
+def _attend_decodes_impl(out, q, kv, query_start_loc, block_tables, scale, soft_cap, items, mine, partials, cfg):
+    kernel = attend_decodes_amx_int8 if kv.dtype == types.int8 else _attend_decodes_amx
+    return lambda out, q, kv, query_start_loc, block_tables, scale, soft_cap, items, mine, partials, cfg: kernel(
+        out, q, kv, query_start_loc, block_tables, scale, soft_cap, items, mine, partials, cfg)
+
+
 @njit(cache=True)
 def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
                    partials, worker, n_workers, cfg):
@@ -222,7 +238,7 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
     scale32 = np.float32(scale)
     cap32 = np.float32(soft_cap)
     mine = dealt_items(order, worker, n_workers)
-    _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale32, cap32, items, mine, partials, cfg)
+    _attend_decodes(out, q, kv, query_start_loc, block_tables, scale32, cap32, items, mine, partials, cfg)
     for i in range(mine.shape[0]):
         item = mine[i]
         b = items[item, 0]

@@ -3,7 +3,9 @@
 Widening (a 16-bit shift) is exact; narrowing rounds to nearest even, as torch's
 ``.to(torch.bfloat16)`` does, so a kernel that reads and writes bf16 computes the same numbers as
 widening in torch, computing in float32 and converting back. The helpers take float32 rows too, so
-one kernel source serves both dtypes (Numba compiles a version per dtype).
+one kernel source serves both dtypes (Numba compiles a version per dtype). An int8 cache's rows
+(``kv_int8``) take the same helpers: an element widens to its code (times the row's scale, which the
+kernels apply per row), and a store quantizes the row.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
+
+from edgellm.kernels.cpu.kv_int8 import quantize_row
 
 
 @intrinsic
@@ -49,7 +53,7 @@ def round_bits(typingctx, x):
 
 
 def as_f32(x):
-    """An element as float32: itself, or bf16 bits widened (exact)."""
+    """An element as float32: itself, bf16 bits widened (exact), or an int8 code."""
     raise NotImplementedError("only callable from Numba code")
 
 
@@ -59,6 +63,8 @@ def _as_f32_impl(x):
         return lambda x: x
     if x == types.uint16:
         return lambda x: widen_bits(x)
+    if x == types.int8:
+        return lambda x: np.float32(x)
     return None
 
 
@@ -82,7 +88,7 @@ def _load_row_impl(src, scratch):
 
 
 def store_row(dst: np.ndarray, src: np.ndarray) -> None:
-    """Write a float32 row into a float32 or bf16-as-uint16 row."""
+    """Write a float32 row into a float32 or bf16-as-uint16 row, or quantize it into an int8 cache row."""
     raise NotImplementedError("only callable from Numba code")
 
 
@@ -98,4 +104,6 @@ def _store_row_impl(dst, src):
             for d in range(src.shape[0]):
                 dst[d] = round_bits(src[d])
         return round_to_bf16
+    if dst.dtype == types.int8:
+        return lambda dst, src: quantize_row(dst, src)
     return None

@@ -1,8 +1,9 @@
 """Paged attention on the CPU in Numba: prefill chunks and decodes of a ragged batch in one call.
 
 K/V are read in place from the block pool ``kv [2, num_blocks, Hkv, block_size, D]`` through each
-sequence's block table; nothing is gathered. The cache may be float32 or bfloat16 stored as uint16
-(widened per block by a 16-bit shift, which is exact). Work items are (sequence, kv head, query tile):
+sequence's block table; nothing is gathered. The cache may be float32, bfloat16 stored as uint16
+(widened per block by a 16-bit shift, which is exact) or int8 rows with their scales
+(``kv_int8``: ``[..., D + 4]``; scores and probabilities take each row's scale). Work items are (sequence, kv head, query tile):
 each K/V block is read once per tile and shared by the tile's queries and the group's query heads
 (GQA), and a long prefill splits into many tiles so every thread has work even for one sequence.
 Softmax is online (flash style) in float32.
@@ -23,6 +24,7 @@ from edgellm.kernels.cpu.bf16 import as_f32 as _f32
 from edgellm.kernels.cpu.bf16 import load_row, store_row
 from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.expf import exp_f32
+from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, dequantize_block, scale_of
 from edgellm.kernels.cpu.norm_rope import rope_neox_qk
 from edgellm.kernels.cpu.prefetch import prefetch_rows
 
@@ -36,11 +38,23 @@ DECODE_KEYS_PER_ITEM = 256
 DECODE_MAX_KEYS = 2 * DECODE_KEYS_PER_ITEM
 
 
-@njit(inline="always")
 def _block_f32(src, scratch):
-    """A C-contiguous ``[block_size, D]`` K or V block as float32: the block itself, or its bf16
-    bits widened into ``scratch`` (uint32, ``block_size * D`` of them) in one flat pass."""
-    return load_row(src.reshape(-1), scratch).reshape(src.shape)
+    """A C-contiguous ``[block_size, D]`` K or V block as float32: the block itself, its bf16 bits
+    widened into ``scratch`` (uint32, ``block_size * D`` of them) in one flat pass, or an int8
+    block's ``[block_size, D + 4]`` rows dequantized there."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_block_f32, inline="always")
+def _block_f32_impl(src, scratch):
+    if src.dtype == types.int8:
+        def dequantized(src, scratch):
+            n, dim = src.shape[0], src.shape[1] - SCALE_BYTES
+            out = scratch.view(np.float32)[:n * dim].reshape(n, dim)
+            dequantize_block(src, out)
+            return out
+        return dequantized
+    return lambda src, scratch: load_row(src.reshape(-1), scratch).reshape(src.shape)
 
 
 def _head(x, t, h, dim):
@@ -61,8 +75,8 @@ def _head_impl(x, t, h, dim):
 @njit(cache=True)
 def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
     """Store this step's ``k, v [T, Hkv, D]`` (float32 or bf16 bits; ``v`` may also be ``[T, Hkv * D]``
-    rows) at their cache slots; negative slots skip."""
-    block_size, dim = kv.shape[3], kv.shape[4]
+    rows) at their cache slots (int8 caches quantize each row); negative slots skip."""
+    block_size, dim = kv.shape[3], k.shape[2]
     wide = np.empty(dim, np.uint32)
     for t in range(k.shape[0]):
         slot = slot_mapping[t]
@@ -268,16 +282,16 @@ def _attend_decode(out, q, kv, table, lo, hi, t, hk, scale, soft_cap, partials, 
                     a2 += qg[d] * _f32(kb[j + 2, d])
                     a3 += qg[d] * _f32(kb[j + 3, d])
                 o = base + j - lo
-                scores[g, o] = a0
-                scores[g, o + 1] = a1
-                scores[g, o + 2] = a2
-                scores[g, o + 3] = a3
+                scores[g, o] = a0 * scale_of(kb, j, head_dim)
+                scores[g, o + 1] = a1 * scale_of(kb, j + 1, head_dim)
+                scores[g, o + 2] = a2 * scale_of(kb, j + 2, head_dim)
+                scores[g, o + 3] = a3 * scale_of(kb, j + 3, head_dim)
                 j += 4
             while j < j1:
                 a = np.float32(0.0)
                 for d in range(head_dim):
                     a += qg[d] * _f32(kb[j, d])
-                scores[g, base + j - lo] = a
+                scores[g, base + j - lo] = a * scale_of(kb, j, head_dim)
                 j += 1
     _decode_softmax(scores, group, n, soft_cap, maxes, sums)
     acc = np.zeros((group, head_dim), np.float32)
@@ -502,7 +516,8 @@ def rope_attention_step(out: np.ndarray, qkv: np.ndarray, positions: np.ndarray,
 def rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, n_q):
     """The fused steps' first half: q and k of ``qkv`` rotated into new float32 arrays (returned),
     k and v written to their cache slots (v straight from the projection rows)."""
-    n_k, dim = kv.shape[2], kv.shape[4]
+    n_k = kv.shape[2]
+    dim = qkv.shape[1] // (n_q + 2 * n_k)
     q_rot = np.empty((qkv.shape[0], n_q, dim), np.float32)
     k_rot = np.empty((qkv.shape[0], n_k, dim), np.float32)
     rope_neox_qk(qkv, positions, cos_sin, q_rot, k_rot)

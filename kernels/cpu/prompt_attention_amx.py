@@ -12,13 +12,16 @@ and rows, then takes 16 query rows of one head at a time through two tile produc
   pairs (VNNI) into four B tiles per 32 keys; float32 sums, normalized, rounded once to bf16.
 
 The arithmetic is ``prompt_attention_dp``'s (AVX512-BF16): bf16 q and p, float32 softmax and sums.
+An int8 cache (``kv_int8``) is read through the same tiles: an item first dequantizes the K and V
+rows it needs, rounded to bf16 (as torch's flash attention would take them), into a scratch laid out
+as a one-block bf16 cache.
 """
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from edgellm.kernels.cpu.amx import (
     element_ptr,
@@ -30,7 +33,9 @@ from edgellm.kernels.cpu.amx import (
     tile_zero,
 )
 from edgellm.kernels.cpu.attention_amx import HEAD_DIM
+from edgellm.kernels.cpu.bf16 import round_bits
 from edgellm.kernels.cpu.int4_amx import store_bf16_32
+from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, row_scale
 from edgellm.kernels.cpu.paged_attention import FASTMATH, dealt_items
 from edgellm.kernels.cpu.prompt_attention_dp import _plan
 from edgellm.kernels.cpu.softmax16 import softmax_row
@@ -44,9 +49,35 @@ V_CHUNK_HALVES = 4 * 16 * 32  # uint16 of one 32-key chunk's four V B tiles (16 
 
 
 def supports(kv: np.ndarray, group: int) -> bool:
-    """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) fits this kernel
-    (the caller checks the CPU: ``amx.request_amx``)."""
+    """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits, or int8 rows of
+    ``D + 4``) fits this kernel (the caller checks the CPU: ``amx.request_amx``)."""
+    if kv.dtype == np.int8:
+        return kv.shape[4] == HEAD_DIM + SCALE_BYTES and 1 <= group <= 16
     return kv.dtype == np.uint16 and kv.shape[4] == HEAD_DIM and 1 <= group <= 16
+
+
+def _bf16_source(kv, kv32, table, hk, keys, deq, deq32, table0):
+    """``(cache, its uint32 view, block table, kv head)`` for ``_gather`` to read keys ``0:keys``
+    of kv head ``hk`` from: a bf16 cache itself, or an int8 cache's rows dequantized into ``deq``
+    (``[2, 1, 1, >= keys, 64]`` uint16, ``deq32`` its uint32 view; ``table0 = [0]``)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_bf16_source, inline="always")
+def _bf16_source_impl(kv, kv32, table, hk, keys, deq, deq32, table0):
+    if kv.dtype == types.int8:
+        def dequantized(kv, kv32, table, hk, keys, deq, deq32, table0):
+            block_size = kv.shape[3]
+            for plane in range(2):
+                for j in range(keys):
+                    row = kv[plane, table[j // block_size], hk, j % block_size]
+                    s = row_scale(row, HEAD_DIM)
+                    dst = deq[plane, 0, 0, j]
+                    for d in range(HEAD_DIM):
+                        dst[d] = round_bits(np.float32(row[d]) * s)
+            return deq, deq32, table0, 0
+        return dequantized
+    return lambda kv, kv32, table, hk, keys, deq, deq32, table0: (kv, kv32, table, hk)
 
 
 @intrinsic
@@ -136,13 +167,14 @@ def _gather(kv, kv32, table, hk, keys, kt, vt, k_rows, zero_row):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _attend_item(out, q_flat, kv, kv32, table, q0, n, ctx, hk, r0, r1, scale, kt, vt, qrow, qa, scores, pa,
-                 obuf, inv, k_rows, zero_row):
+                 obuf, inv, k_rows, zero_row, deq, deq32, table0):
     """Rows ``r0:r1`` of one sequence's chunk (``n`` rows from ``q0``, ``ctx`` keys with the chunk's
     own) for kv head ``hk``'s query heads; the tiles are configured."""
     n_heads = out.shape[1]
     group = n_heads // kv.shape[2]
     keys = ctx - n + r1  # what the item's last row sees
-    _gather(kv, kv32, table, hk, keys, kt, vt, k_rows, zero_row)
+    src, src32, src_table, src_hk = _bf16_source(kv, kv32, table, hk, keys, deq, deq32, table0)
+    _gather(src, src32, src_table, src_hk, keys, kt, vt, k_rows, zero_row)
     out_flat = out.reshape(-1)
     for t0 in range(r0, r1, ROWS):  # the group's heads of a row are adjacent in q and out
         rows = min(ROWS, r1 - t0)
@@ -236,6 +268,9 @@ def prompt_attention_amx(out, q, kv, starts, lens, block_tables, s0, s1, scale, 
         k_rows = np.empty(KEY_TILE, np.int64)
         zero_row = np.zeros(HEAD_DIM, np.uint16)
         kv32 = kv.reshape(-1).view(np.uint32)
+        deq = np.empty((2, 1, 1, width if kv.itemsize == 1 else 2, HEAD_DIM), np.uint16)  # int8 caches only
+        deq32 = deq.reshape(-1).view(np.uint32)
+        table0 = np.zeros(1, np.int32)
         q_flat = q.reshape(-1)
         mine = dealt_items(order, w, workers)
         if mine.shape[0]:
@@ -243,5 +278,6 @@ def prompt_attention_amx(out, q, kv, starts, lens, block_tables, s0, s1, scale, 
             for i in range(mine.shape[0]):
                 s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
                 _attend_item(out, q_flat, kv, kv32, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s],
-                             hk, r0, r1, s32, kt, vt, qrow, qa, scores, pa, obuf, inv, k_rows, zero_row)
+                             hk, r0, r1, s32, kt, vt, qrow, qa, scores, pa, obuf, inv, k_rows, zero_row, deq,
+                             deq32, table0)
             tile_release()

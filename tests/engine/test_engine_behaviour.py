@@ -135,6 +135,27 @@ def test_bf16_kv_cache_holds_twice_the_tokens_and_answers_the_same(smollm2_gguf)
     assert dense.engine.kv_caches[0].dtype == torch.float32
 
 
+def test_int8_kv_cache_holds_1_9x_the_tokens_and_still_answers(smollm2_gguf):
+    """int8 rows (64 codes and a float32 scale, 68 bytes) against bf16's 128: 1.88x the blocks in the
+    same memory; prefix reuse and copy-on-write work on it like any cache."""
+    llm = LLM(str(smollm2_gguf), kv_cache_dtype="int8", kv_cache_memory=64 << 20)
+    bf16 = LLM(str(smollm2_gguf), kv_cache_memory=64 << 20)
+    cache = llm.engine.kv_caches[0]
+    assert cache.dtype == torch.int8 and cache.shape[-1] == llm.engine.model_config.head_dim + 4
+    assert llm.engine.block_manager.num_blocks == bf16.engine.block_manager.num_blocks * 128 // 68
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    out = llm.chat([{"role": "user", "content": "List three prime numbers."}], greedy).outputs[0].text
+    assert "2" in out and "3" in out and "5" in out
+    assert llm.generate(["1, 2, 3, 4, 5,"], greedy)[0].outputs[0].text.startswith(" 6, 7, 8")
+    count = ", ".join(str(i) for i in range(1, 30)) + ","
+    first = llm.generate([count], greedy)[0].outputs[0].token_ids
+    hits = llm.engine.block_manager.prefix_hits
+    forks = llm.generate([count], SamplingParams(temperature=0, max_tokens=16, n=3, seed=1))
+    assert llm.engine.block_manager.prefix_hits > hits  # the prompt's full blocks, read back from int8
+    assert all(o.token_ids == first for o in forks[0].outputs)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
 def test_kv_pool_is_made_resident_ahead_of_use(q4_llm):
     from edgellm.model_runner import RESIDENT_AHEAD
     from tests.kernels.test_cpu_memory import _resident_pages

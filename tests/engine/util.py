@@ -22,6 +22,28 @@ def full_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
         engine.block_manager.free_seq(seq)
 
 
+def forced_decode_logits(engine: LLMEngine, prompt: list[int], forced: list[int]) -> torch.Tensor:
+    """The logits that predict each of ``forced``: the prompt's last position (one prefill), then one
+    decode step per forced token, as generation runs them (the decode kernels, not the prompt ones)."""
+    req = engine.make_request("forced-decode", prompt)
+    seq = Sequence(req, 0, list(prompt), len(prompt))
+    assert engine.block_manager.allocate_slots(seq, len(prompt) + len(forced)) is not None
+    rows = []
+    try:
+        step = len(prompt)
+        for tok in [None, *forced[:-1]]:
+            if tok is not None:
+                seq.token_ids.append(tok)
+            inp = engine.runner.prepare(SchedulerOutput([ScheduledSeq(seq, step, True)]))
+            hidden = engine.model.forward(inp.input_ids, inp.positions, engine.kv_caches, inp.meta)
+            rows.append(engine.model.compute_logits(hidden[-1:]).float()[0])
+            seq.num_computed_tokens += step
+            step = 1
+        return torch.stack(rows)
+    finally:
+        engine.block_manager.free_seq(seq)
+
+
 @torch.inference_mode()
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy decoding with transformers' model and KV cache, never stopping early."""

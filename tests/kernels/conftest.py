@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgellm.backends.base import AttentionMetadata
+from edgellm.quant.kv_int8 import quantize_kv_rows
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]
 
@@ -14,11 +15,13 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionM
 def make_batch(seqs: list[tuple[int, int]], n_heads: int, n_kv: int, head_dim: int, block_size: int,
                kv_dtype: torch.dtype = torch.float32, seed: int = 0) -> Batch:
     """``seqs`` is ``[(context length after this step, new tokens)]``; earlier context is random data
-    already in the cache, blocks are drawn from a shuffled pool (with spare blocks holding garbage)."""
+    already in the cache, blocks are drawn from a shuffled pool (with spare blocks holding garbage).
+    An int8 cache holds the random values quantized, with their scales (``quant.kv_int8``)."""
     g = torch.Generator().manual_seed(seed)
     needed = [(ctx + block_size - 1) // block_size for ctx, _ in seqs]
     n_blocks = sum(needed) + 5
-    kv = torch.randn(2, n_blocks, n_kv, block_size, head_dim, generator=g).to(kv_dtype)
+    kv = torch.randn(2, n_blocks, n_kv, block_size, head_dim, generator=g)
+    kv = quantize_kv_rows(kv) if kv_dtype == torch.int8 else kv.to(kv_dtype)
     pool = torch.randperm(n_blocks, generator=g)
     tables = torch.zeros(len(seqs), max(needed) + 2, dtype=torch.int32)  # padded wider than needed
     slots, starts, used = [], [0], 0

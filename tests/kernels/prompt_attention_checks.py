@@ -6,13 +6,17 @@ import torch
 
 from edgellm.backends import cpu as cpu_backend
 from edgellm.kernels.cpu.paged_attention import write_kv
+from edgellm.quant.kv_int8 import SCALE_BYTES, dequantize_kv_rows
 from tests.kernels.conftest import make_batch
 
 TOLERANCE = 2.0 ** -7  # q and the probabilities in bf16 (as the flash attention path takes them), one rounding out
 
 
 def reference(q, kv, meta, scale):
-    """float64 causal attention of every sequence's rows over its cached keys."""
+    """float64 causal attention of every sequence's rows over its cached keys (an int8 cache's
+    dequantized)."""
+    if kv.dtype == torch.int8:
+        kv = dequantize_kv_rows(kv)
     n_heads, n_kv, dim = q.shape[1], kv.shape[2], kv.shape[4]
     outs = []
     for s, ctx in enumerate(meta.seq_lens_list):
@@ -27,18 +31,22 @@ def reference(q, kv, meta, scale):
     return torch.cat(outs)
 
 
-def poisoned_batch(seqs, n_heads, n_kv, dim, block_size, seed=0):
-    """``(q, kv, meta, out)``: ``make_batch``'s K/V written to the bf16 cache, every slot no sequence
-    owns set to NaN (a kernel reading one fails the comparison), ``out`` a NaN bf16 ``[T, H, D]``."""
-    q, k, v, kv, meta = make_batch(seqs, n_heads, n_kv, dim, block_size, torch.bfloat16, seed=seed)
+def poisoned_batch(seqs, n_heads, n_kv, dim, block_size, seed=0, kv_dtype=torch.bfloat16):
+    """``(q, kv, meta, out)``: ``make_batch``'s K/V written to the bf16 (or int8) cache, every slot no
+    sequence owns set to NaN (int8: NaN scales; a kernel reading one fails the comparison), ``out`` a
+    NaN bf16 ``[T, H, D]``."""
+    q, k, v, kv, meta = make_batch(seqs, n_heads, n_kv, dim, block_size, kv_dtype, seed=seed)
+    poison = (torch.full((SCALE_BYTES // 4,), float("nan")).view(torch.int8) if kv_dtype == torch.int8
+              else float("nan"))
+    scales = slice(dim, None) if kv_dtype == torch.int8 else slice(None)
     used = {int(b) for s, (ctx, _) in enumerate(seqs) for b in meta.block_tables[s][: -(-ctx // block_size)]}
     for b in set(range(kv.shape[1])) - used:
-        kv[:, b] = float("nan")
+        kv[:, b, ..., scales] = poison
     for s, (ctx, _) in enumerate(seqs):  # and the slots past each sequence's end
         last = int(meta.block_tables[s][(ctx - 1) // block_size])
-        kv[:, last, :, (ctx - 1) % block_size + 1:] = float("nan")
-    write_kv(kv.view(torch.uint16).numpy(), k.numpy(), v.bfloat16().view(torch.uint16).numpy(),
-             meta.slot_mapping.numpy())
+        kv[:, last, :, (ctx - 1) % block_size + 1:, scales] = poison
+    cache = kv.numpy() if kv_dtype == torch.int8 else kv.view(torch.uint16).numpy()
+    write_kv(cache, k.numpy(), v.bfloat16().view(torch.uint16).numpy(), meta.slot_mapping.numpy())
     return q, kv, meta, torch.full((q.shape[0], n_heads, dim), float("nan"), dtype=torch.bfloat16)
 
 

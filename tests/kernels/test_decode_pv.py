@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from edgellm.kernels.cpu.decode_pv import _decode_pv_loop, decode_pv
+from edgellm.quant.kv_int8 import dequantize_kv_rows, quantize_kv_rows
 
 
 def reference(kv, table, lo, hi, hk, scores, acc0):
-    v = kv[1].astype(np.float32) if kv.dtype == np.float32 else (kv[1].astype(np.uint32) << 16).view(np.float32)
+    if kv.dtype == np.int8:
+        v = dequantize_kv_rows(torch.from_numpy(kv[1])).numpy()
+    elif kv.dtype == np.float32:
+        v = kv[1].astype(np.float32)
+    else:
+        v = (kv[1].astype(np.uint32) << 16).view(np.float32)
     rows = np.stack([v[table[j // kv.shape[3]], hk, j % kv.shape[3]] for j in range(lo, hi)]).astype(np.float64)
     return acc0.astype(np.float64) + scores[:, : hi - lo].astype(np.float64) @ rows
 
@@ -17,12 +24,14 @@ def cache(rng, dtype, blocks, n_kv, block_size, dim):
     if dtype == np.uint16:  # bf16 bits of values in [-4, 4]
         x = rng.uniform(-4, 4, (2, blocks, n_kv, block_size, dim)).astype(np.float32)
         return (x.view(np.uint32) >> 16).astype(np.uint16)
+    if dtype == np.int8:  # codes and a float32 scale per row
+        return quantize_kv_rows(torch.from_numpy(rng.standard_normal((2, blocks, n_kv, block_size, dim)))).numpy()
     return rng.standard_normal((2, blocks, n_kv, block_size, dim)).astype(np.float32)
 
 
 @pytest.mark.parametrize("dim", [64, 128, 256, 80])  # 80: no register form, the plain loop
 @pytest.mark.parametrize("group", [1, 3, 4, 5, 8, 16])
-@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.int8])
 def test_decode_pv_matches_float64(dim, group, dtype):
     rng = np.random.default_rng(dim * 100 + group)
     block_size, n_kv, blocks = 16, 2, 24

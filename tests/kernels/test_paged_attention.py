@@ -8,6 +8,7 @@ import torch
 from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.paged_attention import paged_attention_step, write_kv
+from edgellm.quant.kv_int8 import dequantize_kv_rows, quantize_kv_rows
 
 REF = TorchBackend()
 CPU = CPUBackend(threads=2, warmup=False, batch_invariant=False)
@@ -34,11 +35,14 @@ def check_one(backend, q, k, v, kv, meta, scale, window, cap, q_dtype) -> None:
     assert got.dtype == q_dtype
     if q_dtype == torch.float32:
         assert torch.equal(kv_cpu, kv_ref), "K/V must land in exactly the reference's slots and bits"
-        if kv.dtype == torch.bfloat16 and not backend.batch_invariant:
-            # prompt chunks on a bf16 cache run flash attention in bf16 (q rounds); decodes stay exact
-            dec = meta.num_decode_tokens
+        dec = meta.num_decode_tokens
+        if kv.dtype in (torch.bfloat16, torch.int8) and not backend.batch_invariant:
+            # prompt chunks on a bf16 or int8 cache run flash attention in bf16 (q rounds); decodes stay exact
             torch.testing.assert_close(got[dec:], want[dec:], rtol=2e-2, atol=2e-2)
             got, want = got[:dec], want[:dec]
+        if kv.dtype == torch.int8:  # on AMX-INT8 tiles q enters as 16-bit hi + lo bytes
+            torch.testing.assert_close(got[:dec], want[:dec], rtol=1e-4, atol=1e-4)
+            got, want = got[dec:], want[dec:]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
@@ -60,6 +64,29 @@ def test_sliding_window_and_soft_cap(paged_batch, window, cap):
 @pytest.mark.parametrize("block_size", [8, 16])
 def test_bf16_cache_matches_reference(paged_batch, block_size):
     check(*paged_batch(ragged(block_size), 9, 3, 64, block_size, kv_dtype=torch.bfloat16, seed=2))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+def test_int8_cache_matches_reference(paged_batch, head_dim, group, block_size):
+    """The reference reads the same int8 rows dequantized; writes must quantize bit for bit alike."""
+    check(*paged_batch(ragged(block_size), group * 2, 2, head_dim, block_size, kv_dtype=torch.int8, seed=group))
+
+
+@pytest.mark.parametrize("window, cap", [(None, None), (7, None), (None, 30.0), (300, None)])
+def test_int8_cache_on_the_avx512_kernel_matches_reference(paged_batch, window, cap):
+    """The kernel CPUs without AMX take (and batch-invariant prompts on any): dequantized exactly."""
+    n = 256
+    q, k, v, kv, meta = paged_batch([(2 * n + 37, 1), (n + 1, 1), (5, 1), (40, 40), (70, 33)], 9, 3, 64, 16,
+                                    kv_dtype=torch.int8, seed=11)
+    want = REF.attention(q, k, v, kv.clone(), meta, 0.125, window, cap)
+    for threads in (1, 2):
+        out, cache = np.empty(q.shape, np.float32), kv.clone()
+        paged_attention_step(out, q.numpy(), k.numpy(), v.numpy(), cache.numpy(), meta.slot_mapping.numpy(),
+                             meta.query_start_loc.numpy(), meta.seq_lens.numpy(), meta.block_tables.numpy(),
+                             0.125, window or 0, cap or 0.0, 16, threads)
+        torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_queries_are_converted_at_the_edge(paged_batch):
@@ -99,6 +126,25 @@ def test_write_kv_rounds_to_bf16_like_torch_and_skips_padding():
     assert flat[:, [1, 3, 4, 6, 7, 8, 9, 10]].float().abs().sum() == 0
 
 
+def test_write_kv_quantizes_int8_rows_like_the_reference_and_skips_padding():
+    """Codes and scale per (token, head) row, bit for bit ``quant.kv_int8``'s; zero rows get scale 0."""
+    k = torch.randn(5, 2, 64) * torch.logspace(-20, 20, 5)[:, None, None]
+    k[1, 1] = 0.0
+    k[3, 0, 7] = 1e4  # one outlier sets its row's scale
+    v = -k
+    cache = torch.zeros(2, 3, 2, 4, 68, dtype=torch.int8)
+    slots = torch.tensor([0, 5, -1, 11, 2])
+    write_kv(cache.numpy(), k.numpy(), v.bfloat16().view(torch.uint16).numpy(), slots.numpy())
+    flat = cache.permute(0, 1, 3, 2, 4).reshape(2, 12, 2, 68)
+    keep = slots >= 0
+    assert torch.equal(flat[0, slots[keep]], quantize_kv_rows(k[keep]))
+    assert torch.equal(flat[1, slots[keep]], quantize_kv_rows(v[keep].bfloat16()))
+    assert torch.equal(dequantize_kv_rows(flat[0, 5, 1]), torch.zeros(64))
+    back = dequantize_kv_rows(flat[0, slots[keep]])
+    assert ((back - k[keep]).abs() <= k[keep].abs().amax(-1, keepdim=True) / 254 * 1.0001).all()
+    assert flat[:, [1, 3, 4, 6, 7, 8, 9, 10]].abs().sum() == 0
+
+
 @pytest.mark.parametrize("window", [None, 300])
 def test_long_decodes_split_across_threads_and_merge(paged_batch, window):
     """Contexts past DECODE_KEYS_PER_ITEM keys are attended in ranges and merged (flash-decoding)."""
@@ -107,6 +153,8 @@ def test_long_decodes_split_across_threads_and_merge(paged_batch, window):
     n = DECODE_KEYS_PER_ITEM
     check(*paged_batch([(2 * n + 37, 1), (n + 1, 1), (n, 1), (3 * n, 1)], 9, 3, 64, 16, seed=7), window=window)
     check(*paged_batch([(2 * n + 37, 1), (60, 60)], 6, 2, 64, 16, seed=8), window=window)
+    check(*paged_batch([(2 * n + 37, 1), (n + 1, 1), (60, 60)], 9, 3, 64, 16, kv_dtype=torch.int8, seed=8),
+          window=window)
 
 
 def test_long_decodes_split_into_equal_whole_tile_ranges():
@@ -142,7 +190,7 @@ def test_metadata_without_host_lists_reads_the_tensors(paged_batch):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_v_as_a_bf16_view_of_the_projection_equals_v_widened_first(paged_batch, kv_dtype):
     """The model hands attention float32 q, k (rotated) and v as a strided bf16 view of the qkv
     output; the kernels widen v as they store it: same cache bits and output as a float32 v."""

@@ -20,10 +20,11 @@ from tests.kernels.prompt_attention_checks import (
 pytestmark = pytest.mark.skipif(not request_amx(), reason="this CPU has no AMX")
 
 
-def run(seqs, n_heads, n_kv, block_size, threads=2, seed=0):
-    q, kv, meta, out = poisoned_batch(seqs, n_heads, n_kv, 64, block_size, seed)
+def run(seqs, n_heads, n_kv, block_size, threads=2, seed=0, kv_dtype=torch.bfloat16):
+    q, kv, meta, out = poisoned_batch(seqs, n_heads, n_kv, 64, block_size, seed, kv_dtype)
     scale = 64 ** -0.5
-    prompt_attention_amx(out.view(torch.uint16).numpy(), q.numpy(), kv.view(torch.uint16).numpy(),
+    cache = kv.numpy() if kv_dtype == torch.int8 else kv.view(torch.uint16).numpy()
+    prompt_attention_amx(out.view(torch.uint16).numpy(), q.numpy(), cache,
                          meta.query_start_loc.numpy(), meta.seq_lens.numpy(), meta.block_tables.numpy(), 0, len(seqs),
                          scale, make_config(), threads)
     return out, reference(q, kv, meta, scale)
@@ -34,6 +35,13 @@ def run(seqs, n_heads, n_kv, block_size, threads=2, seed=0):
 @pytest.mark.parametrize("n_heads, n_kv, block_size", [(9, 3, 16), (4, 1, 32), (8, 8, 16), (16, 2, 16), (6, 2, 8)])
 def test_matches_float64(seqs, n_heads, n_kv, block_size):
     assert_close(*run(seqs, n_heads, n_kv, block_size))
+
+
+@pytest.mark.parametrize("seqs", [[(1, 1)], [(163, 163)], [(300, 100), (50, 50), (700, 130)], [(65, 2), (129, 129)]])
+@pytest.mark.parametrize("n_heads, n_kv, block_size", [(9, 3, 16), (4, 1, 32), (6, 2, 8)])
+def test_int8_cache_matches_float64(seqs, n_heads, n_kv, block_size):
+    """int8 rows dequantized into bf16 tiles: the reference reads the same rows dequantized."""
+    assert_close(*run(seqs, n_heads, n_kv, block_size, kv_dtype=torch.int8))
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -1,0 +1,137 @@
+"""Decode attention on AMX-INT8 tiles, for an int8 KV cache (``kv_int8``) with head size 64.
+
+The bf16 kernel (``attention_amx``) scores 16 keys with two tile loads and two ``tdpbf16ps``; here the
+int8 K rows (64 codes, then their scale: 68 bytes apart) are one A tile, multiplied by ``tdpbssd``
+with q as signed bytes, exactly, in int32. q keeps 16 bits: each head's row is scaled to
+``x = q / s_q`` in ``[-127, 127]`` and split into ``hi = round(x)`` and ``lo = round((x - hi) * 254)``,
+two columns of the B tile, so ``score = (C_hi + C_lo / 254) * s_q * s_k`` (``s_k`` the key row's
+scale) differs from the float32 dot product of q with the dequantized keys by less than
+``|k|_1 * s_k * s_q / 508``. The softmax and ``p @ V`` (``decode_pv``, V's scale folded into p) are
+the other kernels'. Per 16 keys the cache reads 1088 bytes instead of bf16's 4096 for K and V.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from edgellm.kernels.cpu.amx import tile_config, tile_dp_bssd, tile_load, tile_release, tile_store, tile_zero
+from edgellm.kernels.cpu.decode_pv import decode_pv
+from edgellm.kernels.cpu.kv_int8 import QMAX, SCALE_BYTES, row_scale
+from edgellm.kernels.cpu.paged_attention import DECODE_MAX_KEYS, _decode_finish, _decode_softmax, _exp_rows
+from edgellm.kernels.cpu.prefetch import prefetch
+
+HEAD_DIM = 64
+ROW = HEAD_DIM + SCALE_BYTES  # bytes from one cache row to the next
+KEY_TILE = 16
+MAX_GROUP = 8  # hi and lo columns of each query head fill at most the 16 of a B tile
+LO_SCALE = 254.0  # q's second byte carries the remainder of the first times this
+CACHE_LINE = 64
+
+
+def supports(kv: np.ndarray, group: int) -> bool:
+    """Whether an int8 cache ``kv [2, blocks, Hkv, block_size, 64 + 4]`` and a GQA group size take
+    this kernel (the caller checks the CPU)."""
+    return (kv.dtype == np.int8 and kv.shape[4] == ROW and kv.shape[3] % KEY_TILE == 0
+            and 1 <= group <= MAX_GROUP)
+
+
+@njit(cache=True, inline="always")
+def _row(kv, table, hk, key):
+    """Flat byte index of ``kv[0, table[key // block_size], hk, key % block_size, 0]``."""
+    block_size = kv.shape[3]
+    return ((table[key // block_size] * kv.shape[2] + hk) * block_size + key % block_size) * ROW
+
+
+@njit(cache=True)
+def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, soft_cap, items, mine, partials,
+                            cfg):
+    """``attention_amx._attend_decodes_amx`` for an int8 cache: the same items, outputs and partials."""
+    group = q.shape[1] // kv.shape[2]
+    # B tile: row r holds dims 4r..4r+3 of each column, hi columns 0..group-1 then lo ones
+    qb = np.zeros((KEY_TILE, 64), np.int8)
+    sc = np.empty((DECODE_MAX_KEYS + 2 * KEY_TILE, 16), np.int32)
+    k_scales = np.empty(DECODE_MAX_KEYS + 2 * KEY_TILE, np.float32)
+    scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
+    q_scales = np.empty(group, np.float32)
+    q_flat, flat, sc_flat = q.reshape(-1), kv.reshape(-1), sc.reshape(-1)
+    q_row = np.empty(HEAD_DIM, np.float32)
+    acc = np.empty((group, HEAD_DIM), np.float32)
+    maxes = np.empty(group, np.float32)
+    sums = np.empty(group, np.float32)
+    v_off = kv.shape[1] * kv.shape[2] * kv.shape[3] * ROW  # kv[1] starts here
+    lo_inv = np.float32(1.0 / LO_SCALE)
+    configured = False
+    for m in range(mine.shape[0]):
+        item = mine[m]
+        b = items[item, 0]
+        t = query_start_loc[b]
+        if query_start_loc[b + 1] - t != 1:
+            continue
+        if not configured:
+            tile_config(cfg)
+            configured = True
+        table = block_tables[b]
+        hk, lo, hi, slot = items[item, 1], items[item, 4], items[item, 5], items[item, 6]
+        n = hi - lo
+        for g in range(group):
+            base = (t * q.shape[1] + hk * group + g) * HEAD_DIM
+            amax = np.float32(0.0)
+            for d in range(HEAD_DIM):
+                q_row[d] = q_flat[base + d] * scale
+                amax = max(amax, abs(q_row[d]))
+            inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
+            q_scales[g] = amax / np.float32(QMAX)
+            for d in range(HEAD_DIM):
+                x = q_row[d] * inv
+                h = np.rint(x)
+                qb[d // 4, 4 * g + d % 4] = np.int8(h)
+                qb[d // 4, 4 * (group + g) + d % 4] = np.int8(np.rint((x - h) * np.float32(LO_SCALE)))
+        tile_load(2, qb, 0, 64)
+        t_first = lo // KEY_TILE
+        n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
+        for i in range(0, n_tiles, 2):
+            # scattered blocks start the hardware prefetchers cold: ask for these keys' V rows (read by
+            # p @ V below) and the K rows two tiles ahead
+            for j in range(i, min(i + 2, n_tiles)):
+                v_row = v_off + _row(kv, table, hk, (t_first + j) * KEY_TILE)
+                for e in range(0, KEY_TILE * ROW, CACHE_LINE):
+                    prefetch(flat, v_row + e)
+                if j + 2 < n_tiles:
+                    k_row = _row(kv, table, hk, (t_first + j + 2) * KEY_TILE)
+                    for e in range(0, KEY_TILE * ROW, CACHE_LINE):
+                        prefetch(flat, k_row + e)
+            tile_zero(0)
+            row = _row(kv, table, hk, (t_first + i) * KEY_TILE)
+            tile_load(1, flat, row, ROW)
+            tile_dp_bssd(0, 1, 2)
+            if i + 1 < n_tiles:
+                tile_zero(3)
+                row2 = _row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
+                tile_load(4, flat, row2, ROW)
+                tile_dp_bssd(3, 4, 2)
+                tile_store(3, sc, (i + 1) * KEY_TILE * 16, 64)
+                for e in range(KEY_TILE):
+                    k_scales[(i + 1) * KEY_TILE + e] = row_scale(flat, row2 + e * ROW + HEAD_DIM)
+            tile_store(0, sc, i * KEY_TILE * 16, 64)
+            for e in range(KEY_TILE):
+                k_scales[i * KEY_TILE + e] = row_scale(flat, row + e * ROW + HEAD_DIM)
+        off = lo - t_first * KEY_TILE
+        for g in range(group):
+            s_row = scores[g]
+            qs = q_scales[g]
+            mx = np.float32(-np.inf)
+            for j in range(n):
+                c = (off + j) * 16 + g
+                x = (np.float32(sc_flat[c]) + np.float32(sc_flat[c + group]) * lo_inv) * (qs * k_scales[off + j])
+                s_row[j] = x
+                mx = max(mx, x)
+            maxes[g] = mx
+        if soft_cap > 0:
+            _decode_softmax(scores, group, n, soft_cap, maxes, sums)
+        else:
+            _exp_rows(scores, maxes, sums, group, n)
+        acc[:] = 0.0
+        decode_pv(kv, table, lo, hi, hk, scores, acc)
+        _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
+    if configured:
+        tile_release()
