@@ -44,9 +44,11 @@ from edgellm.kernels.cpu.paged_attention import (
     _plan,
     dealt_items,
     rope_and_write,
+    row_max,
     write_kv,
 )
 from edgellm.kernels.cpu.prefetch import prefetch
+from edgellm.kernels.cpu.score_tiles import tile_scores
 
 HEAD_DIM = 64
 KEY_TILE = 16  # keys per scores tile (one A tile of K rows)
@@ -125,7 +127,9 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
     q_hi = np.empty(HEAD_DIM, np.uint16)
     q_lo = np.empty(HEAD_DIM, np.uint16)
     hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
-    flat, sc_flat = kv.reshape(-1), sc.reshape(-1)
+    flat, sc_flat, scores_flat = kv.reshape(-1), sc.reshape(-1), scores.reshape(-1)
+    lane_max = np.empty(16 * group, np.float32)
+    unused = np.zeros(16, np.float32)  # tile_scores' int8 scales
     acc = np.empty((group, HEAD_DIM), np.float32)
     maxes = np.empty(group, np.float32)
     sums = np.empty(group, np.float32)
@@ -185,28 +189,14 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
                 tile_dp_bf16(5, 7, 3)
                 tile_store(5, sc, (i + 1) * KEY_TILE * 16, 64)
             tile_store(0, sc, i * KEY_TILE * 16, 64)
-        # each head's scores (hi and lo columns summed) and their max: four keys a pass, four running
-        # maxima (one max chain is a 4-cycle latency per key)
+        # each head's scores (hi and lo columns summed) and their max, 16 keys a vector (``score_tiles``)
+        lane_max[:] = -np.inf
         off = lo - t_first * KEY_TILE
+        for i in range(n_tiles):
+            tile_scores(sc_flat, i * KEY_TILE * 16, scores_flat, i * KEY_TILE - off, scores.shape[1], n, group,
+                        unused, unused, 0, lane_max)
         for g in range(group):
-            row = scores[g]
-            h0, l0 = off * 16 + g, off * 16 + group + g
-            m0 = m1 = m2 = m3 = np.float32(-np.inf)
-            j = 0
-            while j + 4 <= n:
-                s0 = sc_flat[h0 + 16 * j] + sc_flat[l0 + 16 * j]
-                s1 = sc_flat[h0 + 16 * j + 16] + sc_flat[l0 + 16 * j + 16]
-                s2 = sc_flat[h0 + 16 * j + 32] + sc_flat[l0 + 16 * j + 32]
-                s3 = sc_flat[h0 + 16 * j + 48] + sc_flat[l0 + 16 * j + 48]
-                row[j], row[j + 1], row[j + 2], row[j + 3] = s0, s1, s2, s3
-                m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
-                j += 4
-            while j < n:
-                s0 = sc_flat[h0 + 16 * j] + sc_flat[l0 + 16 * j]
-                row[j] = s0
-                m0 = max(m0, s0)
-                j += 1
-            maxes[g] = max(max(m0, m1), max(m2, m3))
+            maxes[g] = row_max(lane_max[16 * g:16 * g + 16], 16)
         if soft_cap > 0:
             _decode_softmax(scores, group, n, soft_cap, maxes, sums)
         else:

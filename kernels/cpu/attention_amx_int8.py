@@ -17,8 +17,15 @@ from numba import njit
 from edgellm.kernels.cpu.amx import tile_config, tile_dp_bssd, tile_load, tile_release, tile_store, tile_zero
 from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.kv_int8 import QMAX, SCALE_BYTES, row_scale
-from edgellm.kernels.cpu.paged_attention import DECODE_MAX_KEYS, _decode_finish, _decode_softmax, _exp_rows
+from edgellm.kernels.cpu.paged_attention import (
+    DECODE_MAX_KEYS,
+    _decode_finish,
+    _decode_softmax,
+    _exp_rows,
+    row_max,
+)
 from edgellm.kernels.cpu.prefetch import prefetch
+from edgellm.kernels.cpu.score_tiles import tile_scores
 
 HEAD_DIM = 64
 ROW = HEAD_DIM + SCALE_BYTES  # bytes from one cache row to the next
@@ -53,13 +60,16 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
     k_scales = np.empty(DECODE_MAX_KEYS + 2 * KEY_TILE, np.float32)
     scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
     q_scales = np.empty(group, np.float32)
-    q_flat, flat, sc_flat = q.reshape(-1), kv.reshape(-1), sc.reshape(-1)
+    q_flat, flat, sc_flat, scores_flat = q.reshape(-1), kv.reshape(-1), sc.reshape(-1), scores.reshape(-1)
     q_row = np.empty(HEAD_DIM, np.float32)
+    q_hi = np.empty(HEAD_DIM, np.int8)
+    q_lo = np.empty(HEAD_DIM, np.int8)
+    qb32, hi32, lo32 = qb.reshape(-1).view(np.uint32), q_hi.view(np.uint32), q_lo.view(np.uint32)
     acc = np.empty((group, HEAD_DIM), np.float32)
     maxes = np.empty(group, np.float32)
+    lane_max = np.empty(16 * group, np.float32)
     sums = np.empty(group, np.float32)
     v_off = kv.shape[1] * kv.shape[2] * kv.shape[3] * ROW  # kv[1] starts here
-    lo_inv = np.float32(1.0 / LO_SCALE)
     configured = False
     for m in range(mine.shape[0]):
         item = mine[m]
@@ -75,17 +85,19 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
         n = hi - lo
         for g in range(group):
             base = (t * q.shape[1] + hk * group + g) * HEAD_DIM
-            amax = np.float32(0.0)
             for d in range(HEAD_DIM):
-                q_row[d] = q_flat[base + d] * scale
-                amax = max(amax, abs(q_row[d]))
+                q_row[d] = abs(q_flat[base + d] * scale)
+            amax = row_max(q_row, HEAD_DIM)
             inv = np.float32(QMAX) / amax if amax > 0 else np.float32(0.0)
             q_scales[g] = amax / np.float32(QMAX)
             for d in range(HEAD_DIM):
-                x = q_row[d] * inv
+                x = q_flat[base + d] * scale * inv
                 h = np.rint(x)
-                qb[d // 4, 4 * g + d % 4] = np.int8(h)
-                qb[d // 4, 4 * (group + g) + d % 4] = np.int8(np.rint((x - h) * np.float32(LO_SCALE)))
+                q_hi[d] = np.int8(h)
+                q_lo[d] = np.int8(np.rint((x - h) * np.float32(LO_SCALE)))
+            for r in range(HEAD_DIM // 4):  # four dims a word: B row r, columns g and group + g
+                qb32[16 * r + g] = hi32[r]
+                qb32[16 * r + group + g] = lo32[r]
         tile_load(2, qb, 0, 64)
         t_first = lo // KEY_TILE
         n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
@@ -115,17 +127,14 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
             tile_store(0, sc, i * KEY_TILE * 16, 64)
             for e in range(KEY_TILE):
                 k_scales[i * KEY_TILE + e] = row_scale(flat, row + e * ROW + HEAD_DIM)
+        # each head's scores and their max, 16 keys a vector (``score_tiles``)
+        lane_max[:] = -np.inf
         off = lo - t_first * KEY_TILE
+        for i in range(n_tiles):
+            tile_scores(sc_flat, i * KEY_TILE * 16, scores_flat, i * KEY_TILE - off, scores.shape[1], n, group,
+                        q_scales, k_scales, i * KEY_TILE, lane_max)
         for g in range(group):
-            s_row = scores[g]
-            qs = q_scales[g]
-            mx = np.float32(-np.inf)
-            for j in range(n):
-                c = (off + j) * 16 + g
-                x = (np.float32(sc_flat[c]) + np.float32(sc_flat[c + group]) * lo_inv) * (qs * k_scales[off + j])
-                s_row[j] = x
-                mx = max(mx, x)
-            maxes[g] = mx
+            maxes[g] = row_max(lane_max[16 * g:16 * g + 16], 16)
         if soft_cap > 0:
             _decode_softmax(scores, group, n, soft_cap, maxes, sums)
         else:

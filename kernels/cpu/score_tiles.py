@@ -1,0 +1,75 @@
+"""A stored decode scores tile to per-head score rows, in vectors.
+
+The AMX decode kernels store each 16-key scores tile as ``C[16 keys, 16 columns]``: query head ``g``'s
+hi part in column ``g`` and its lo part in column ``group + g``. Read back key by key and head by
+head, that is a strided scalar loop (~16 cycles a key for three heads, as much as the tile products).
+``tile_scores`` loads the tile's 16 rows, transposes them in registers (``vec16.transpose16``) and
+computes each head's 16 scores as one vector, stored (masked to the item's keys) into its row of
+``scores``; each head's running max stays a vector (lane-wise), reduced once per item. Float32 tiles (bf16 kernel) sum hi and lo;
+int32 tiles (int8 kernel) take ``(hi + lo / 254) * s_q[g] * s_k[key]``.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.amx import element_ptr, emit_cases
+from edgellm.kernels.cpu.vec16 import splat, transpose16
+
+MAX_GROUP = 8
+LO_WEIGHT = 1.0 / 254.0  # an int8 tile's lo column carries q's remainder times 254
+
+
+@intrinsic
+def tile_scores(typingctx, sc, sc_index, out, o, stride, n, group, q_scales, k_scales, k_index, maxes):
+    """``out.flat[g stride + o + e] = score(g, e)`` for the lanes ``0 <= o + e < n`` of the 16 keys ``e``
+    of the tile at ``sc.flat[sc_index + 16 e + c]``, and ``maxes[16 g + e] = max(maxes[16 g + e], score(g,
+    e))`` over those lanes, for heads ``g < group`` (1 to 8). ``sc`` float32: ``score = C[e, g] + C[e, group + g]``; int32:
+    ``(C[e, g] + C[e, group + g] / 254) * q_scales[g] * k_scales[k_index + e]``."""
+    if not (isinstance(sc, types.Array) and sc.dtype in (types.float32, types.int32) and all(
+            isinstance(a, types.Array) and a.dtype == types.float32 for a in (out, q_scales, k_scales, maxes))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        t_sc, t_sci, t_out, t_o, t_stride, t_n, t_group, t_qs, t_ks, t_ki, t_max = sig.args
+        v_sc, v_sci, v_out, v_o, v_stride, v_n, v_group, v_qs, v_ks, v_ki, v_max = args
+        i1, i32, i64, f32 = ir.IntType(1), ir.IntType(32), ir.IntType(64), ir.FloatType()
+        v16f, v16i = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+        as64 = lambda v, t: context.cast(builder, v, t, types.int64)  # noqa: E731
+        o, stride, n = as64(v_o, t_o), as64(v_stride, t_stride), as64(v_n, t_n)
+        int8 = t_sc.dtype == types.int32
+        rows = [builder.load(element_ptr(context, builder, t_sc, v_sc, v_sci, t_sci, v16i, offset=16 * e), align=4)
+                for e in range(16)]
+        cols = transpose16(builder, rows)
+        lanes = builder.add(splat(builder, o), ir.Constant(ir.VectorType(i64, 16), list(range(16))))
+        zero = ir.Constant(ir.VectorType(i64, 16), [0] * 16)
+        mask = builder.and_(builder.icmp_signed(">=", lanes, zero), builder.icmp_signed("<", lanes, splat(builder, n)))
+        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [v16f, v16f.as_pointer(), i32, ir.VectorType(i1, 16)]), "llvm.masked.store.v16f32.p0")
+        minus_inf = ir.Constant(v16f, [float("-inf")] * 16)
+        ks = (builder.load(element_ptr(context, builder, t_ks, v_ks, v_ki, t_ki, v16f), align=4) if int8 else None)
+
+        def emit(heads):
+            for g in range(heads):
+                hi, lo = cols[g], cols[heads + g]
+                if int8:
+                    hi, lo = builder.sitofp(hi, v16f), builder.sitofp(lo, v16f)
+                    s = builder.fadd(hi, builder.fmul(lo, ir.Constant(v16f, [LO_WEIGHT] * 16)))
+                    qs = builder.load(element_ptr(context, builder, t_qs, v_qs, ir.Constant(i64, g), types.int64, f32))
+                    s = builder.fmul(s, builder.fmul(splat(builder, qs), ks))
+                else:
+                    s = builder.fadd(builder.bitcast(hi, v16f), builder.bitcast(lo, v16f))
+                at = builder.add(builder.mul(ir.Constant(i64, g), stride), o)
+                builder.call(store, [s, element_ptr(context, builder, t_out, v_out, at, types.int64, v16f),
+                                     ir.Constant(i32, 4), mask])
+                m_ptr = element_ptr(context, builder, t_max, v_max, ir.Constant(i64, 16 * g), types.int64, v16f)
+                s = builder.select(mask, s, minus_inf)
+                old = builder.load(m_ptr, align=4)
+                builder.store(builder.select(builder.fcmp_ordered(">", s, old), s, old), m_ptr, align=4)
+
+        emit_cases(builder, as64(v_group, t_group), list(range(1, MAX_GROUP + 1)), emit)
+        return context.get_dummy_value()
+
+    return types.void(sc, sc_index, out, o, stride, n, group, q_scales, k_scales, k_index, maxes), codegen
