@@ -48,7 +48,7 @@ from edgellm.kernels.cpu.paged_attention import (
     write_kv,
 )
 from edgellm.kernels.cpu.prefetch import prefetch
-from edgellm.kernels.cpu.score_tiles import tile_scores
+from edgellm.kernels.cpu.score_tiles import SC_TILES, ring_scores
 
 HEAD_DIM = 64
 KEY_TILE = 16  # keys per scores tile (one A tile of K rows)
@@ -119,7 +119,7 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
     # so the uint32 ``qb32[16 p + col]`` holds dims 2p, 2p + 1; qb stays zero past its first 2 group
     # columns. Flat views are made once: Numba's reshape and view cost 35-80 ns a call.
     qb = np.zeros((HEAD_DIM // 32, 16, 32), np.uint16)
-    sc = np.empty((DECODE_MAX_KEYS + 2 * KEY_TILE, 16), np.float32)
+    sc = np.empty((SC_TILES * KEY_TILE, 16), np.float32)  # a ring of stored scores tiles
     scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
     qb32 = qb.reshape(-1).view(np.uint32)
     q_flat = q.reshape(-1)
@@ -162,6 +162,8 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
         tile_load(3, qb, 512, 64)
         t_first = lo // KEY_TILE
         n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
+        lane_max[:] = -np.inf
+        off = lo - t_first * KEY_TILE
         for i in range(0, n_tiles, 2):
             # paged blocks are scattered 2 KiB pieces the hardware prefetchers start cold on: ask for the
             # V rows of these keys (read by p @ V below) and the K rows two tiles ahead (3 % of a
@@ -187,14 +189,13 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
                 tile_load(7, kv, row + 32, 2 * HEAD_DIM)
                 tile_dp_bf16(5, 6, 2)
                 tile_dp_bf16(5, 7, 3)
-                tile_store(5, sc, (i + 1) * KEY_TILE * 16, 64)
-            tile_store(0, sc, i * KEY_TILE * 16, 64)
-        # each head's scores (hi and lo columns summed) and their max, 16 keys a vector (``score_tiles``)
-        lane_max[:] = -np.inf
-        off = lo - t_first * KEY_TILE
-        for i in range(n_tiles):
-            tile_scores(sc_flat, i * KEY_TILE * 16, scores_flat, i * KEY_TILE - off, scores.shape[1], n, group,
-                        unused, unused, 0, lane_max)
+                tile_store(5, sc, ((i + 1) % SC_TILES) * KEY_TILE * 16, 64)
+            tile_store(0, sc, (i % SC_TILES) * KEY_TILE * 16, 64)
+            # the previous pair's scores, 16 keys a vector per head (``score_tiles``), and their maxima
+            for j in range(max(i - 2, 0), i):
+                ring_scores(sc_flat, j, scores_flat, off, scores.shape[1], n, group, unused, unused, lane_max)
+        for j in range((n_tiles - 1) // 2 * 2, n_tiles):
+            ring_scores(sc_flat, j, scores_flat, off, scores.shape[1], n, group, unused, unused, lane_max)
         for g in range(group):
             maxes[g] = row_max(lane_max[16 * g:16 * g + 16], 16)
         if soft_cap > 0:

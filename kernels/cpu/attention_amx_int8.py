@@ -25,7 +25,7 @@ from edgellm.kernels.cpu.paged_attention import (
     row_max,
 )
 from edgellm.kernels.cpu.prefetch import prefetch
-from edgellm.kernels.cpu.score_tiles import tile_scores
+from edgellm.kernels.cpu.score_tiles import SC_TILES, ring_scores
 
 HEAD_DIM = 64
 ROW = HEAD_DIM + SCALE_BYTES  # bytes from one cache row to the next
@@ -56,7 +56,7 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
     group = q.shape[1] // kv.shape[2]
     # B tile: row r holds dims 4r..4r+3 of each column, hi columns 0..group-1 then lo ones
     qb = np.zeros((KEY_TILE, 64), np.int8)
-    sc = np.empty((DECODE_MAX_KEYS + 2 * KEY_TILE, 16), np.int32)
+    sc = np.empty((SC_TILES * KEY_TILE, 16), np.int32)  # a ring of stored scores tiles
     k_scales = np.empty(DECODE_MAX_KEYS + 2 * KEY_TILE, np.float32)
     scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
     q_scales = np.empty(group, np.float32)
@@ -101,6 +101,8 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
         tile_load(2, qb, 0, 64)
         t_first = lo // KEY_TILE
         n_tiles = (hi - 1) // KEY_TILE + 1 - t_first
+        lane_max[:] = -np.inf
+        off = lo - t_first * KEY_TILE
         for i in range(0, n_tiles, 2):
             # scattered blocks start the hardware prefetchers cold: ask for these keys' V rows (read by
             # p @ V below) and the K rows two tiles ahead
@@ -121,18 +123,17 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
                 row2 = _row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
                 tile_load(4, flat, row2, ROW)
                 tile_dp_bssd(3, 4, 2)
-                tile_store(3, sc, (i + 1) * KEY_TILE * 16, 64)
+                tile_store(3, sc, ((i + 1) % SC_TILES) * KEY_TILE * 16, 64)
                 for e in range(KEY_TILE):
                     k_scales[(i + 1) * KEY_TILE + e] = row_scale(flat, row2 + e * ROW + HEAD_DIM)
-            tile_store(0, sc, i * KEY_TILE * 16, 64)
+            tile_store(0, sc, (i % SC_TILES) * KEY_TILE * 16, 64)
             for e in range(KEY_TILE):
                 k_scales[i * KEY_TILE + e] = row_scale(flat, row + e * ROW + HEAD_DIM)
-        # each head's scores and their max, 16 keys a vector (``score_tiles``)
-        lane_max[:] = -np.inf
-        off = lo - t_first * KEY_TILE
-        for i in range(n_tiles):
-            tile_scores(sc_flat, i * KEY_TILE * 16, scores_flat, i * KEY_TILE - off, scores.shape[1], n, group,
-                        q_scales, k_scales, i * KEY_TILE, lane_max)
+            # the previous pair's scores, 16 keys a vector per head (``score_tiles``), and their maxima
+            for j in range(max(i - 2, 0), i):
+                ring_scores(sc_flat, j, scores_flat, off, scores.shape[1], n, group, q_scales, k_scales, lane_max)
+        for j in range((n_tiles - 1) // 2 * 2, n_tiles):
+            ring_scores(sc_flat, j, scores_flat, off, scores.shape[1], n, group, q_scales, k_scales, lane_max)
         for g in range(group):
             maxes[g] = row_max(lane_max[16 * g:16 * g + 16], 16)
         if soft_cap > 0:
@@ -144,3 +145,4 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
         _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
     if configured:
         tile_release()
+
