@@ -19,6 +19,7 @@ from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
+from edgellm.quant.kv_int8 import quantize_kv_rows
 
 SMOL_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # (K in, N out)
 ONE_B_SHAPES = [(2048, 2048), (2048, 8192), (8192, 2048)]
@@ -91,7 +92,8 @@ def attention_batch(n_seqs: int, ctx: int, new: int, kv_dtype: torch.dtype, n_he
     """``n_seqs`` sequences of ``ctx`` tokens, the last ``new`` of them this step's, over shuffled blocks."""
     per_seq = (ctx + block_size - 1) // block_size
     n_blocks = n_seqs * per_seq
-    kv = torch.randn(2, n_blocks, n_kv, block_size, head_dim).to(kv_dtype)
+    kv = torch.randn(2, n_blocks, n_kv, block_size, head_dim)
+    kv = quantize_kv_rows(kv) if kv_dtype == torch.int8 else kv.to(kv_dtype)
     tables = torch.randperm(n_blocks).to(torch.int32).reshape(n_seqs, per_seq)
     pos = torch.arange(ctx - new, ctx)
     slots = (tables[:, pos // block_size].long() * block_size + pos % block_size).reshape(-1)
@@ -105,10 +107,10 @@ def attention_batch(n_seqs: int, ctx: int, new: int, kv_dtype: torch.dtype, n_he
             kv, meta)
 
 
-def cold_decode_seconds(backend: CPUBackend, n_seqs: int, ctx: int, layers: int = 30) -> float:
-    """A decode's attention as a model's step meets it: ``layers`` caches (bf16) attended in turn, so
-    each is read from memory, not from the cache the call before left warm. Seconds a layer."""
-    batches = [attention_batch(n_seqs, ctx, 1, torch.bfloat16) for _ in range(layers)]
+def cold_decode_seconds(backend: CPUBackend, n_seqs: int, ctx: int, kv_dtype: torch.dtype, layers: int = 30) -> float:
+    """A decode's attention as a model's step meets it: ``layers`` caches attended in turn, so each is
+    read from memory, not from the cache the call before left warm. Seconds a layer."""
+    batches = [attention_batch(n_seqs, ctx, 1, kv_dtype) for _ in range(layers)]
 
     def step() -> None:
         for batch in batches:
@@ -125,7 +127,7 @@ def bench_attention(backend: CPUBackend) -> list[str]:
     cases = [(b, c, 1) for b in (1, 8, 32) for c in (512, 1024)] + [(1, 512, 512), (32, 192, 192)]
     for n_seqs, ctx, new in cases:
         cells = []
-        for kv_dtype in (torch.float32, torch.bfloat16):
+        for kv_dtype in (torch.float32, torch.bfloat16, torch.int8):
             for name, be in (("default", backend), ("invariant", invariant)):
                 if new == 1 and name == "invariant":
                     continue  # decodes take the same Numba kernel in both modes
@@ -135,8 +137,11 @@ def bench_attention(backend: CPUBackend) -> list[str]:
                 kv_bytes = n_seqs * ctx * kv.shape[2] * kv.shape[4] * 2 * kv.element_size()
                 cells.append(f"{name} {str(kv_dtype)[6:]:8s} {dt * 1e6:8.0f}us {kv_bytes / dt / 1e9:5.1f}GB/s")
         if new == 1:
-            dt = cold_decode_seconds(backend, n_seqs, ctx)
-            cells.append(f"cold bf16 {dt * 1e6:8.0f}us {kv_bytes / dt / 1e9:5.1f}GB/s")
+            for kv_dtype in (torch.bfloat16, torch.int8):
+                kv = attention_batch(1, 16, 1, kv_dtype)[3]
+                kv_bytes = n_seqs * ctx * kv.shape[2] * kv.shape[4] * 2 * kv.element_size()
+                dt = cold_decode_seconds(backend, n_seqs, ctx, kv_dtype)
+                cells.append(f"cold {str(kv_dtype)[6:]} {dt * 1e6:8.0f}us {kv_bytes / dt / 1e9:5.1f}GB/s")
         dt = best_seconds(lambda batch=batch: ref.attention(*batch, 0.125), budget_s=0.1, min_runs=1)
         cells.append(f"torch reference (bf16 KV) {dt * 1e6:8.0f}us")
         kind = "prefill" if new > 1 else "decode"
