@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata, Capabilities, DecoderLayer, DecoderShape
 from edgellm.backends.cpu_memory import populate
-from edgellm.backends.cpu_warmup import usable_cpus, warm_up
+from edgellm.backends.cpu_warmup import usable_cpus, warm_up, warm_up_cache
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
@@ -171,6 +171,7 @@ class CPUBackend(TorchBackend):
         if self._gemv_rows:
             lo, hi = 1, max(hi, self._gemv_rows)
         self._batched_rows = (lo, hi)
+        self._warm = warmup
         if warmup:
             self.warmup()
 
@@ -180,6 +181,13 @@ class CPUBackend(TorchBackend):
         elapsed = warm_up(self)
         logger.debug("CPU kernels ready in %.2f s", elapsed)
         return elapsed
+
+    def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                          head_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The base class's pool; a warmed-up backend also loads the kernels an int8 cache takes."""
+        if self._warm and dtype == torch.int8:
+            logger.debug("int8 KV cache kernels ready in %.2f s", warm_up_cache(self, dtype))
+        return super().allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype)
 
     @property
     def uses_amx(self) -> bool:

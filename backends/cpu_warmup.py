@@ -26,6 +26,7 @@ import torch
 from edgellm.backends.base import AttentionMetadata, DecoderLayer, DecoderShape
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.quant import QuantizedTensor
+from edgellm.quant.kv_int8 import SCALE_BYTES
 
 if TYPE_CHECKING:
     from edgellm.backends.cpu import CPUBackend
@@ -93,6 +94,17 @@ def kernels_compiled() -> bool:
     return True
 
 
+def warm_up_cache(backend: CPUBackend, dtype: torch.dtype) -> float:
+    """The steps whose kernels depend on the KV cache's dtype, for a cache of ``dtype`` other than the
+    default bf16 (an int8 cache's kernels are their own compilations). Seconds taken."""
+    t0 = time.perf_counter()
+    for step in cache_steps(backend, lambda: _cache(dtype)):
+        step()
+    backend._kv_views.clear()
+    backend._stacks.clear()
+    return time.perf_counter() - t0
+
+
 def steps(b: CPUBackend) -> list[Callable[[], object]]:
     """The warm-up calls, each independent of the others, in the order a process runs them."""
     from edgellm.backends import cpu as c
@@ -145,29 +157,35 @@ def steps(b: CPUBackend) -> list[Callable[[], object]]:
             b.attention(x, x, x, kv, meta, 1.0)
             b.attention(q, k, v, kv, meta, 1.0)
 
+    return [q8_0_and_expanded, greedy_head, int4_kernels, norms_and_activations, separate_attention,
+            *cache_steps(b, lambda: _cache(torch.bfloat16))]
+
+
+def cache_steps(b: CPUBackend, cache: Callable[[], torch.Tensor]) -> list[Callable[[], object]]:
+    """The warm-up calls on a model's KV cache (head size 64, ``cache()`` a fresh one-block cache)."""
+    from edgellm.backends import cpu as c
+
     def fused_decode_attention() -> None:
-        # a decode step's fused rotary + attention on the default (bf16) cache of head size 64: on AMX
-        # tiles where the CPU has them
+        # a decode step's fused rotary + attention: on AMX tiles where the CPU has them
         b.rope_attention(torch.zeros(1, 192, dtype=torch.bfloat16), 1, 1, 64, torch.zeros(1, dtype=torch.long),
-                         torch.zeros(1, 64), _bf16_cache(), _meta(1, 1, 1, block_size=1), 1.0)
+                         torch.zeros(1, 64), cache(), _meta(1, 1, 1, block_size=1), 1.0)
 
     def prompt_attention() -> None:
         # prompt chunks': rotary on the calling thread (a short chunk) or split among threads, then the
         # AMX or AVX512-BF16 prompt kernel where the CPU has one, else bf16 flash attention
         for n in (1, c.ROW_PARALLEL_MIN_ROWS):
             b.rope_attention(torch.zeros(n, 192, dtype=torch.bfloat16), 1, 1, 64, torch.arange(n),
-                             torch.zeros(n, 64), _bf16_cache(), _meta(n, n, 0), 1.0)
+                             torch.zeros(n, 64), cache(), _meta(n, n, 0), 1.0)
 
     def decoder_layers() -> None:
         # a one-row decode step through decoder_layers' one-call path: head size 64, hidden size 64, two
         # layers, so that building the typed list of layers appends one too
         layers = [DecoderLayer(torch.ones(64), _int4(192, 64), None, _int4(64, 64), torch.ones(64), _int4(128, 64),
                                _int4(64, 64), torch.bfloat16, torch.bfloat16) for _ in range(2)]
-        b.decoder_layers(torch.zeros(1, 64), layers, DecoderShape(1, 1, 64, 1e-6, 1.0), [_bf16_cache(), _bf16_cache()],
+        b.decoder_layers(torch.zeros(1, 64), layers, DecoderShape(1, 1, 64, 1e-6, 1.0), [cache(), cache()],
                          torch.zeros(1, dtype=torch.long), torch.zeros(1, 64), _meta(1, 1, 1))
 
-    return [q8_0_and_expanded, greedy_head, int4_kernels, norms_and_activations, separate_attention,
-            fused_decode_attention, prompt_attention, decoder_layers]
+    return [fused_decode_attention, prompt_attention, decoder_layers]
 
 
 def _int4(n: int, k: int) -> Int4PackedWeight:
@@ -175,8 +193,9 @@ def _int4(n: int, k: int) -> Int4PackedWeight:
                                                            (n, k)))
 
 
-def _bf16_cache() -> torch.Tensor:
-    return torch.zeros(2, 1, 1, 16, 64, dtype=torch.bfloat16)
+def _cache(dtype: torch.dtype) -> torch.Tensor:
+    """A one-block cache of head size 64 (an int8 one's rows carry their scale, ``quant.kv_int8``)."""
+    return torch.zeros(2, 1, 1, 16, 64 + (SCALE_BYTES if dtype == torch.int8 else 0), dtype=dtype)
 
 
 def _meta(queries: int, seq_len: int, decodes: int, block_size: int = 16) -> AttentionMetadata:

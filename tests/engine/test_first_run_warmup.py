@@ -126,3 +126,19 @@ def test_spinner_shows_a_message_changed_inside_the_block():
         status.message += ": compiling"
         time.sleep(0.1)
     assert "loading m: compiling (" in out.getvalue()
+
+
+def test_an_int8_cache_warms_its_own_kernels(monkeypatch):
+    """Kernels compile per cache dtype: a warmed backend allocating an int8 pool runs the cache steps on
+    an int8 cache too (a bf16 pool's were run at start-up; a lazy backend leaves them to first use)."""
+    import torch
+
+    assert cpu_warmup.warm_up_cache(WARM, torch.int8) >= 0  # the real steps, on a one-block int8 cache
+    seen = []
+    real = cpu_warmup.cache_steps
+    monkeypatch.setattr(cpu_warmup, "cache_steps", lambda b, cache: seen.append(cache().dtype) or real(b, cache))
+    lazy = CPUBackend(threads=2, warmup=False)
+    for backend, dtype in ((WARM, torch.bfloat16), (lazy, torch.int8), (WARM, torch.int8)):
+        [cache] = backend.allocate_kv_cache(1, 2, 16, 1, 64, dtype)
+        assert cache.dtype == dtype and cache.shape[-1] == (68 if dtype == torch.int8 else 64)
+    assert seen == [torch.int8]
