@@ -32,6 +32,8 @@ _engine_options = [
     click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
     click.option("--batch-invariant", is_flag=True, default=None,
                  help="Measure the batch-invariant arithmetic (same outputs alone or batched)."),
+    click.option("--kv-cache-dtype", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default=None,
+                 help="K/V cache dtype (default: auto; int8 keeps per-row scales)."),
 ]
 
 
@@ -56,12 +58,12 @@ def bench_group() -> None:
               help="hf: the Hugging Face transformers baseline on the same weights and prompts.")
 @engine_options
 def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, which, device, dtype, threads,
-                batch_invariant):
+                batch_invariant, kv_cache_dtype):
     """Prefill and decode tokens/s for one stream (like llama-bench's pp/tg)."""
     from edgellm.benchmark import latency, random_prompt
 
     engine = _engine(model, device=device, dtype=dtype if which == "edgellm" else "auto", threads=threads,
-                     batch_invariant=batch_invariant,
+                     batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype,
                      max_num_batched_tokens=max(2048, prompt_tokens), max_num_seqs=4)
     if which == "hf":
         from edgellm.benchmark_hf import hf_latency, load_hf
@@ -97,12 +99,12 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, which
               help="hf: transformers generate() in static batches of --max-num-seqs.")
 @engine_options
 def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_num_seqs, as_json, which, device,
-                   dtype, threads, batch_invariant):
+                   dtype, threads, batch_invariant, kv_cache_dtype):
     """Offline batch: every prompt submitted at once, tokens/s until all finish."""
     from edgellm.benchmark import load_prompts, random_prompt, throughput
 
     engine = _engine(model, device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
-                     batch_invariant=batch_invariant)
+                     batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype)
     if prompts_path:
         prompts = load_prompts(prompts_path, engine, num_prompts, offset)
     else:

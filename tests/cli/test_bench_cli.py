@@ -22,8 +22,9 @@ def test_bench_throughput_from_loadgen_prompts(smollm2_gguf, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."}]})
                                  for i in range(3)))
-    r = CliRunner().invoke(cli, ["bench", "throughput", str(smollm2_gguf), "--prompts", str(prompts),
-                                 "--num-prompts", "3", "-n", "4", "--json"])
-    assert r.exit_code == 0, r.output
-    out = json.loads(r.output[r.output.index("{"):])
-    assert out["requests"] == 3 and out["output_tokens"] == 12
+    for extra in ([], ["--kv-cache-dtype", "int8"]):
+        r = CliRunner().invoke(cli, ["bench", "throughput", str(smollm2_gguf), "--prompts", str(prompts),
+                                     "--num-prompts", "3", "-n", "4", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.output[r.output.index("{"):])
+        assert out["requests"] == 3 and out["output_tokens"] == 12
