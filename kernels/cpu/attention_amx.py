@@ -34,6 +34,14 @@ from edgellm.kernels.cpu.amx import (
 )
 from edgellm.kernels.cpu.attention_amx_int8 import attend_decodes_amx_int8
 from edgellm.kernels.cpu.decode_pv import decode_pv
+from edgellm.kernels.cpu.decode_tiles import (
+    SC_TILES,
+    decode_item,
+    last_scores,
+    prefetch_tiles,
+    ring_scores,
+    tile_row,
+)
 from edgellm.kernels.cpu.paged_attention import (
     DECODE_MAX_KEYS,
     _attend_tile,
@@ -44,15 +52,11 @@ from edgellm.kernels.cpu.paged_attention import (
     _plan,
     dealt_items,
     rope_and_write,
-    row_max,
     write_kv,
 )
-from edgellm.kernels.cpu.prefetch import prefetch
-from edgellm.kernels.cpu.score_tiles import SC_TILES, ring_scores
 
 HEAD_DIM = 64
 KEY_TILE = 16  # keys per scores tile (one A tile of K rows)
-PREFETCH_STEP = 32  # bf16 elements per cache line
 MAX_GROUP = 8  # query heads per kv head: hi and lo of each fill at most 16 tile columns
 
 
@@ -101,13 +105,6 @@ def split_row(src, hi, lo):
         split_bf16_32(src, i, hi, i, lo, i)
 
 
-@njit(cache=True, inline="always")
-def _k_row(kv, table, hk, key):
-    """Flat index of ``kv[0, table[key // block_size], hk, key % block_size, 0]``."""
-    block_size = kv.shape[3]
-    return ((table[key // block_size] * kv.shape[2] + hk) * block_size + key % block_size) * HEAD_DIM
-
-
 @njit(cache=True)
 def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_cap, items, mine, partials, cfg):
     """``_attend_decode`` on tiles for the decode items of ``mine`` (this thread's), each one decode
@@ -136,16 +133,13 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
     v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
     configured = False
     for m in range(mine.shape[0]):
-        item = mine[m]
-        b = items[item, 0]
-        t = query_start_loc[b]
-        if query_start_loc[b + 1] - t != 1:
+        t, hk, lo, hi, slot = decode_item(items, mine[m], query_start_loc)
+        if t < 0:
             continue
         if not configured:
             tile_config(cfg)
             configured = True
-        table = block_tables[b]
-        hk, lo, hi, slot = items[item, 1], items[item, 4], items[item, 5], items[item, 6]
+        table = block_tables[items[mine[m], 0]]
         n = hi - lo
         # Q^T into qb (each row split into hi and lo in vectors first)
         for g in range(group):
@@ -165,39 +159,26 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
         lane_max[:] = -np.inf
         off = lo - t_first * KEY_TILE
         for i in range(0, n_tiles, 2):
-            # paged blocks are scattered 2 KiB pieces the hardware prefetchers start cold on: ask for the
-            # V rows of these keys (read by p @ V below) and the K rows two tiles ahead (3 % of a
-            # 32-stream decode step in an A/B run)
-            for j in range(i, min(i + 2, n_tiles)):
-                v_row = v_off + _k_row(kv, table, hk, (t_first + j) * KEY_TILE)
-                for e in range(0, KEY_TILE * HEAD_DIM, PREFETCH_STEP):
-                    prefetch(flat, v_row + e)
-                if j + 2 < n_tiles:
-                    k_row = _k_row(kv, table, hk, (t_first + j + 2) * KEY_TILE)
-                    for e in range(0, KEY_TILE * HEAD_DIM, PREFETCH_STEP):
-                        prefetch(flat, k_row + e)
+            prefetch_tiles(flat, kv, table, hk, t_first, i, n_tiles, v_off)
             tile_zero(0)
-            row = _k_row(kv, table, hk, (t_first + i) * KEY_TILE)
+            row = tile_row(kv, table, hk, (t_first + i) * KEY_TILE)
             tile_load(1, kv, row, 2 * HEAD_DIM)
             tile_load(4, kv, row + 32, 2 * HEAD_DIM)
             tile_dp_bf16(0, 1, 2)
             tile_dp_bf16(0, 4, 3)
             if i + 1 < n_tiles:
                 tile_zero(5)
-                row = _k_row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
+                row = tile_row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
                 tile_load(6, kv, row, 2 * HEAD_DIM)
                 tile_load(7, kv, row + 32, 2 * HEAD_DIM)
                 tile_dp_bf16(5, 6, 2)
                 tile_dp_bf16(5, 7, 3)
                 tile_store(5, sc, ((i + 1) % SC_TILES) * KEY_TILE * 16, 64)
             tile_store(0, sc, (i % SC_TILES) * KEY_TILE * 16, 64)
-            # the previous pair's scores, 16 keys a vector per head (``score_tiles``), and their maxima
+            # the previous pair's scores, 16 keys a vector per head (``decode_tiles``), and their maxima
             for j in range(max(i - 2, 0), i):
                 ring_scores(sc_flat, j, scores_flat, off, scores.shape[1], n, group, unused, unused, lane_max)
-        for j in range((n_tiles - 1) // 2 * 2, n_tiles):
-            ring_scores(sc_flat, j, scores_flat, off, scores.shape[1], n, group, unused, unused, lane_max)
-        for g in range(group):
-            maxes[g] = row_max(lane_max[16 * g:16 * g + 16], 16)
+        last_scores(sc_flat, n_tiles, scores_flat, off, scores.shape[1], n, group, unused, unused, lane_max, maxes)
         if soft_cap > 0:
             _decode_softmax(scores, group, n, soft_cap, maxes, sums)
         else:

@@ -16,6 +16,14 @@ from numba import njit
 
 from edgellm.kernels.cpu.amx import tile_config, tile_dp_bssd, tile_load, tile_release, tile_store, tile_zero
 from edgellm.kernels.cpu.decode_pv import decode_pv
+from edgellm.kernels.cpu.decode_tiles import (
+    SC_TILES,
+    decode_item,
+    last_scores,
+    prefetch_tiles,
+    ring_scores,
+    tile_row,
+)
 from edgellm.kernels.cpu.kv_int8 import QMAX, SCALE_BYTES, row_scale
 from edgellm.kernels.cpu.paged_attention import (
     DECODE_MAX_KEYS,
@@ -24,15 +32,12 @@ from edgellm.kernels.cpu.paged_attention import (
     _exp_rows,
     row_max,
 )
-from edgellm.kernels.cpu.prefetch import prefetch
-from edgellm.kernels.cpu.score_tiles import SC_TILES, ring_scores
 
 HEAD_DIM = 64
 ROW = HEAD_DIM + SCALE_BYTES  # bytes from one cache row to the next
 KEY_TILE = 16
 MAX_GROUP = 8  # hi and lo columns of each query head fill at most the 16 of a B tile
 LO_SCALE = 254.0  # q's second byte carries the remainder of the first times this
-CACHE_LINE = 64
 
 
 def supports(kv: np.ndarray, group: int) -> bool:
@@ -40,13 +45,6 @@ def supports(kv: np.ndarray, group: int) -> bool:
     this kernel (the caller checks the CPU)."""
     return (kv.dtype == np.int8 and kv.shape[4] == ROW and kv.shape[3] % KEY_TILE == 0
             and 1 <= group <= MAX_GROUP)
-
-
-@njit(cache=True, inline="always")
-def _row(kv, table, hk, key):
-    """Flat byte index of ``kv[0, table[key // block_size], hk, key % block_size, 0]``."""
-    block_size = kv.shape[3]
-    return ((table[key // block_size] * kv.shape[2] + hk) * block_size + key % block_size) * ROW
 
 
 @njit(cache=True)
@@ -72,16 +70,13 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
     v_off = kv.shape[1] * kv.shape[2] * kv.shape[3] * ROW  # kv[1] starts here
     configured = False
     for m in range(mine.shape[0]):
-        item = mine[m]
-        b = items[item, 0]
-        t = query_start_loc[b]
-        if query_start_loc[b + 1] - t != 1:
+        t, hk, lo, hi, slot = decode_item(items, mine[m], query_start_loc)
+        if t < 0:
             continue
         if not configured:
             tile_config(cfg)
             configured = True
-        table = block_tables[b]
-        hk, lo, hi, slot = items[item, 1], items[item, 4], items[item, 5], items[item, 6]
+        table = block_tables[items[mine[m], 0]]
         n = hi - lo
         for g in range(group):
             base = (t * q.shape[1] + hk * group + g) * HEAD_DIM
@@ -104,23 +99,14 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
         lane_max[:] = -np.inf
         off = lo - t_first * KEY_TILE
         for i in range(0, n_tiles, 2):
-            # scattered blocks start the hardware prefetchers cold: ask for these keys' V rows (read by
-            # p @ V below) and the K rows two tiles ahead
-            for j in range(i, min(i + 2, n_tiles)):
-                v_row = v_off + _row(kv, table, hk, (t_first + j) * KEY_TILE)
-                for e in range(0, KEY_TILE * ROW, CACHE_LINE):
-                    prefetch(flat, v_row + e)
-                if j + 2 < n_tiles:
-                    k_row = _row(kv, table, hk, (t_first + j + 2) * KEY_TILE)
-                    for e in range(0, KEY_TILE * ROW, CACHE_LINE):
-                        prefetch(flat, k_row + e)
+            prefetch_tiles(flat, kv, table, hk, t_first, i, n_tiles, v_off)
             tile_zero(0)
-            row = _row(kv, table, hk, (t_first + i) * KEY_TILE)
+            row = tile_row(kv, table, hk, (t_first + i) * KEY_TILE)
             tile_load(1, flat, row, ROW)
             tile_dp_bssd(0, 1, 2)
             if i + 1 < n_tiles:
                 tile_zero(3)
-                row2 = _row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
+                row2 = tile_row(kv, table, hk, (t_first + i + 1) * KEY_TILE)
                 tile_load(4, flat, row2, ROW)
                 tile_dp_bssd(3, 4, 2)
                 tile_store(3, sc, ((i + 1) % SC_TILES) * KEY_TILE * 16, 64)
@@ -129,13 +115,10 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
             tile_store(0, sc, (i % SC_TILES) * KEY_TILE * 16, 64)
             for e in range(KEY_TILE):
                 k_scales[i * KEY_TILE + e] = row_scale(flat, row + e * ROW + HEAD_DIM)
-            # the previous pair's scores, 16 keys a vector per head (``score_tiles``), and their maxima
+            # the previous pair's scores, 16 keys a vector per head (``decode_tiles``), and their maxima
             for j in range(max(i - 2, 0), i):
                 ring_scores(sc_flat, j, scores_flat, off, scores.shape[1], n, group, q_scales, k_scales, lane_max)
-        for j in range((n_tiles - 1) // 2 * 2, n_tiles):
-            ring_scores(sc_flat, j, scores_flat, off, scores.shape[1], n, group, q_scales, k_scales, lane_max)
-        for g in range(group):
-            maxes[g] = row_max(lane_max[16 * g:16 * g + 16], 16)
+        last_scores(sc_flat, n_tiles, scores_flat, off, scores.shape[1], n, group, q_scales, k_scales, lane_max, maxes)
         if soft_cap > 0:
             _decode_softmax(scores, group, n, soft_cap, maxes, sums)
         else:
