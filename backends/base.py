@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from edgellm.quant.kv_int8 import SCALE_BYTES
+from edgellm.quant.kv_int8 import row_elements
 
 
 @dataclass
@@ -252,7 +252,7 @@ class Backend(ABC):
         Left uninitialised: attention never reads a slot before writing it, and untouched pages of a
         large pool then cost no resident memory (nor the time to zero them at start-up).
         """
-        row = head_dim + SCALE_BYTES if dtype == torch.int8 else head_dim
+        row = row_elements(head_dim, dtype)
         return [torch.empty(2, num_blocks, num_kv_heads, block_size, row, dtype=dtype,
                             device=self.device) for _ in range(num_layers)]
 

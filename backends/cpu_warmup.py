@@ -26,7 +26,7 @@ import torch
 from edgellm.backends.base import AttentionMetadata, DecoderLayer, DecoderShape
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.quant import QuantizedTensor
-from edgellm.quant.kv_int8 import SCALE_BYTES
+from edgellm.quant.kv_int8 import row_elements
 
 if TYPE_CHECKING:
     from edgellm.backends.cpu import CPUBackend
@@ -195,7 +195,7 @@ def _int4(n: int, k: int) -> Int4PackedWeight:
 
 def _cache(dtype: torch.dtype) -> torch.Tensor:
     """A one-block cache of head size 64 (an int8 one's rows carry their scale, ``quant.kv_int8``)."""
-    return torch.zeros(2, 1, 1, 16, 64 + (SCALE_BYTES if dtype == torch.int8 else 0), dtype=dtype)
+    return torch.zeros(2, 1, 1, 16, row_elements(64, dtype), dtype=dtype)
 
 
 def _meta(queries: int, seq_len: int, decodes: int, block_size: int = 16) -> AttentionMetadata:

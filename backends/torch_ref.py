@@ -83,13 +83,13 @@ class TorchBackend(Backend):
         n_heads, n_kv = q.shape[1], k.shape[1]
         group = n_heads // n_kv
         bs = meta.block_size
+        # the reference gathers the context; optimized backends read the blocks in place
+        load = dequantize_kv_rows if kv_cache.dtype == torch.int8 else (lambda x: x.float())
         for i in range(meta.num_seqs):
             qs, qe = meta.query_start_loc_list[i], meta.query_start_loc_list[i + 1]
             ctx = meta.seq_lens_list[i]
             nb = (ctx + bs - 1) // bs
             blocks = meta.block_tables[i, :nb].long()
-            # the reference gathers the context; optimized backends read the blocks in place
-            load = dequantize_kv_rows if kv_cache.dtype == torch.int8 else (lambda x: x.float())
             kc = load(kv_cache[0, blocks].permute(1, 0, 2, 3).reshape(n_kv, nb * bs, -1)[:, :ctx])
             vc = load(kv_cache[1, blocks].permute(1, 0, 2, 3).reshape(n_kv, nb * bs, -1)[:, :ctx])
             kc = kc.repeat_interleave(group, dim=0)

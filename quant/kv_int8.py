@@ -12,9 +12,14 @@ SCALE_BYTES = 4
 QMAX = 127
 
 
+def row_elements(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` one (token, kv head) row of K or V takes: an int8 row carries its scale."""
+    return head_dim + SCALE_BYTES if dtype == torch.int8 else head_dim
+
+
 def row_bytes(head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one (token, kv head) row of K or V takes in a cache of ``dtype``."""
-    return head_dim + SCALE_BYTES if dtype == torch.int8 else head_dim * dtype.itemsize
+    return row_elements(head_dim, dtype) * dtype.itemsize
 
 
 def quantize_kv_rows(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from edgellm.kernels.cpu import attention_amx_int8
 from edgellm.kernels.cpu.amx import (
     cvt_ne2ps2bf16,
     element_ptr,
@@ -33,6 +32,7 @@ from edgellm.kernels.cpu.amx import (
     tile_zero,
 )
 from edgellm.kernels.cpu.attention_amx_int8 import attend_decodes_amx_int8
+from edgellm.kernels.cpu.attention_amx_int8 import supports as supports_int8
 from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.decode_tiles import (
     SC_TILES,
@@ -64,7 +64,7 @@ def supports(kv: np.ndarray, group: int) -> bool:
     """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) and a GQA group
     size take this kernel; int8 caches go to ``attention_amx_int8`` through the same entry points."""
     if kv.dtype == np.int8:
-        return attention_amx_int8.supports(kv, group)
+        return supports_int8(kv, group)
     return (kv.dtype == np.uint16 and kv.shape[4] == HEAD_DIM and kv.shape[3] % KEY_TILE == 0
             and 1 <= group <= MAX_GROUP)
 
