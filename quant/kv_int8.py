@@ -27,7 +27,9 @@ def quantize_kv_rows(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     amax = xf.abs().amax(-1, keepdim=True)
     scale = amax / QMAX
-    inv = torch.where(amax > 0, QMAX / amax, torch.zeros_like(amax))
+    # a true division: ``QMAX / amax`` with a Python number is ``amax.reciprocal() * QMAX`` in torch,
+    # which rounds twice and moves a code by one now and then against the kernels' quantization
+    inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / amax, torch.zeros_like(amax))
     codes = torch.round(xf * inv).clamp_(-QMAX, QMAX).to(torch.int8)
     return torch.cat([codes, scale.contiguous().view(torch.int8)], dim=-1)
 
