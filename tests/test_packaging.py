@@ -5,6 +5,7 @@ working tree nor races another build there.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import shutil
@@ -116,3 +117,17 @@ def test_installed_wheel_imports_from_its_own_folder(wheel, tmp_path):
     for path in (init_file, quant_file, dist_root):
         assert Path(path).resolve().is_relative_to(target.resolve()), f"{path} is not the installed wheel"
     assert loaded == "True"
+
+
+def test_top_level_kernels_folder_does_not_shadow_an_installed_kernels_package(tmp_path):
+    """In a checkout, ``python -c`` puts the root on sys.path, where ``kernels/`` (edgellm.kernels)
+    would shadow Hugging Face's ``kernels`` that transformers imports with its models."""
+    code = "import kernels, edgellm.kernels; print(kernels.__file__); print(edgellm.kernels.__file__)"
+    ran = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    top, ours = (Path(line).resolve() for line in ran.stdout.split())
+    assert ours == ROOT / "kernels" / "__init__.py"
+    others = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    if importlib.machinery.PathFinder.find_spec("kernels", others) is None:
+        assert top == ours  # nothing installed to shadow: the folder imports as itself
+    else:
+        assert ROOT not in top.parents
