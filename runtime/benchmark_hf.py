@@ -5,6 +5,7 @@ transformers' own KV cache and ``generate``.
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -25,18 +26,26 @@ def load_hf(model_path: str, dtype: str = "float32"):
     return AutoModelForCausalLM.from_pretrained(str(p), **kwargs).eval()
 
 
+def hf_step(model, input_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
+    """One forward with transformers' KV cache: ``(logits, cache)``. transformers 5.25 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older releases know only it."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
+    return out.logits, getattr(out, name)
+
+
 @torch.inference_mode()
 def hf_latency(model, prompt: list[int], output_tokens: int, repetitions: int = 3,
                warmup: int = 1) -> LatencyResult:
     prefill, decode = [], []
     for rep in range(warmup + repetitions):
         t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        past, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        logits, past = hf_step(model, torch.tensor([prompt]))
+        nxt = logits[0, -1].argmax()
         t1 = time.perf_counter()
         for _ in range(output_tokens - 1):
-            out = model(input_ids=nxt.view(1, 1), past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[0, -1].argmax()
+            logits, past = hf_step(model, nxt.view(1, 1), past)
+            nxt = logits[0, -1].argmax()
         t2 = time.perf_counter()
         if rep >= warmup:
             prefill.append(len(prompt) / (t1 - t0))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from edgellm.benchmark_hf import hf_step
 from edgellm.engine import LLMEngine
 from edgellm.scheduler import ScheduledSeq, SchedulerOutput
 from edgellm.sequence import Sequence
@@ -48,11 +49,10 @@ def forced_decode_logits(engine: LLMEngine, prompt: list[int], forced: list[int]
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy decoding with transformers' model and KV cache, never stopping early."""
     ids = torch.tensor([prompt_ids])
-    out = model(input_ids=ids, use_cache=True)
-    past, generated = out.past_key_values, []
+    logits, past = hf_step(model, ids)
+    generated = []
     for _ in range(max_new_tokens):
-        nxt = int(out.logits[0, -1].argmax())
+        nxt = int(logits[0, -1].argmax())
         generated.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        logits, past = hf_step(model, torch.tensor([[nxt]]), past)
     return generated
