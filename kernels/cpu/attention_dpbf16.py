@@ -19,12 +19,15 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from edgellm.kernels.cpu.amx import _BFloat, element_ptr
 from edgellm.kernels.cpu.attention_amx import split_row
+from edgellm.kernels.cpu.attention_vnni_int8 import prepare_q_i8, run_keys_i8, run_scores_i8
+from edgellm.kernels.cpu.attention_vnni_int8 import supports as supports_int8
 from edgellm.kernels.cpu.dpbf16 import _dp
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
+from edgellm.kernels.cpu.key_fold import KEYS, emit_folded_scores
 from edgellm.kernels.cpu.paged_attention import (
     DECODE_MAX_KEYS,
     FASTMATH,
@@ -35,56 +38,23 @@ from edgellm.kernels.cpu.paged_attention import (
     _plan,
     dealt_items,
     decode_pv,
+    prefetch_item_l2,
     rope_and_write,
     write_kv,
 )
-from edgellm.kernels.cpu.prefetch import prefetch_rows, prefetch_rows_l2
+from edgellm.kernels.cpu.prefetch import prefetch_rows
 
-KEYS = 16  # keys folded into one vector of scores
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16
 
 
 def supports(kv: np.ndarray, group: int) -> bool:
     """Whether this CPU and a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) with a
-    GQA group size take this kernel."""
+    GQA group size take this kernel; an int8 cache takes it with ``attention_vnni_int8``'s scoring."""
+    if kv.dtype == np.int8:
+        return dpbf16_supported() and supports_int8(kv, group)
     return (kv.dtype == np.uint16 and kv.shape[4] in HEAD_DIMS and kv.shape[3] % KEYS == 0
             and 1 <= group <= MAX_GROUP and dpbf16_supported())
-
-
-def _fold_masks(w: int) -> tuple[list[int], list[int]]:
-    """Shuffle masks folding vectors ``a``, ``b`` at width ``w``: lanes ``[2w j, 2w j + w)`` get a's
-    lanes ``l`` + ``l + w`` of that group, lanes ``[2w j + w, 2w (j + 1))`` get b's the same way."""
-    first, second = [], []
-    for lane in range(16):
-        g, r = lane - lane % (2 * w), lane % (2 * w)
-        first.append(g + r if r < w else 16 + g + r - w)
-        second.append(g + r + w if r < w else 16 + g + r)
-    return first, second
-
-
-def _fold_tree(leaves, fold):
-    """Fold 16 leaves pairwise as a binary counter (each pair as soon as it exists, so few vectors
-    are live at once); ``fold(a, b, w)`` combines two vectors of one level at width ``w``."""
-    stack: list[tuple[int, object]] = []
-    for leaf in leaves:
-        level, value = 0, leaf
-        while stack and stack[-1][0] == level:
-            _, a = stack.pop()
-            value = fold(a, value, 8 >> level)
-            level += 1
-        stack.append((level, value))
-    assert len(stack) == 1 and stack[0][0] == 4
-    return stack[0][1]
-
-
-def _key_order() -> list[int]:
-    """Which key's score each lane of the folded vector holds."""
-    def fold(a, b, w):
-        m1, _ = _fold_masks(w)
-        return [(a + b)[i] for i in m1]
-
-    return _fold_tree([[k] * 16 for k in range(KEYS)], fold)
 
 
 @intrinsic(prefer_literal=True)
@@ -103,7 +73,6 @@ def _key_scores(typingctx, kv, k0, q2, q0, halves, out, o0):
         t_kv, t_k0, t_q, t_q0, _, t_out, t_o0 = sig.args
         v_kv, v_k0, v_q, v_q0, _, v_out, v_o0 = args
         n_half = halves.literal_value
-        i32 = ir.IntType(32)
         v16f, v32b = ir.VectorType(ir.FloatType(), 16), ir.VectorType(_BFloat(), 32)
         as64 = lambda v, t: context.cast(builder, v, t, types.int64)  # noqa: E731
         k0, q0 = as64(v_k0, t_k0), as64(v_q0, t_q0)
@@ -124,14 +93,7 @@ def _key_scores(typingctx, kv, k0, q2, q0, halves, out, o0):
                 acc = builder.call(dp, [acc, qv[n_half + h], k])
             leaves.append(acc)
 
-        def fold(a, b, w):
-            m1, m2 = (ir.Constant(ir.VectorType(i32, 16), m) for m in _fold_masks(w))
-            return builder.fadd(builder.shuffle_vector(a, b, m1), builder.shuffle_vector(a, b, m2))
-
-        folded = _fold_tree(leaves, fold)
-        order = _key_order()
-        natural = ir.Constant(ir.VectorType(i32, 16), [order.index(k) for k in range(KEYS)])
-        scores = builder.shuffle_vector(folded, folded, natural)
+        scores = emit_folded_scores(builder, leaves, builder.fadd)
         ptr = element_ptr(context, builder, t_out, v_out, as64(v_o0, t_o0), types.int64, v16f)
         builder.store(scores, ptr, align=4)
         return context.get_dummy_value()
@@ -148,17 +110,13 @@ def _block_scores(kv_flat, k0, q2, q0, head_dim, out, o0):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, soft_cap, partials, slot, n_heads,
-                      q2, q_row, q_hi, q_lo, hi32, lo32, blk, scores, scores_flat, maxes, sums, acc):
-    """``paged_attention._attend_decode`` with the scores on ``vdpbf16ps``: one decode row, kv head
-    ``hk``, keys ``lo:hi``; the same outputs and partials (``_run_items_dp`` owns the scratch)."""
-    head_dim = kv.shape[4]
-    group = n_heads // kv.shape[2]
-    block_size = kv.shape[3]
+def _prepare_q_bf16(q_flat, t, hk, n_heads, scale, q2, q_row, q_hi, q_lo):
+    """``q2`` rows: the group's hi pairs, then its lo pairs, one head after another."""
+    head_dim = q_row.shape[0]
     half = head_dim // 2
-    n = hi - lo
-    n_scores = scores.shape[1]
-    for g in range(group):  # q2 rows: the group's hi pairs, then its lo pairs, one head after another
+    group = q2.shape[0] // head_dim
+    hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
+    for g in range(group):
         base = (t * n_heads + hk * group + g) * head_dim
         for d in range(head_dim):
             q_row[d] = q_flat[base + d] * scale
@@ -166,6 +124,70 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
         for p in range(half):
             q2[2 * g * half + p] = hi32[p]
             q2[(2 * g + 1) * half + p] = lo32[p]
+
+
+# The cache dtype's scoring behind one decode loop (``_attend_decode_dp``). Its scratch comes as plain
+# arrays, each dtype using its own: arrays taken out of a tuple count references at every use, and at
+# a call per 16 keys and head that cost the int8 kernel half its speed.
+
+def _prepare_q(kv, q_flat, t, hk, n_heads, scale, q2, xq, q_row, q_hi, q_lo, q_scales):
+    """Decode row ``t``'s query heads of kv head ``hk``, times ``scale``, as the scoring takes them."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_prepare_q)
+def _prepare_q_impl(kv, q_flat, t, hk, n_heads, scale, q2, xq, q_row, q_hi, q_lo, q_scales):
+    if kv.dtype == types.int8:
+        def int8(kv, q_flat, t, hk, n_heads, scale, q2, xq, q_row, q_hi, q_lo, q_scales):
+            prepare_q_i8(q_flat, t, hk, n_heads, scale, xq, q_row, q_scales)
+        return int8
+
+    def bf16(kv, q_flat, t, hk, n_heads, scale, q2, xq, q_row, q_hi, q_lo, q_scales):
+        _prepare_q_bf16(q_flat, t, hk, n_heads, scale, q2, q_row, q_hi, q_lo)
+    return bf16
+
+
+def _run_keys(kv, kv_flat, row, k_scales):
+    """What a run of 16 keys needs before its heads are scored: an int8 cache's row scales."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_run_keys, inline="always")
+def _run_keys_impl(kv, kv_flat, row, k_scales):
+    if kv.dtype == types.int8:
+        return lambda kv, kv_flat, row, k_scales: run_keys_i8(kv, kv_flat, row, k_scales)
+    return lambda kv, kv_flat, row, k_scales: None
+
+
+def _run_scores(kv, kv_flat, row, g, q2, xq, q_scales, k_scales, out, o0):
+    """``out[o0:o0 + 16]``: query head ``g``'s scores of the 16 keys of cache rows ``row:row + 16``."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_run_scores, inline="always")
+def _run_scores_impl(kv, kv_flat, row, g, q2, xq, q_scales, k_scales, out, o0):
+    if kv.dtype == types.int8:
+        def int8(kv, kv_flat, row, g, q2, xq, q_scales, k_scales, out, o0):
+            run_scores_i8(kv, kv_flat, row, g, xq, q_scales, k_scales, out, o0)
+        return int8
+
+    def bf16(kv, kv_flat, row, g, q2, xq, q_scales, k_scales, out, o0):
+        head_dim = kv.shape[4]
+        _block_scores(kv_flat, row * head_dim, q2, g * head_dim, head_dim, out, o0)
+    return bf16
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, soft_cap, partials, slot, n_heads,
+                      q2, xq, q_row, q_hi, q_lo, q_scales, k_scales, blk, scores, scores_flat, maxes, sums, acc):
+    """``paged_attention._attend_decode`` with the scores on ``vdpbf16ps`` (bf16 cache) or ``vpdpwssd``
+    (int8): one decode row, kv head ``hk``, keys ``lo:hi``; the same outputs and partials
+    (``_run_items_dp`` owns the scratch)."""
+    group = n_heads // kv.shape[2]
+    block_size = kv.shape[3]
+    n = hi - lo
+    n_scores = scores.shape[1]
+    _prepare_q(kv, q_flat, t, hk, n_heads, scale, q2, xq, q_row, q_hi, q_lo, q_scales)
     last = (hi - 1) // block_size
     for bi in range(lo // block_size, last + 1):
         if bi < last:  # the next K block streams in while this one is scored
@@ -173,16 +195,17 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
         prefetch_rows(kv[1, table[bi], hk])  # and V, for the p @ V pass
         row0 = (table[bi] * kv.shape[2] + hk) * block_size
         base = bi * block_size
-        for s in range(0, block_size, 16):
-            j0, j1 = max(lo - base - s, 0), min(hi - base - s, 16)
+        for s in range(0, block_size, KEYS):
+            j0, j1 = max(lo - base - s, 0), min(hi - base - s, KEYS)
             if j0 >= j1:
                 continue
+            _run_keys(kv, kv_flat, row0 + s, k_scales)
             for g in range(group):
-                if j1 - j0 == 16:  # a whole run: straight into the scores
-                    _block_scores(kv_flat, (row0 + s) * head_dim, q2, 2 * g * half, head_dim, scores_flat,
-                                  g * n_scores + base + s - lo)
+                if j1 - j0 == KEYS:  # a whole run: straight into the scores
+                    _run_scores(kv, kv_flat, row0 + s, g, q2, xq, q_scales, k_scales, scores_flat,
+                                g * n_scores + base + s - lo)
                     continue
-                _block_scores(kv_flat, (row0 + s) * head_dim, q2, 2 * g * half, head_dim, blk, 0)
+                _run_scores(kv, kv_flat, row0 + s, g, q2, xq, q_scales, k_scales, blk, 0)
                 for j in range(j0, j1):
                     scores[g, base + s + j - lo] = blk[j]
     _decode_softmax(scores, group, n, soft_cap, maxes, sums)
@@ -191,36 +214,24 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
     _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
 
 
-@njit(cache=True, inline="always")
-def _prefetch_item(kv, block_tables, query_start_loc, items, item):
-    """Ask for a decode item's K and V blocks into L2 while the item before it computes: a thread's
-    blocks are scattered 2 KiB pieces, and one block of look-ahead leaves the scoring waiting on DRAM."""
-    b = items[item, 0]
-    if query_start_loc[b + 1] - query_start_loc[b] != 1:
-        return
-    block_size = kv.shape[3]
-    hk = items[item, 1]
-    for bi in range(items[item, 4] // block_size, (items[item, 5] - 1) // block_size + 1):
-        prefetch_rows_l2(kv[0, block_tables[b, bi], hk])
-        prefetch_rows_l2(kv[1, block_tables[b, bi], hk])
-
-
 @njit(cache=True)
 def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
                   partials, worker, n_workers):
-    """``paged_attention._run_items`` with decodes' scores on ``vdpbf16ps``."""
+    """``paged_attention._run_items`` with decodes' scores on ``vdpbf16ps`` or ``vpdpwssd``."""
     scale32 = np.float32(scale)
     cap32 = np.float32(soft_cap)
-    head_dim = kv.shape[4]
+    head_dim = q.shape[2]
     n_heads = q.shape[1]
     group = n_heads // kv.shape[2]
     # scratch made once per thread (a view per item counts references on shared arrays)
-    q2 = np.empty(2 * group * head_dim // 2, np.uint32)
+    q2 = np.empty(group * head_dim, np.uint32)  # bf16: q's hi and lo pairs
+    xq = np.empty(group * head_dim, np.int16)  # int8: q's codes
     q_row = np.empty(head_dim, np.float32)
     q_hi = np.empty(head_dim, np.uint16)
     q_lo = np.empty(head_dim, np.uint16)
-    hi32, lo32 = q_hi.view(np.uint32), q_lo.view(np.uint32)
-    blk = np.empty(16, np.float32)
+    q_scales = np.empty(group, np.float32)
+    k_scales = np.empty(KEYS, np.float32)
+    blk = np.empty(KEYS, np.float32)
     scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
     scores_flat = scores.reshape(-1)
     maxes = np.empty(group, np.float32)
@@ -235,11 +246,11 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
         if i + 1 < mine.shape[0]:
-            _prefetch_item(kv, block_tables, query_start_loc, items, mine[i + 1])
+            prefetch_item_l2(kv, block_tables, query_start_loc, items, mine[i + 1])
         if nq == 1:
             _attend_decode_dp(out, q_flat, kv, kv_flat, block_tables[b], items[item, 4], items[item, 5], seq_q0,
-                              items[item, 1], scale32, cap32, partials, items[item, 6], n_heads, q2, q_row, q_hi,
-                              q_lo, hi32, lo32, blk, scores, scores_flat, maxes, sums, acc)
+                              items[item, 1], scale32, cap32, partials, items[item, 6], n_heads, q2, xq, q_row,
+                              q_hi, q_lo, q_scales, k_scales, blk, scores, scores_flat, maxes, sums, acc)
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)

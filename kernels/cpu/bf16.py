@@ -68,6 +68,20 @@ def _as_f32_impl(x):
     return None
 
 
+def bf16_bits(x, scale):
+    """A bf16 cache element as it is, or an int8 code times its row's ``scale`` rounded to bf16 bits."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(bf16_bits, inline="always")
+def _bf16_bits_impl(x, scale):
+    if x == types.uint16:
+        return lambda x, scale: x
+    if x == types.int8:
+        return lambda x, scale: round_bits(np.float32(x) * scale)
+    return None
+
+
 def load_row(src: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """A row as float32: ``src`` itself, or its bf16 bits widened into ``scratch`` (uint32, as long)."""
     raise NotImplementedError("only callable from Numba code")

@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edgellm.kernels.cpu.bf16 import round_bits
+from edgellm.kernels.cpu.bf16 import bf16_bits, round_bits
 from edgellm.kernels.cpu.dpbf16 import BLOCK_ROWS, _dot_block
 from edgellm.kernels.cpu.int4_amx import store_bf16_32
+from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, scale_of
 from edgellm.kernels.cpu.paged_attention import FASTMATH, _exp_shifted, dealt_items
 
 ROW_CHUNK = 64  # query rows per work item
@@ -28,9 +29,11 @@ KEYS = 32  # score columns per _dot_block call
 
 
 def supports(kv: np.ndarray, group: int) -> bool:
-    """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits) fits this kernel
-    (the caller checks the CPU: ``dpbf16.supported``)."""
-    return kv.dtype == np.uint16 and kv.shape[4] in (64, 128) and kv.shape[3] % 2 == 0 and 1 <= group <= 16
+    """Whether a cache ``kv [2, blocks, Hkv, block_size, D]`` (uint16 = bf16 bits; int8 rows of ``D + 4``,
+    dequantized to bf16 as they are gathered) fits this kernel (the caller checks the CPU:
+    ``dpbf16.supported``)."""
+    dim = kv.shape[4] - (SCALE_BYTES if kv.dtype == np.int8 else 0)
+    return kv.dtype in (np.uint16, np.int8) and dim in (64, 128) and kv.shape[3] % 2 == 0 and 1 <= group <= 16
 
 
 @njit(cache=True)
@@ -57,27 +60,32 @@ def _plan(starts, lens, s0, s1, n_kv):
 def _gather_kv(kv, table, hk, keys, kt, vp):
     """``kt [D/2, width]``: K^T as bf16 pairs (column j = key j's dims 2p, 2p + 1); ``vp [width/2,
     D]``: V as key pairs (row i = keys 2i, 2i + 1 of each dim); keys past ``keys`` are zero."""
-    block_size, dim = kv.shape[3], kv.shape[4]
+    block_size, dim = kv.shape[3], vp.shape[1]
     half = dim // 2
     width = kt.shape[1]
     for j in range(keys):
-        blk = kv[0, table[j // block_size], hk, j % block_size]
+        rows = kv[0, table[j // block_size], hk]
+        s = scale_of(rows, j % block_size, dim)
+        blk = rows[j % block_size]
         for p in range(half):
-            kt[p, j] = np.uint32(blk[2 * p]) | (np.uint32(blk[2 * p + 1]) << np.uint32(16))
+            kt[p, j] = np.uint32(bf16_bits(blk[2 * p], s)) | (np.uint32(bf16_bits(blk[2 * p + 1], s)) << np.uint32(16))
     for j in range(keys, width):
         for p in range(half):
             kt[p, j] = 0
     for i in range(width // 2):
         j = 2 * i
         if j + 1 < keys:
-            v0 = kv[1, table[j // block_size], hk, j % block_size]
-            v1 = kv[1, table[(j + 1) // block_size], hk, (j + 1) % block_size]
+            rows0, rows1 = kv[1, table[j // block_size], hk], kv[1, table[(j + 1) // block_size], hk]
+            s0, s1 = scale_of(rows0, j % block_size, dim), scale_of(rows1, (j + 1) % block_size, dim)
+            v0, v1 = rows0[j % block_size], rows1[(j + 1) % block_size]
             for d in range(dim):
-                vp[i, d] = np.uint32(v0[d]) | (np.uint32(v1[d]) << np.uint32(16))
+                vp[i, d] = np.uint32(bf16_bits(v0[d], s0)) | (np.uint32(bf16_bits(v1[d], s1)) << np.uint32(16))
         elif j < keys:
-            v0 = kv[1, table[j // block_size], hk, j % block_size]
+            rows0 = kv[1, table[j // block_size], hk]
+            s0 = scale_of(rows0, j % block_size, dim)
+            v0 = rows0[j % block_size]
             for d in range(dim):
-                vp[i, d] = np.uint32(v0[d])
+                vp[i, d] = np.uint32(bf16_bits(v0[d], s0))
         else:
             for d in range(dim):
                 vp[i, d] = 0
@@ -143,7 +151,7 @@ def prompt_attention_dp(out, q, kv, starts, lens, block_tables, s0, s1, scale, n
     D]`` (bf16 bits)."""
     items, order = _plan(starts, lens, s0, s1, kv.shape[2])
     workers = max(1, min(n_threads, order.shape[0]))
-    dim = kv.shape[4]
+    dim = q.shape[2]
     max_keys = 0
     for s in range(s0, s1):
         max_keys = max(max_keys, lens[s])

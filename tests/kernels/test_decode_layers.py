@@ -11,6 +11,7 @@ from edgellm.kernels.cpu.decode_layers_amx import decode_layers_amx
 from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
+from edgellm.quant.kv_int8 import dequantize_kv_rows, quantize_kv_rows
 from tests.kernels.conftest import make_batch
 
 H, HKV, D, HIDDEN, INTER, LAYERS = 4, 2, 64, 256, 384, 3
@@ -43,7 +44,10 @@ def _layers(cpu: CPUBackend, fmt: str = "Q4_1") -> list[DecoderLayer]:
 def _step(seqs, kv_dtype):
     """This step's metadata, one cache per layer (different contents, same blocks), the embeddings."""
     _, _, _, kv, meta = make_batch(seqs, H, HKV, D, 16, kv_dtype=kv_dtype, seed=4)
-    caches = [(kv.float() * (1 + 0.25 * i)).to(kv_dtype) for i in range(LAYERS)]
+    if kv_dtype == torch.int8:  # rows of codes and their scales (quant.kv_int8)
+        caches = [quantize_kv_rows(dequantize_kv_rows(kv) * (1 + 0.25 * i)) for i in range(LAYERS)]
+    else:
+        caches = [(kv.float() * (1 + 0.25 * i)).to(kv_dtype) for i in range(LAYERS)]
     t = int(meta.slot_mapping.shape[0])
     h = torch.randn(t, HIDDEN, generator=torch.Generator().manual_seed(7))
     positions = torch.cat([torch.arange(ctx - nq, ctx) for ctx, nq in seqs])
@@ -70,7 +74,7 @@ DECODE_BATCHES = [[(37, 1)], [(300, 1), (5, 1)], [(1, 1), (16, 1), (17, 1), (90,
 
 
 @pytest.mark.parametrize("seqs", DECODE_BATCHES, ids=lambda s: f"{len(s)}rows")
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float32, torch.int8])
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("dpbf16", ["1", "0"], ids=["dpbf16-if-present", "avx512-attention"])
 def test_one_call_gives_the_ops_numbers(seqs, kv_dtype, window, dpbf16, monkeypatch):
@@ -80,7 +84,7 @@ def test_one_call_gives_the_ops_numbers(seqs, kv_dtype, window, dpbf16, monkeypa
     layers = _layers(cpu)
     shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, window)
     (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, seqs, kv_dtype)
-    if len(seqs) <= cpu._gemv_rows or (kv_dtype == torch.bfloat16 and cpu._dpbf16):
+    if len(seqs) <= cpu._gemv_rows or (kv_dtype != torch.float32 and cpu._dpbf16):
         assert cpu._stacks[id(layers)][2] is not None, "the step should have taken the one-call path"
     assert out.dtype == want.dtype == torch.bfloat16 and out.shape == (len(seqs), HIDDEN)
     assert torch.equal(out, want) and torch.equal(res, want_res)

@@ -1,4 +1,5 @@
-"""Prompt-chunk attention on AVX512-BF16 against a float64 reference, and the backend's choice of it.
+"""Prompt-chunk attention on AVX512-BF16 (bf16 and int8 caches) against a float64 reference, and the
+backend's choice of it.
 Skips on CPUs without AVX512-BF16 (there prompt chunks keep torch's flash attention)."""
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from tests.kernels.prompt_attention_checks import (
 pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has no AVX512-BF16")
 
 
-def run(seqs, n_heads, n_kv, dim, block_size, threads=2, seed=0):
-    q, kv, meta, out = poisoned_batch(seqs, n_heads, n_kv, dim, block_size, seed)
+def run(seqs, n_heads, n_kv, dim, block_size, threads=2, seed=0, kv_dtype=torch.bfloat16):
+    q, kv, meta, out = poisoned_batch(seqs, n_heads, n_kv, dim, block_size, seed, kv_dtype)
     scale = dim ** -0.5
-    prompt_attention_dp(out.view(torch.uint16).numpy(), q.numpy(), kv.view(torch.uint16).numpy(),
+    cache = kv.numpy() if kv_dtype == torch.int8 else kv.view(torch.uint16).numpy()
+    prompt_attention_dp(out.view(torch.uint16).numpy(), q.numpy(), cache,
                         meta.query_start_loc.numpy(), meta.seq_lens.numpy(), meta.block_tables.numpy(), 0, len(seqs),
                         scale, threads)
     return out, reference(q, kv, meta, scale)
@@ -31,8 +33,11 @@ def run(seqs, n_heads, n_kv, dim, block_size, threads=2, seed=0):
                                   [(65, 2), (129, 129)]])
 @pytest.mark.parametrize("n_heads, n_kv, dim, block_size", [(9, 3, 64, 16), (4, 1, 64, 32), (8, 2, 128, 16),
                                                              (8, 8, 64, 16), (16, 2, 64, 16)])
-def test_matches_float64(seqs, n_heads, n_kv, dim, block_size):
-    assert_close(*run(seqs, n_heads, n_kv, dim, block_size))
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_matches_float64(seqs, n_heads, n_kv, dim, block_size, kv_dtype):
+    """An int8 cache's rows are dequantized to bf16 as they are gathered; the reference dequantizes the
+    same rows in float64."""
+    assert_close(*run(seqs, n_heads, n_kv, dim, block_size, kv_dtype=kv_dtype))
 
 
 @pytest.mark.parametrize("threads", [1, 3])
