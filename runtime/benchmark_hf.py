@@ -5,6 +5,7 @@ transformers' own KV cache and ``generate``.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import statistics
 import time
@@ -26,10 +27,16 @@ def load_hf(model_path: str, dtype: str = "float32"):
     return AutoModelForCausalLM.from_pretrained(str(p), **kwargs).eval()
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    """transformers 5.25 renamed ``forward``'s ``past_key_values`` to ``cache`` (the old name warns, and
+    goes in 5.40); older releases know only ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def hf_step(model, input_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
-    """One forward with transformers' KV cache: ``(logits, cache)``. transformers 5.25 renamed
-    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40); older releases know only it."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """One forward with transformers' KV cache: ``(logits, cache)``."""
+    name = _cache_argument(type(model))
     out = model(input_ids=input_ids, use_cache=True, **({name: cache} if cache is not None else {}))
     return out.logits, getattr(out, name)
 

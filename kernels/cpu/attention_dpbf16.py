@@ -38,11 +38,10 @@ from edgellm.kernels.cpu.paged_attention import (
     _plan,
     dealt_items,
     decode_pv,
-    prefetch_item_l2,
     rope_and_write,
     write_kv,
 )
-from edgellm.kernels.cpu.prefetch import prefetch_rows
+from edgellm.kernels.cpu.prefetch import prefetch_rows, prefetch_rows_l2
 
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16
@@ -214,6 +213,20 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
     _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group)
 
 
+@njit(cache=True, inline="always")
+def _prefetch_item(kv, block_tables, query_start_loc, items, item):
+    """Ask for a decode item's K and V blocks into L2 while the item before it computes: a thread's
+    blocks are scattered 2 KiB pieces, and one block of look-ahead leaves the scoring waiting on DRAM."""
+    b = items[item, 0]
+    if query_start_loc[b + 1] - query_start_loc[b] != 1:
+        return
+    block_size = kv.shape[3]
+    hk = items[item, 1]
+    for bi in range(items[item, 4] // block_size, (items[item, 5] - 1) // block_size + 1):
+        prefetch_rows_l2(kv[0, block_tables[b, bi], hk])
+        prefetch_rows_l2(kv[1, block_tables[b, bi], hk])
+
+
 @njit(cache=True)
 def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
                   partials, worker, n_workers):
@@ -246,7 +259,7 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
         if i + 1 < mine.shape[0]:
-            prefetch_item_l2(kv, block_tables, query_start_loc, items, mine[i + 1])
+            _prefetch_item(kv, block_tables, query_start_loc, items, mine[i + 1])
         if nq == 1:
             _attend_decode_dp(out, q_flat, kv, kv_flat, block_tables[b], items[item, 4], items[item, 5], seq_q0,
                               items[item, 1], scale32, cap32, partials, items[item, 6], n_heads, q2, xq, q_row,

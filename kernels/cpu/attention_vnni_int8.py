@@ -86,14 +86,6 @@ def _key_scores_i8(typingctx, kv, k0, xq, q0, halves, k_scales, s_q, out, o0):
     return types.void(kv, k0, xq, q0, halves, k_scales, s_q, out, o0), codegen
 
 
-@njit(cache=True, inline="always")
-def _block_scores_i8(kv_flat, k0, xq, q0, head_dim, k_scales, s_q, out, o0):
-    if head_dim == 64:
-        _key_scores_i8(kv_flat, k0, xq, q0, 2, k_scales, s_q, out, o0)
-    else:
-        _key_scores_i8(kv_flat, k0, xq, q0, 4, k_scales, s_q, out, o0)
-
-
 @njit(cache=True, fastmath=FASTMATH)
 def prepare_q_i8(q_flat, t, hk, n_heads, scale, xq, q_row, q_scales):
     """Decode row ``t``'s query heads of kv head ``hk`` times ``scale`` as int16 codes and scales."""

@@ -26,7 +26,7 @@ from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.expf import exp_f32
 from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, dequantize_block, scale_of
 from edgellm.kernels.cpu.norm_rope import rope_neox_qk
-from edgellm.kernels.cpu.prefetch import prefetch_rows, prefetch_rows_l2
+from edgellm.kernels.cpu.prefetch import prefetch_rows
 
 # 'reassoc' lets LLVM vectorize the q.k dot product and 'contract' fuse multiply-adds; both only
 # change rounding. No 'nnan'/'ninf': masked scores and the running max start at -inf.
@@ -407,20 +407,6 @@ def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: 
             end = start
     partials = np.empty((slots, group, 2 + head_dim), np.float32)
     return items, np.argsort(cost, kind="mergesort"), partials
-
-
-@njit(cache=True, inline="always")
-def prefetch_item_l2(kv, block_tables, query_start_loc, items, item):
-    """Ask for a decode item's K and V blocks into L2 while the item before it computes: a thread's
-    blocks are scattered 2 KiB pieces, and one block of look-ahead leaves the scoring waiting on DRAM."""
-    b = items[item, 0]
-    if query_start_loc[b + 1] - query_start_loc[b] != 1:
-        return
-    block_size = kv.shape[3]
-    hk = items[item, 1]
-    for bi in range(items[item, 4] // block_size, (items[item, 5] - 1) // block_size + 1):
-        prefetch_rows_l2(kv[0, block_tables[b, bi], hk])
-        prefetch_rows_l2(kv[1, block_tables[b, bi], hk])
 
 
 @njit(cache=True)
