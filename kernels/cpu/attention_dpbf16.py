@@ -178,7 +178,8 @@ def _run_scores_impl(kv, kv_flat, row, g, q2, xq, q_scales, k_scales, out, o0):
 
 @njit(cache=True, fastmath=FASTMATH)
 def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, soft_cap, partials, slot, n_heads,
-                      q2, xq, q_row, q_hi, q_lo, q_scales, k_scales, blk, scores, scores_flat, maxes, sums, acc):
+                      q2, xq, q_row, q_hi, q_lo, q_scales, k_scales, blk, scores, scores_flat, maxes, sums, acc,
+                      nxt_table, nxt_hk, nxt_b0, nxt_nb):
     """``paged_attention._attend_decode`` with the scores on ``vdpbf16ps`` (bf16 cache) or ``vpdpwssd``
     (int8): one decode row, kv head ``hk``, keys ``lo:hi``; the same outputs and partials
     (``_run_items_dp`` owns the scratch)."""
@@ -187,8 +188,13 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
     n = hi - lo
     n_scores = scores.shape[1]
     _prepare_q(kv, q_flat, t, hk, n_heads, scale, q2, xq, q_row, q_hi, q_lo, q_scales)
-    last = (hi - 1) // block_size
-    for bi in range(lo // block_size, last + 1):
+    first, last = lo // block_size, (hi - 1) // block_size
+    n_blocks = last - first + 1
+    for bi in range(first, last + 1):
+        i = bi - first
+        for j in range(i * nxt_nb // n_blocks, (i + 1) * nxt_nb // n_blocks):
+            prefetch_rows_l2(kv[0, nxt_table[nxt_b0 + j], nxt_hk])
+            prefetch_rows_l2(kv[1, nxt_table[nxt_b0 + j], nxt_hk])
         if bi < last:  # the next K block streams in while this one is scored
             prefetch_rows(kv[0, table[bi + 1], hk])
         prefetch_rows(kv[1, table[bi], hk])  # and V, for the p @ V pass
@@ -214,17 +220,16 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
 
 
 @njit(cache=True, inline="always")
-def _prefetch_item(kv, block_tables, query_start_loc, items, item):
-    """Ask for a decode item's K and V blocks into L2 while the item before it computes: a thread's
-    blocks are scattered 2 KiB pieces, and one block of look-ahead leaves the scoring waiting on DRAM."""
+def _next_decode(kv, block_tables, query_start_loc, items, item):
+    """The blocks ``(table, kv head, first block, count)`` of decode item ``item``, which the item
+    before it asks for a share at a time (count 0 for a prompt tile, whose reads are few)."""
     b = items[item, 0]
-    if query_start_loc[b + 1] - query_start_loc[b] != 1:
-        return
     block_size = kv.shape[3]
-    hk = items[item, 1]
-    for bi in range(items[item, 4] // block_size, (items[item, 5] - 1) // block_size + 1):
-        prefetch_rows_l2(kv[0, block_tables[b, bi], hk])
-        prefetch_rows_l2(kv[1, block_tables[b, bi], hk])
+    first = items[item, 4] // block_size
+    count = (items[item, 5] - 1) // block_size + 1 - first
+    if query_start_loc[b + 1] - query_start_loc[b] != 1:
+        count = 0
+    return block_tables[b], items[item, 1], first, count
 
 
 @njit(cache=True)
@@ -258,12 +263,14 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
-        if i + 1 < mine.shape[0]:
-            _prefetch_item(kv, block_tables, query_start_loc, items, mine[i + 1])
         if nq == 1:
+            nxt_table, nxt_hk, nxt_b0, nxt_nb = block_tables[b], 0, 0, 0
+            if i + 1 < mine.shape[0]:
+                nxt_table, nxt_hk, nxt_b0, nxt_nb = _next_decode(kv, block_tables, query_start_loc, items, mine[i + 1])
             _attend_decode_dp(out, q_flat, kv, kv_flat, block_tables[b], items[item, 4], items[item, 5], seq_q0,
                               items[item, 1], scale32, cap32, partials, items[item, 6], n_heads, q2, xq, q_row,
-                              q_hi, q_lo, q_scales, k_scales, blk, scores, scores_flat, maxes, sums, acc)
+                              q_hi, q_lo, q_scales, k_scales, blk, scores, scores_flat, maxes, sums, acc,
+                              nxt_table, nxt_hk, nxt_b0, nxt_nb)
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)
