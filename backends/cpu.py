@@ -63,6 +63,8 @@ from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_lim
 from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
 from edgellm.kernels.cpu.int8_head_amx import int8_head_amx
 from edgellm.kernels.cpu.int8_head_amx import supports as int8_head_supports
+from edgellm.kernels.cpu.int8_head_vnni import int8_head_vnni, quantize_groups
+from edgellm.kernels.cpu.int8_head_vnni import supports as vnni_head_supports
 from edgellm.kernels.cpu.norm_rope import (
     add_rms_norm,
     add_rms_norm_parallel,
@@ -119,6 +121,11 @@ DPBF16_MAX_ROWS = 1 << 20
 # head multiplies a bf16 copy widened once (RowInt8Head.bf16_panels, +2 bytes a weight, built by the
 # first such step): 5.8-7.3 ms at 32 rows against 7.7-8.2 ms for int8_dpbf16_matmul, the same numbers.
 INT8_GEMV_MAX_ROWS = 32
+# From 8 greedy rows the head takes int8 activations on ``vpdpbusd`` (``int8_head_vnni``, twice the
+# multiply-adds of an instruction): cold, 0.83 / 1.22 / 2.04 ms at 8 / 16 / 32 rows against int8_gemv's
+# 1.47 / 2.87 / 3.70 and the bf16 panels' 3.9 (49152 x 576, Zen 5). Below 8 the head is a read of its
+# weights either way, and int16 activations leave fewer entries to re-score.
+VNNI_HEAD_MIN_ROWS = 8
 BF16_PANEL_HEAD_MIN_ROWS = 32
 DPBF16_HEAD_MIN_ROWS = 8  # without VNNI: below this ATen's int8 kernel (the widening costs 4.5 ms a call)
 INT4_INVARIANT_GEMV_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
@@ -457,7 +464,8 @@ class CPUBackend(TorchBackend):
         mode, or a big step without a batched int8 kernel).
 
         The int8 copy of the head gives approximate logits: with AVX512-VNNI, ``int8_gemv`` for up
-        to 31 rows (activations quantized to int16, exact integer sums); with AMX, from 4 rows up to
+        to 7 rows (activations quantized to int16, exact integer sums) and ``int8_head_vnni`` from 8
+        (int8 activations in groups of 32, ~50 candidates a row to re-score); with AMX, from 4 rows up to
         256, ``int8_head_amx`` (the same int16 activations and numbers on AMX-INT8 tiles, 1.6-2x
         ``int8_amx_matmul``, which widens the weight to bf16 and stays for CPUs without AMX-INT8);
         with AVX512-BF16, ``bf16_panels_matmul`` from 32 (``int8_dpbf16_matmul`` from 8 without
@@ -470,14 +478,18 @@ class CPUBackend(TorchBackend):
             return None
         m, (n, k) = hidden.shape[0], weight.shape
         amx = self.uses_amx and AMX_HEAD_MIN_ROWS <= m <= AMX_MAX_ROWS and n % 32 == 0
-        vnni = self._vnni and m < INT8_GEMV_MAX_ROWS and k % 32 == 0 and not amx
+        vnni_bytes = self._vnni and m >= VNNI_HEAD_MIN_ROWS and vnni_head_supports(k) and not amx
+        vnni = self._vnni and m < INT8_GEMV_MAX_ROWS and k % 32 == 0 and not amx and not vnni_bytes
         batched = amx or (self._dpbf16 and DPBF16_HEAD_MIN_ROWS <= m <= DPBF16_MAX_ROWS and n % 32 == 0)
-        if not (vnni or batched or m < Q8_0_GEMM_MIN_ROWS):
+        if not (vnni_bytes or vnni or batched or m < Q8_0_GEMM_MIN_ROWS):
             return None
         x = hidden.float().contiguous()
         out = torch.empty(m, n, dtype=torch.float32)
         int16_tiles = amx and self._amx_int8 and int8_head_supports(n, k)
-        if vnni or int16_tiles:
+        if vnni_bytes:
+            xq, s, off, x_used = quantize_groups(x.numpy())
+            int8_head_vnni(xq, s, off, head.vnni_panels(), head.scale_f32, out.numpy(), self.threads)
+        elif vnni or int16_tiles:
             xq, s = quantize_rows_int16(x.numpy(), xq_limit(k))
             if int16_tiles:
                 int8_head_amx(xq, s, head.qw.numpy(), head.scale_f32, out.numpy(), self._amx_config, self.threads)

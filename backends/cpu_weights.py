@@ -19,6 +19,7 @@ import torch
 from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
 from edgellm.kernels.cpu.dpbf16 import int8_to_bf16_panels
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
+from edgellm.kernels.cpu.int8_head_vnni import vnni_panels
 from edgellm.kernels.cpu.q4_repack import q4_blocks_to_int4pack
 from edgellm.kernels.cpu.q8_0 import q8_0_row_int8, repack_q8_0
 from edgellm.quant import QuantizedTensor
@@ -107,6 +108,7 @@ class RowInt8Head:
     w_norm: np.ndarray  # float32 [N]
     scale_f32: np.ndarray  # float32 [N], ``scale`` widened
     _panels: np.ndarray | None = field(default=None, init=False, repr=False)
+    _vnni_panels: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_q8_0(cls, qs: np.ndarray, d: np.ndarray) -> RowInt8Head:
@@ -129,11 +131,22 @@ class RowInt8Head:
             self._panels = int8_to_bf16_panels(self.qw.numpy())
         return self._panels
 
+    def vnni_panels(self) -> np.ndarray:
+        """``qw`` plus 128 as bytes in 48-row panels for ``int8_head_vnni`` (28 MB for SmolLM2's head),
+        built on first use: only greedy steps of 8 rows and more ask for it."""
+        if self._vnni_panels is None:
+            self._vnni_panels = vnni_panels(self.qw.numpy())
+        return self._vnni_panels
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of the re-laid copies built on first use (``bf16_panels``, ``vnni_panels``)."""
+        return sum(p.nbytes for p in (self._panels, self._vnni_panels) if p is not None)
+
     @property
     def nbytes(self) -> int:
-        panels = 0 if self._panels is None else self._panels.nbytes
         return (self.qw.numel() + 2 * self.scale.numel() + self.err_norm.nbytes + self.w_norm.nbytes
-                + self.scale_f32.nbytes + panels)
+                + self.scale_f32.nbytes + self.cache_nbytes)
 
 
 def _round_up_f32(x: np.ndarray) -> np.ndarray:

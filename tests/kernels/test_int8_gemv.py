@@ -43,7 +43,7 @@ def test_the_int16_bound_keeps_int32_sums_safe():
     assert xq_limit(576) >= 2 ** 14 and xq_limit(8192) > 2 ** 8  # finer than a bf16 activation
 
 
-@pytest.mark.parametrize("m", [1, 3, 31])
+@pytest.mark.parametrize("m", [1, 3, cpu_backend.VNNI_HEAD_MIN_ROWS - 1])
 def test_greedy_steps_through_vnni_keep_the_exact_argmax(m, monkeypatch):
     monkeypatch.setenv("EDGELLM_AMX", "0")  # with AMX, steps from 4 rows take the AMX head instead
     assert_greedy_head_exact(m, monkeypatch, "int8_gemv")

@@ -1,0 +1,60 @@
+"""The AVX512-VNNI byte head (``int8_head_vnni``): the activations' groups as it reports them, exact
+integer sums folded in float32, any row and column count, and greedy steps through it keeping the
+exact argmax. Skips on CPUs without AVX512-VNNI."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgellm.backends import cpu as cpu_backend
+from edgellm.kernels.cpu.int8_gemv import supported
+from edgellm.kernels.cpu.int8_head_vnni import GROUP, int8_head_vnni, quantize_groups, vnni_panels
+from tests.kernels.int8_head_checks import assert_greedy_head_exact, assert_matches_float64
+
+pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has no AVX512-VNNI")
+
+
+def test_quantize_groups_reports_what_it_rounded_to():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 96, generator=g)
+    x[1, :32] = 0.0  # an all-zero group
+    x[2, 40] = 300.0  # an outlier coarsens its own group only
+    xq, s, off, used = quantize_groups(x.numpy())
+    assert np.abs(xq).max() <= 127 and s.shape == (5, 96 // GROUP)
+    groups = torch.from_numpy(xq).view(5, -1, GROUP).long()
+    assert np.array_equal(off, (-128 * groups.sum(-1)).numpy())
+    scales = torch.from_numpy(s).double()[:, :, None]
+    assert torch.equal(torch.from_numpy(used).view(5, -1, GROUP), (groups * scales).float())
+    assert ((torch.from_numpy(used).double() - x.double()).view(5, -1, GROUP).abs() <= 0.51 * scales).all()
+    assert s[2, 1] > 100 * s[2, 0] and (used[1, :32] == 0).all()
+
+
+def test_panels_hold_the_weights_plus_128_in_fours():
+    qw = torch.randint(-127, 128, (50, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    panels = vnni_panels(qw.numpy())
+    assert panels.shape == (2, 16, 48, 4) and panels.dtype == np.uint8
+    assert panels[1, 3, 1, 2] == int(qw[49, 14]) + 128
+    assert (panels[1, :, 2:] == 128).all()  # columns past N weigh nothing
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 33])
+@pytest.mark.parametrize("n, k", [(16, 32), (100, 576), (1000, 64), (96, 2048)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_matches_float64_of_the_quantized_rows(m, n, k, threads):
+    g = torch.Generator().manual_seed(m * 7 + n)
+    qw = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    qw[0], qw[-1] = 127, -127  # the largest sums: must not overflow int32
+    scale = torch.rand(n, generator=g) * 0.01
+    x = torch.randn(m, k, generator=g)
+    x[0] = x[0].abs()
+    xq, s, off, used = quantize_groups(x.numpy())
+    out = np.full((m, n), np.nan, np.float32)
+    int8_head_vnni(xq, s, off, vnni_panels(qw.numpy()), scale.numpy(), out, threads)
+    assert_matches_float64(out, torch.from_numpy(used), qw, scale)
+
+
+@pytest.mark.parametrize("m", [cpu_backend.VNNI_HEAD_MIN_ROWS, 32, 40])
+def test_greedy_steps_through_the_byte_head_keep_the_exact_argmax(m, monkeypatch):
+    monkeypatch.setenv("EDGELLM_AMX", "0")  # with AMX, the AMX head takes these rows
+    assert_greedy_head_exact(m, monkeypatch, "int8_head_vnni")
