@@ -1,21 +1,29 @@
 """Micro-benchmarks of the CPU kernels against the ATen paths they replace (not a test).
 
-Run ``python -m edgellm.kernels.cpu.bench_kernels``. Times are the best of several runs, because a
+Run ``python -m edgellm.kernels.cpu.bench_kernels [overhead|attention|linear|head]`` (every section
+without an argument). Times are the best of several runs, because a
 shared machine's other processes only ever make a run slower. GB/s is weight (or KV) bytes read per
 second: the number that bounds decode.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
 import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata
 from edgellm.backends.cpu import CPUBackend, Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.dpbf16 import bf16_panels_matmul, int8_to_bf16_panels
+from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
+from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
+from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
+from edgellm.kernels.cpu.int8_head_vnni import int8_head_vnni, quantize_groups, vnni_panels
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
@@ -163,12 +171,63 @@ def bench_call_overhead(backend: CPUBackend) -> list[str]:
              f"kernel serial {raw1 * 1e6:.1f}us | kernel via thread pool {raw2 * 1e6:.1f}us")]
 
 
+def _cold_head_seconds(fn: Callable[[int], object]) -> float:
+    """Best time of ``fn(i)`` over three heads in turn, so each call reads its head from memory."""
+    turn = [0]
+
+    def call() -> None:
+        turn[0] += 1
+        fn(turn[0] % 3)
+
+    return best_seconds(call, budget_s=0.3, min_runs=6)
+
+
+def _head_cells(threads: int, x: torch.Tensor, heads: list, panels: list, wide: list, scale: np.ndarray) -> list[str]:
+    m, k = x.shape
+    x32, xb = x.numpy(), x.bfloat16().view(torch.uint16).numpy()
+    out = np.empty((m, heads[0].shape[0]), np.float32)
+
+    def int16(i: int) -> None:
+        xq, s = quantize_rows_int16(x32, xq_limit(k))
+        int8_gemv(xq, s, heads[i], scale, out, threads)
+
+    def byte(i: int) -> None:
+        xq, s, off, _ = quantize_groups(x32)
+        int8_head_vnni(xq, s, off, panels[i], scale, out, threads)
+
+    cells = [f"int8_gemv (int16 x) {_cold_head_seconds(int16) * 1e3:6.2f}ms",
+             f"int8_head_vnni (bytes) {_cold_head_seconds(byte) * 1e3:6.2f}ms"]
+    if wide:
+        dt = _cold_head_seconds(lambda i: bf16_panels_matmul(xb, wide[i], scale, out, threads))
+        cells.append(f"bf16 panels {dt * 1e3:6.2f}ms")
+    return cells
+
+
+def bench_head(backend: CPUBackend, n: int = 49152, k: int = 576) -> list[str]:
+    """The greedy head's int8 kernels without their re-scoring, cold: ``int8_gemv`` (int16
+    activations), ``int8_head_vnni`` (bytes) and, with AVX512-BF16, the bf16-widened panels."""
+    if not vnni_supported():
+        return ["head kernels: this CPU has no AVX512-VNNI"]
+    g = torch.Generator().manual_seed(0)
+    heads = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).numpy() for _ in range(3)]
+    scale = (torch.rand(n, generator=g) * 0.01).numpy()
+    panels = [vnni_panels(qw) for qw in heads]
+    wide = [int8_to_bf16_panels(qw) for qw in heads] if dpbf16_supported() else []
+    return [f"greedy head {k}->{n} M={m:<3d} (cold) | "
+            + " | ".join(_head_cells(backend.threads, torch.randn(m, k, generator=g), heads, panels, wide, scale))
+            for m in (1, 4, 8, 16, 32, 64)]
+
+
+SECTIONS = {"overhead": bench_call_overhead, "attention": bench_attention, "linear": bench_linear, "head": bench_head}
+
+
 def main() -> None:
     backend = CPUBackend(batch_invariant=False)
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
           f"({numba.threading_layer()}); isa {torch.backends.cpu.get_cpu_capability()}")
-    for line in bench_call_overhead(backend) + bench_attention(backend) + bench_linear(backend):
-        print(line, flush=True)
+    for name in sys.argv[1:] or list(SECTIONS):
+        for line in SECTIONS[name](backend):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":
