@@ -8,7 +8,7 @@ the weights are the head's per-row int8 copy plus 128, stored as unsigned bytes:
     sum_k w[k] x[k] = sum_g s[g] * (sum_{k in g} (w[k] + 128) xq[k] - 128 sum_{k in g} xq[k])
 
 Each group's integer sum starts from ``-128 sum xq`` (``quantize_groups`` keeps it per row and
-group), so it is exact in int32; the groups are folded in float32 and scaled by the row's scale.
+group), so it is exact in int32; the groups are folded in float32 and scaled by the weight row's scale.
 These logits are only a screen: per-row scales would let one outlier coarsen a whole row (thousands
 of candidates to re-score on SmolLM2's hidden states), groups of 32 leave ~50 a row, and
 ``q8_0_rescore`` recomputes each candidate exactly from the activations used (``x_used``), so the
