@@ -122,9 +122,10 @@ DPBF16_MAX_ROWS = 1 << 20
 # first such step): 5.8-7.3 ms at 32 rows against 7.7-8.2 ms for int8_dpbf16_matmul, the same numbers.
 INT8_GEMV_MAX_ROWS = 32
 # From 8 greedy rows the head takes int8 activations on ``vpdpbusd`` (``int8_head_vnni``, twice the
-# multiply-adds of an instruction): cold, 0.83 / 1.22 / 2.04 ms at 8 / 16 / 32 rows against int8_gemv's
-# 1.47 / 2.87 / 3.70 and the bf16 panels' 3.9 (49152 x 576, Zen 5). Below 8 the head is a read of its
-# weights either way, and int16 activations leave fewer entries to re-score.
+# multiply-adds of an instruction): cold, 0.65-0.69 / 1.07-1.09 / 1.90-2.01 ms at 8 / 16 / 32 rows
+# against int8_gemv's 0.78-1.44 / 1.51-1.53 and the bf16 panels' 2.30-2.42 at 32 (49152 x 576, Zen 5,
+# ``bench_kernels head``). Below 8 the head is a read of its weights either way, and int16 activations
+# leave fewer entries to re-score (one stream: 259.9 against 249.3 tok/s).
 VNNI_HEAD_MIN_ROWS = 8
 BF16_PANEL_HEAD_MIN_ROWS = 32
 DPBF16_HEAD_MIN_ROWS = 8  # without VNNI: below this ATen's int8 kernel (the widening costs 4.5 ms a call)
@@ -468,8 +469,8 @@ class CPUBackend(TorchBackend):
         (int8 activations in groups of 32, ~50 candidates a row to re-score); with AMX, from 4 rows up to
         256, ``int8_head_amx`` (the same int16 activations and numbers on AMX-INT8 tiles, 1.6-2x
         ``int8_amx_matmul``, which widens the weight to bf16 and stays for CPUs without AMX-INT8);
-        with AVX512-BF16, ``bf16_panels_matmul`` from 32 (``int8_dpbf16_matmul`` from 8 without
-        VNNI); else ATen's ``_weight_int8pack_mm`` for a few rows. ``q8_0_rescore`` then recomputes exactly every entry
+        with AVX512-BF16 and without VNNI (or ``EDGELLM_VNNI=0``), ``bf16_panels_matmul`` from 32
+        (``int8_dpbf16_matmul`` from 8); else ATen's ``_weight_int8pack_mm`` for a few rows. ``q8_0_rescore`` then recomputes exactly every entry
         that could be a row's maximum, with the activations the kernel used, and returns the exact
         argmax.
         """
