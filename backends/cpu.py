@@ -127,6 +127,9 @@ INT8_GEMV_MAX_ROWS = 32
 # ``bench_kernels head``). Below 8 the head is a read of its weights either way, and int16 activations
 # leave fewer entries to re-score (one stream: 259.9 against 249.3 tok/s).
 VNNI_HEAD_MIN_ROWS = 8
+# A row the byte head leaves with more candidates than this (flat logits: thousands, 0.25-0.5 us each)
+# is recomputed through int8_gemv instead (~0.1-0.3 ms a row); chat rows average ~60.
+RESCORE_MAX_CANDIDATES = 1024
 BF16_PANEL_HEAD_MIN_ROWS = 32
 DPBF16_HEAD_MIN_ROWS = 8  # without VNNI: below this ATen's int8 kernel (the widening costs 4.5 ms a call)
 INT4_INVARIANT_GEMV_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
@@ -466,7 +469,8 @@ class CPUBackend(TorchBackend):
 
         The int8 copy of the head gives approximate logits: with AVX512-VNNI, ``int8_gemv`` for up
         to 7 rows (activations quantized to int16, exact integer sums) and ``int8_head_vnni`` from 8
-        (int8 activations in groups of 32, ~50 candidates a row to re-score); with AMX, from 4 rows up to
+        (int8 activations in groups of 32, ~60 candidates a row to re-score; a flat row with more than
+        ``RESCORE_MAX_CANDIDATES`` is redone on ``int8_gemv``); with AMX, from 4 rows up to
         256, ``int8_head_amx`` (the same int16 activations and numbers on AMX-INT8 tiles, 1.6-2x
         ``int8_amx_matmul``, which widens the weight to bf16 and stays for CPUs without AMX-INT8);
         with AVX512-BF16 and without VNNI (or ``EDGELLM_VNNI=0``), ``bf16_panels_matmul`` from 32
@@ -511,9 +515,29 @@ class CPUBackend(TorchBackend):
             else:
                 out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
         best = torch.empty(m, dtype=torch.int64)
+        cap = RESCORE_MAX_CANDIDATES if vnni_bytes else 0
         q8_0_rescore(x.numpy(), x_used, weight.qs, weight.d, head.err_norm, head.w_norm, min(vocab, n),
-                     out.numpy(), best.numpy())
+                     out.numpy(), best.numpy(), cap)
+        if cap:
+            self._rescore_flat_rows(x, weight, min(vocab, n), out, best)
         return out, best
+
+    def _rescore_flat_rows(self, x: torch.Tensor, weight: Any, vocab: int, out: torch.Tensor,
+                           best: torch.Tensor) -> None:
+        """Rows the byte head left with too many candidates (``best`` -1): their logits again from
+        int16 activations (``int8_gemv``, exact integer sums), which leave ~10 a row, then re-scored."""
+        rows = torch.nonzero(best < 0).flatten()
+        head, k = weight.argmax_head, x.shape[1]
+        for r0 in range(0, rows.numel(), INT8_GEMV_MAX_ROWS):
+            idx = rows[r0:r0 + INT8_GEMV_MAX_ROWS]
+            xs = x[idx].contiguous()
+            xq, s = quantize_rows_int16(xs.numpy(), xq_limit(k))
+            sub = torch.empty(idx.numel(), out.shape[1], dtype=torch.float32)
+            int8_gemv(xq, s, head.qw.numpy(), head.scale_f32, sub.numpy(), self.threads)
+            sub_best = torch.empty(idx.numel(), dtype=torch.int64)
+            q8_0_rescore(xs.numpy(), xq.astype(np.float32) * s[:, None], weight.qs, weight.d, head.err_norm,
+                         head.w_norm, vocab, sub.numpy(), sub_best.numpy())
+            out[idx], best[idx] = sub, sub_best
 
     def embedding(self, ids: torch.Tensor, weight: Any, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(weight, Q8_0Weight) or (isinstance(weight, QuantizedTensor) and weight.fmt == "Q8_0"):

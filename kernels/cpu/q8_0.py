@@ -192,7 +192,7 @@ def _approx_error(logit, err_norm, w_norm, x_n, act_n, out_rel):
 
 
 def q8_0_rescore(x: np.ndarray, x_used: np.ndarray, qs: np.ndarray, d: np.ndarray, err_norm: np.ndarray,
-                 w_norm: np.ndarray, n_valid: int, logits: np.ndarray, best: np.ndarray) -> int:
+                 w_norm: np.ndarray, n_valid: int, logits: np.ndarray, best: np.ndarray, max_candidates: int = 0) -> int:
     """Make each row's argmax over ``logits[:, :n_valid]`` that of the exact Q8_0 logits, and write
     it to ``best [M]`` (int64; the first index among equal maxima, as ``torch.argmax``).
 
@@ -204,8 +204,12 @@ def q8_0_rescore(x: np.ndarray, x_used: np.ndarray, qs: np.ndarray, d: np.ndarra
     the best recomputed entry is the row's exact argmax.
     Rows are independent: from ``RESCORE_PARALLEL_ROWS`` rows they are shared among threads.
     Returns how many entries were recomputed.
+
+    With ``max_candidates > 0`` a row with more candidates than that is left as it came and its
+    ``best`` set to -1: coarse activations can leave thousands of near-ties on a flat row (up to a
+    third of a 49k vocabulary), and the caller recomputes such a row with finer ones for less.
     """
-    args = (x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best)
+    args = (x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best, max_candidates)
     return _rescore_parallel(*args) if x.shape[0] >= RESCORE_PARALLEL_ROWS else _rescore_serial(*args)
 
 
@@ -226,10 +230,32 @@ def _bounds(row, err_norm, w_norm, x_n, act_n, out_rel, n0, lanes, highs):
         highs[j] = max(highs[j], v + e)
 
 
+@njit(inline="always")
+def _candidates(row, err_norm, w_norm, x_n, act_n, out_rel, n_valid, chunk_high, lower, cap):
+    """How many entries could reach ``lower`` (counted only once the chunks that can hold one
+    span more than ``cap`` entries: below that the count cannot pass it)."""
+    n_chunks = -(-n_valid // CHUNK)
+    span = 0
+    for ci in range(n_chunks):
+        if chunk_high[ci] >= lower:
+            span += min(CHUNK, n_valid - ci * CHUNK)
+    if span <= cap:
+        return span
+    count = 0
+    for ci in range(n_chunks):
+        if chunk_high[ci] < lower:
+            continue
+        for n in range(ci * CHUNK, min(ci * CHUNK + CHUNK, n_valid)):
+            if row[n] + _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel) >= lower:
+                count += 1
+    return count
+
+
 @njit(cache=True, fastmath=FASTMATH)
-def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high):
+def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high, cap):
     """``q8_0_rescore`` for one row: ``x``, ``x_used`` and ``row`` are that row's; ``w`` and
-    ``chunk_high`` (one per CHUNK entries) are scratch. Returns (recomputed, argmax)."""
+    ``chunk_high`` (one per CHUNK entries) are scratch. Returns (recomputed, argmax), or (0, -1) with
+    ``row`` untouched where ``cap > 0`` and more than ``cap`` entries would be recomputed."""
     k = x.shape[0]
     c = np.float32(APPROX_REL + 2.0 * k * 2.0 ** -24)
     out_rel = np.float32(APPROX_OUT_REL)
@@ -261,6 +287,8 @@ def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high
             high = max(high, row[m] + e)
         chunk_high[ci] = high
     lower = lanes.max()
+    if cap > 0 and _candidates(row, err_norm, w_norm, x_n, act_n, out_rel, n_valid, chunk_high, lower, cap) > cap:
+        return 0, -1
     recomputed = 0
     best, best_value = -1, -np.inf
     for ci in range(n_chunks):
@@ -280,22 +308,22 @@ def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high
 
 
 @njit(cache=True)
-def _rescore_serial(x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best):
+def _rescore_serial(x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best, cap):
     w = np.empty(x.shape[1], np.float32)
     chunk_high = np.empty(-(-n_valid // CHUNK), np.float32)
     recomputed = 0
     for m in range(x.shape[0]):
-        r, best[m] = _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w, chunk_high)
+        r, best[m] = _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w, chunk_high, cap)
         recomputed += r
     return recomputed
 
 
 @njit(cache=True, parallel=True)
-def _rescore_parallel(x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best):
+def _rescore_parallel(x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best, cap):
     recomputed = 0
     for m in prange(x.shape[0]):
         w = np.empty(x.shape[1], np.float32)
         chunk_high = np.empty(-(-n_valid // CHUNK), np.float32)
-        r, best[m] = _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w, chunk_high)
+        r, best[m] = _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w, chunk_high, cap)
         recomputed += r
     return recomputed

@@ -58,3 +58,51 @@ def test_matches_float64_of_the_quantized_rows(m, n, k, threads):
 def test_greedy_steps_through_the_byte_head_keep_the_exact_argmax(m, monkeypatch):
     monkeypatch.setenv("EDGELLM_AMX", "0")  # with AMX, the AMX head takes these rows
     assert_greedy_head_exact(m, monkeypatch, "int8_head_vnni")
+
+
+def test_rows_with_too_many_candidates_are_left_to_the_caller():
+    """``max_candidates``: a flat row (coarse activations, thousands of near-ties) comes back as it was
+    with ``best`` -1; every other row as without the cap."""
+    from edgellm.backends.cpu import CPUBackend
+    from edgellm.kernels.cpu.q8_0 import q8_0_rescore
+    from edgellm.quant import QuantizedTensor
+    from edgellm.quant.formats import quantize_rows
+
+    n, k = 4096, 576
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, ::32] = 0.0  # the channels of row 1's outliers weigh nothing
+    q8 = QuantizedTensor("Q8_0", quantize_rows("Q8_0", w), (n, k))
+    weight = CPUBackend(threads=2, warmup=False).prepare_weight(q8, torch.float32, "lm_head")
+    head = weight.argmax_head
+    x = torch.randn(6, k, generator=g) * 0.1
+    x[::2] += q8.dequantize()[:3] * 3  # rows 0, 2, 4: one clear maximum
+    x[1, ::32] = 10.0  # an outlier in every group coarsens its int8 steps: a loose bound, a flat row
+    xf = x.numpy()
+    _, _, _, used = quantize_groups(xf)
+    approx = (torch.from_numpy(used) @ (head.qw.float() * head.scale.float()[:, None]).t()).contiguous()
+
+    def rescore(cap):
+        logits, best = approx.clone(), np.empty(6, np.int64)
+        n_done = q8_0_rescore(xf, used, weight.qs, weight.d, head.err_norm, head.w_norm, n, logits.numpy(), best, cap)
+        return logits, best, n_done
+
+    full, full_best, _ = rescore(0)
+    capped, capped_best, _ = rescore(64)
+    flat = capped_best < 0
+    assert flat[1] and not flat[::2].any()
+    assert torch.equal(capped[torch.from_numpy(flat)], approx[torch.from_numpy(flat)])
+    assert np.array_equal(capped_best[~flat], full_best[~flat])
+    assert torch.equal(capped[torch.from_numpy(~flat)], full[torch.from_numpy(~flat)])
+    assert np.array_equal(full_best, (x.double() @ q8.dequantize().double().t()).argmax(-1).numpy())
+
+
+@pytest.mark.parametrize("m", [cpu_backend.VNNI_HEAD_MIN_ROWS, 40])
+def test_flat_rows_are_redone_with_int16_activations_and_keep_the_exact_argmax(m, monkeypatch):
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    monkeypatch.setattr(cpu_backend, "RESCORE_MAX_CANDIDATES", 1)  # every row with a near-tie falls back
+    gemv_rows = []
+    gemv = cpu_backend.int8_gemv
+    monkeypatch.setattr(cpu_backend, "int8_gemv", lambda *a: gemv_rows.append(a[0].shape[0]) or gemv(*a))
+    assert_greedy_head_exact(m, monkeypatch, "int8_head_vnni")
+    assert gemv_rows and max(gemv_rows) <= cpu_backend.INT8_GEMV_MAX_ROWS
