@@ -56,7 +56,7 @@ from edgellm.kernels.cpu.decode_layers_amx import decode_layers_amx
 from edgellm.kernels.cpu.dpbf16 import bf16_panels_matmul, int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
-from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, silu_int4_gemv
+from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, quantize_groups_int16_f32, silu_int4_gemv
 from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
@@ -85,6 +85,8 @@ from edgellm.kernels.cpu.prompt_attention_amx import supports as prompt_amx_supp
 from edgellm.kernels.cpu.prompt_attention_dp import prompt_attention_dp
 from edgellm.kernels.cpu.prompt_attention_dp import supports as prompt_dp_supports
 from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
+from edgellm.kernels.cpu.q8_0_gemv import q8_0_gemv
+from edgellm.kernels.cpu.q8_0_gemv import supports as q8_0_gemv_supports
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.kv_int8 import dequantize_kv_rows, quantize_kv_rows
 
@@ -141,6 +143,10 @@ INT4_GEMV_MAX_ROWS = 8
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
 Q8_0_GEMM_MIN_ROWS = 32
+# A sampled step's full logits (and any Q8_0 linear) take q8_0_gemv up to this many rows: SmolLM2's
+# 49152 x 576 head in 0.38-0.44 / 1.5 / 6.1 ms at 1 / 8 / 32 rows against the float32 kernels' 3.1 /
+# 8.5 / 17.6 (Zen 5, 2 threads); each row's arithmetic is its own, so batch-invariant at any count.
+Q8_0_GEMV_MAX_ROWS = 256
 Q8_0_GEMM_TILE_ROWS = 1024  # 2.4 MB of float32 at K=576: the tile stays in L2 between dequantize and GEMM
 # Without AMX, steps carry at most this many tokens by default. On a 2-core Zen 4 serving 32 chats
 # (loadgen, --ignore-eos), 2048 / 1024 / 512 / 256 gave 290 / 299 / 325-341 / 319 out tok/s and a TTFT
@@ -440,9 +446,15 @@ class CPUBackend(TorchBackend):
         return torch.cat([gen, prompt])
 
     def _q8_0_linear(self, x: torch.Tensor, w: Q8_0Weight) -> torch.Tensor:
+        """A Q8_0 weight (a tied head's full logits, Q8_0 layers): ``q8_0_gemv`` (activations as int16 in
+        groups of 32, exact block sums) up to ``Q8_0_GEMV_MAX_ROWS`` rows, the float32 kernels past it."""
         xf = x.float().contiguous()
         m, n = xf.shape[0], w.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
+        if m <= Q8_0_GEMV_MAX_ROWS and q8_0_gemv_supports(w.shape[1]):
+            xq, xs, _ = quantize_groups_int16_f32(xf.numpy())
+            q8_0_gemv(xq, xs, w.qs, w.d, y.numpy(), self.threads)
+            return y
         if m < Q8_0_GEMM_MIN_ROWS:
             q8_0_matmul(xf.numpy(), w.qs, w.d, y.numpy(), self.threads)
             return y

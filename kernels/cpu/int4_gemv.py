@@ -159,12 +159,17 @@ def _block_rows(typingctx, packed, block, xq, xs, xsum, rows, sz, out):
 def quantize_groups_int16(x):
     """``(xq int16 [M, K], xs, xsum float32 [M, K/32])`` from bf16 bits ``x [M, K]``: each group of 32
     is ``xs * xq`` with ``|xq| <= 32767``; ``xsum = xs * sum(xq)`` (the group's sum as multiplied)."""
-    m, k = x.shape
+    return quantize_groups_int16_f32((x.astype(np.uint32) << np.uint32(16)).view(np.float32))
+
+
+@njit(cache=True)
+def quantize_groups_int16_f32(xf):
+    """``quantize_groups_int16`` of float32 rows ``xf [M, K]``."""
+    m, k = xf.shape
     groups = k // GROUP
     xq = np.empty((m, k), np.int16)
     xs = np.empty((m, groups), np.float32)
     xsum = np.empty((m, groups), np.float32)
-    xf = (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
     for r in range(m):
         for g in range(groups):
             amax = np.float32(0.0)

@@ -6,6 +6,8 @@ import torch
 
 from edgellm.backends.cpu import CPUBackend, Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.int4_gemv import quantize_groups_int16_f32
+from edgellm.kernels.cpu.q8_0 import q8_0_matmul
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
 
@@ -31,8 +33,13 @@ def test_quantized_linear_matches_reference(fmt, n, k, m, backend):
     bias = torch.randn(n)
     want = REF.linear(x, w, bias)
     got = backend.linear(x, prepared, bias)
-    if fmt == "Q8_0":  # float32 products throughout
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if fmt == "Q8_0":  # activations as int16 in groups of 32 (q8_0_gemv), exact block sums, float32 after
+        xq, xs, _ = quantize_groups_int16_f32(x.numpy())
+        used = torch.from_numpy(xq).float().view(m, -1, 32) * torch.from_numpy(xs)[:, :, None]
+        assert ((used.view(m, k) - x).abs().view(m, -1, 32) <= 0.51 * torch.from_numpy(xs)[:, :, None]).all()
+        want_used = REF.linear(used.view(m, k), w, bias)
+        torch.testing.assert_close(got, want_used, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
     else:  # the int4 paths take bf16 activations by design: compare against the bf16-rounded input
         want16 = REF.linear(x.bfloat16().float(), w, bias)
         torch.testing.assert_close(got, want16, rtol=1e-2, atol=1e-2 * want.abs().max().item())
@@ -71,9 +78,14 @@ def test_q8_0_linear_keeps_leading_dims_and_dtype():
 def test_q8_0_lm_head_shape_quick_subset():
     w = quantized("Q8_0", 49152, 576, seed=1)
     x = torch.randn(1, 576)
+    x[0, 5] = 60.0  # an outlier, as final hidden states have: it coarsens its own group only
     got = CPU.linear(x, CPU.prepare_weight(w, torch.float32))
     rows = torch.arange(0, 49152, 61)
-    torch.testing.assert_close(got[:, rows], x @ w.rows(rows).t(), rtol=1e-5, atol=1e-6)
+    xq, xs, _ = quantize_groups_int16_f32(x.numpy())
+    used = (torch.from_numpy(xq).float().view(1, -1, 32) * torch.from_numpy(xs)[:, :, None]).view(1, 576)
+    want = x @ w.rows(rows).t()
+    torch.testing.assert_close(got[:, rows], used @ w.rows(rows).t(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:, rows], want, rtol=0, atol=2e-4 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1"])
@@ -96,6 +108,13 @@ def test_dense_weights_fall_through_to_aten():
     assert torch.equal(CPU.embedding(ids, w, torch.float32), REF.embedding(ids, w, torch.float32))
 
 
+def _fp32_logits(x: torch.Tensor, head: Q8_0Weight) -> torch.Tensor:
+    """A Q8_0 head's logits in float32 products and sums (``q8_0_matmul``)."""
+    out = torch.empty(x.shape[0], head.shape[0])
+    q8_0_matmul(x.float().contiguous().numpy(), head.qs, head.d, out.numpy(), 2)
+    return out
+
+
 def _near_tie_head(n: int, k: int, seed: int = 0) -> tuple[QuantizedTensor, torch.Tensor]:
     """A Q8_0 head whose rows are tiny perturbations of a few shared rows, and hidden states that
     make many logits tie within the int8 copy's error: the hard case for an approximate argmax."""
@@ -115,7 +134,7 @@ def test_argmax_only_logits_keep_the_exact_argmax(rows):
     be = CPUBackend(threads=2, warmup=False)
     head = be.prepare_weight(wq, torch.float32, "lm_head")
     assert head.argmax_head is not None
-    exact = be.logits(x[:rows], head)
+    exact = _fp32_logits(x[:rows], head)  # what q8_0_rescore recomputes candidates as
     fast = be.logits(x[:rows], head, argmax_cols=2048)
     assert torch.equal(fast.argmax(-1), exact.argmax(-1))
     # entries that could be the maximum are recomputed exactly; the rest stay below it
