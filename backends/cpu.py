@@ -144,8 +144,9 @@ INT4_GEMV_MAX_ROWS = 8
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
 Q8_0_GEMM_MIN_ROWS = 32
 # A sampled step's full logits (and any Q8_0 linear) take q8_0_gemv up to this many rows: SmolLM2's
-# 49152 x 576 head in 0.38-0.44 / 1.5 / 6.1 ms at 1 / 8 / 32 rows against the float32 kernels' 3.1 /
-# 8.5 / 17.6 (Zen 5, 2 threads); each row's arithmetic is its own, so batch-invariant at any count.
+# 49152 x 576 head, cold, in 0.72-0.74 / 0.70-0.72 / 3.1-3.2 ms at 1 / 4 / 32 rows against the float32
+# kernels' 3.0-3.4 / 6.4-7.8 / 18.5-19.5 (Zen 5, 2 threads); each row's arithmetic is its own, so
+# batch-invariant at any count.
 Q8_0_GEMV_MAX_ROWS = 256
 Q8_0_GEMM_TILE_ROWS = 1024  # 2.4 MB of float32 at K=576: the tile stays in L2 between dequantize and GEMM
 # Without AMX, steps carry at most this many tokens by default. On a 2-core Zen 4 serving 32 chats
@@ -453,7 +454,7 @@ class CPUBackend(TorchBackend):
         y = torch.empty(m, n, dtype=torch.float32)
         if m <= Q8_0_GEMV_MAX_ROWS and q8_0_gemv_supports(w.shape[1]):
             xq, xs, _ = quantize_groups_int16_f32(xf.numpy())
-            q8_0_gemv(xq, xs, w.qs, w.d, y.numpy(), self.threads)
+            q8_0_gemv(xq, xs, *w.gemv_panels(), y.numpy(), self.threads)
             return y
         if m < Q8_0_GEMM_MIN_ROWS:
             q8_0_matmul(xf.numpy(), w.qs, w.d, y.numpy(), self.threads)

@@ -22,6 +22,7 @@ from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
 from edgellm.kernels.cpu.int8_head_vnni import vnni_panels
 from edgellm.kernels.cpu.q4_repack import q4_blocks_to_int4pack
 from edgellm.kernels.cpu.q8_0 import q8_0_row_int8, repack_q8_0
+from edgellm.kernels.cpu.q8_0_gemv import q8_0_panels
 from edgellm.quant import QuantizedTensor
 
 
@@ -164,6 +165,20 @@ class Q8_0Weight:
     d: np.ndarray
     shape: tuple[int, int]
     argmax_head: RowInt8Head | None = None  # output heads only: the fast path of argmax-only steps
+    _panels: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def gemv_panels(self) -> tuple[np.ndarray, np.ndarray]:
+        """``qs`` and ``d`` re-laid in 16-column panels for ``q8_0_gemv`` (as many bytes again as ``qs``
+        and ``d``: 31 MB for SmolLM2's head), built on first use: sampled steps and Q8_0 layers ask."""
+        if self._panels is None:
+            self._panels = q8_0_panels(self.qs, self.d)
+        return self._panels
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of the re-laid copies built on first use (the panels and the greedy head's)."""
+        own = sum(a.nbytes for a in self._panels) if self._panels is not None else 0
+        return own + (self.argmax_head.cache_nbytes if self.argmax_head is not None else 0)
 
     @classmethod
     def from_quantized(cls, w: QuantizedTensor, head: bool = False) -> Q8_0Weight:
@@ -174,7 +189,8 @@ class Q8_0Weight:
     @property
     def nbytes(self) -> int:
         extra = self.argmax_head.nbytes if self.argmax_head is not None else 0
-        return self.qs.nbytes + self.d.nbytes + extra
+        own = sum(a.nbytes for a in self._panels) if self._panels is not None else 0
+        return self.qs.nbytes + self.d.nbytes + extra + own
 
 
 _LOCAL = threading.local()

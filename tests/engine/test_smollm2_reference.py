@@ -96,14 +96,14 @@ def test_q4_1_weights_stay_packed_within_1_3x_the_file(q4_llm, smollm2_gguf):
     weights = [model.embed, model.norm] + [
         w for layer in model.layers for w in (layer.input_norm, layer.qkv, layer.o_proj, layer.post_norm,
                                              layer.gate_up, layer.down)]
-    # the greedy head's re-laid copies come with the first batched greedy step (whether an earlier test
-    # using this model ran one is beside the point here); they are bounded on their own below
+    # the head's re-laid copies come with the first batched greedy or sampled step (whether an earlier
+    # test using this model ran one is beside the point here); they are bounded on their own below
     head = getattr(model.embed, "argmax_head", None)
-    lazy = head.cache_nbytes if head is not None else 0
+    lazy = getattr(model.embed, "cache_nbytes", 0)
     resident = sum(_nbytes(w) for w in weights) - lazy
     file_size = smollm2_gguf.stat().st_size
     log.warning("resident weights %.1f MB (+ %.1f MB of head copies built on use) for a %.1f MB file (%.2fx)",
                 resident / 1e6, lazy / 1e6, file_size / 1e6, resident / file_size)
     assert resident <= 1.3 * file_size
-    if head is not None:
-        assert lazy <= 2 * head.qw.numel()  # at most a bf16 copy of the head
+    if head is not None:  # the greedy byte or bf16 panels and the sampled steps' int8 panels
+        assert lazy <= 3.2 * head.qw.numel()
