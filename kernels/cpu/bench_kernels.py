@@ -1,6 +1,6 @@
 """Micro-benchmarks of the CPU kernels against the ATen paths they replace (not a test).
 
-Run ``python -m edgellm.kernels.cpu.bench_kernels [overhead|attention|linear|head]`` (every section
+Run ``python -m edgellm.kernels.cpu.bench_kernels [overhead|attention|linear|head|sampled]`` (every section
 without an argument). Times are the best of several runs, because a
 shared machine's other processes only ever make a run slower. GB/s is weight (or KV) bytes read per
 second: the number that bounds decode.
@@ -21,10 +21,14 @@ from edgellm.backends.cpu import CPUBackend, Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.dpbf16 import bf16_panels_matmul, int8_to_bf16_panels
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
+from edgellm.kernels.cpu.int4_gemv import quantize_groups_int16_f32
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
 from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
 from edgellm.kernels.cpu.int8_head_vnni import int8_head_vnni, quantize_groups, vnni_panels
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE, paged_attention_step
+from edgellm.kernels.cpu.q8_0 import q8_0_matmul
+from edgellm.kernels.cpu.q8_0_gemv import q8_0_gemv
+from edgellm.kernels.cpu.q8_0_gemv import supports as q8_0_gemv_supports
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
 from edgellm.quant.kv_int8 import quantize_kv_rows
@@ -218,7 +222,37 @@ def bench_head(backend: CPUBackend, n: int = 49152, k: int = 576) -> list[str]:
             for m in (1, 4, 8, 16, 32, 64)]
 
 
-SECTIONS = {"overhead": bench_call_overhead, "attention": bench_attention, "linear": bench_linear, "head": bench_head}
+def _sampled_cells(threads: int, x: np.ndarray, weights: list, panels: list) -> tuple[float, float]:
+    out = np.empty((x.shape[0], weights[0].shape[0]), np.float32)
+
+    def int16(i: int) -> None:
+        xq, xs, _ = quantize_groups_int16_f32(x)
+        q8_0_gemv(xq, xs, *panels[i], out, threads)
+
+    return (_cold_head_seconds(int16),
+            _cold_head_seconds(lambda i: q8_0_matmul(x, weights[i].qs, weights[i].d, out, threads)))
+
+
+def bench_sampled_head(backend: CPUBackend, n: int = 49152, k: int = 576) -> list[str]:
+    """A sampled step's full logits from a Q8_0 head, cold: ``q8_0_gemv`` (int16 activation groups,
+    16-column panels) against the float32 ``q8_0_matmul`` it replaced (below 32 rows; from 32 the
+    float32 path was ATen's GEMM on dequantized tiles, slower still here)."""
+    if not q8_0_gemv_supports(k):
+        return ["sampled head: this CPU has no AVX512-VNNI"]
+    g = torch.Generator().manual_seed(1)
+    weights = [Q8_0Weight.from_quantized(QuantizedTensor("Q8_0", quantize_rows(
+        "Q8_0", torch.randn(n, k, generator=g) * 0.05), (n, k))) for _ in range(3)]
+    panels = [w.gemv_panels() for w in weights]
+    lines = []
+    for m in (1, 4, 8, 32, 64):
+        new, old = _sampled_cells(backend.threads, torch.randn(m, k, generator=g).numpy(), weights, panels)
+        lines.append(f"sampled head {k}->{n} M={m:<3d} (cold) | q8_0_gemv (int16 x) {new * 1e3:6.2f}ms | "
+                     f"q8_0_matmul (float32) {old * 1e3:6.2f}ms | {old / new:4.1f}x")
+    return lines
+
+
+SECTIONS = {"overhead": bench_call_overhead, "attention": bench_attention, "linear": bench_linear, "head": bench_head,
+            "sampled": bench_sampled_head}
 
 
 def main() -> None:
