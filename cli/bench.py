@@ -26,6 +26,14 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+_TEMPERATURE = "0: greedy, as llama-bench; above 0 every token is sampled from the full logits (chat's default: 0.7)."
+
+
+def _greedy_only(which: str, temperature: float) -> None:
+    if which == "hf" and temperature > 0:
+        raise click.UsageError("--engine hf measures greedy generate() only: leave --temperature at 0")
+
+
 _engine_options = [
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, rocm, xpu or torch."),
     click.option("--dtype", default="auto", show_default=True, help="Activation dtype."),
@@ -53,15 +61,17 @@ def bench_group() -> None:
 @click.option("-p", "--prompt-tokens", default=512, show_default=True)
 @click.option("-n", "--output-tokens", default=128, show_default=True)
 @click.option("-r", "--repetitions", default=3, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help=_TEMPERATURE)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--engine", "which", type=click.Choice(["edgellm", "hf"]), default="edgellm", show_default=True,
               help="hf: the Hugging Face transformers baseline on the same weights and prompts.")
 @engine_options
-def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, which, device, dtype, threads,
-                batch_invariant, kv_cache_dtype):
+def latency_cmd(model, prompt_tokens, output_tokens, repetitions, temperature, as_json, which, device, dtype,
+                threads, batch_invariant, kv_cache_dtype):
     """Prefill and decode tokens/s for one stream (like llama-bench's pp/tg)."""
     from edgellm.benchmark import latency, random_prompt
 
+    _greedy_only(which, temperature)
     engine = _engine(model, device=device, dtype=dtype if which == "edgellm" else "auto", threads=threads,
                      batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype,
                      max_num_batched_tokens=max(2048, prompt_tokens), max_num_seqs=4)
@@ -72,7 +82,7 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, which
         r = hf_latency(hf, random_prompt(engine, prompt_tokens, 0), output_tokens, repetitions)
         name, backend = f"transformers {dtype if dtype != 'auto' else 'float32'}", "hf"
     else:
-        r = latency(engine, prompt_tokens, output_tokens, repetitions)
+        r = latency(engine, prompt_tokens, output_tokens, repetitions, temperature=temperature)
         name, backend = engine.model_name, engine.backend.name
     if as_json:
         click.echo(json.dumps({"model": name, "backend": backend, "threads": engine.backend.threads,
@@ -81,7 +91,8 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, which
     click.echo(_table([
         ("model", f"{name} ({backend}, {engine.backend.threads} threads)"),
         (f"prefill pp{prompt_tokens}", f"{r.prefill_tok_s:8.1f} tok/s ± {r.prefill_tok_s_sd:.1f}"),
-        (f"decode tg{output_tokens}", f"{r.decode_tok_s:8.1f} tok/s ± {r.decode_tok_s_sd:.1f}"),
+        (f"decode tg{output_tokens}" + (f" (temperature {temperature:g})" if temperature else ""),
+         f"{r.decode_tok_s:8.1f} tok/s ± {r.decode_tok_s_sd:.1f}"),
         ("TTFT / TPOT", f"{r.ttft_ms:.1f} ms / {r.tpot_ms:.2f} ms"),
     ]))
 
@@ -94,15 +105,17 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, as_json, which
 @click.option("--offset", default=0, show_default=True)
 @click.option("-n", "--output-tokens", default=128, show_default=True)
 @click.option("--max-num-seqs", default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help=_TEMPERATURE)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--engine", "which", type=click.Choice(["edgellm", "hf"]), default="edgellm", show_default=True,
               help="hf: transformers generate() in static batches of --max-num-seqs.")
 @engine_options
-def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_num_seqs, as_json, which, device,
-                   dtype, threads, batch_invariant, kv_cache_dtype):
+def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_num_seqs, temperature, as_json,
+                   which, device, dtype, threads, batch_invariant, kv_cache_dtype):
     """Offline batch: every prompt submitted at once, tokens/s until all finish."""
     from edgellm.benchmark import load_prompts, random_prompt, throughput
 
+    _greedy_only(which, temperature)
     engine = _engine(model, device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
                      batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype)
     if prompts_path:
@@ -116,7 +129,7 @@ def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_
         pad = engine.tokenizer.pad_token_id or 0
         r = hf_throughput(hf, prompts, output_tokens, max_num_seqs, pad)
     else:
-        r = throughput(engine, prompts, output_tokens)
+        r = throughput(engine, prompts, output_tokens, temperature=temperature)
     if as_json:
         click.echo(json.dumps(asdict(r), indent=2))
         return
@@ -125,6 +138,7 @@ def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_
         ("elapsed", f"{r.elapsed_s:.2f} s"),
         ("throughput", f"{r.requests_per_s:.2f} req/s, {r.output_tok_s:.1f} output tok/s, "
                        f"{r.total_tok_s:.1f} total tok/s"),
+        ("sampling", f"temperature {temperature:g}" if temperature else "greedy"),
     ]))
 
 

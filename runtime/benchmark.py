@@ -23,6 +23,7 @@ class LatencyResult:
     decode_tok_s_sd: float
     ttft_ms: float
     tpot_ms: float
+    temperature: float = 0.0  # 0: greedy, as llama-bench; > 0: every token sampled from the full logits
 
 
 def random_prompt(engine: LLMEngine, n: int, seed: int = 0) -> list[int]:
@@ -38,14 +39,14 @@ def random_prompt(engine: LLMEngine, n: int, seed: int = 0) -> list[int]:
 
 
 def latency(engine: LLMEngine, prompt_tokens: int = 512, output_tokens: int = 128, repetitions: int = 3,
-            warmup: int = 1) -> LatencyResult:
+            warmup: int = 1, temperature: float = 0.0) -> LatencyResult:
     """Prefill tokens/s for one ``prompt_tokens`` prompt and decode tokens/s for one stream.
 
     The prefill is timed as the first engine step (the whole prompt plus its first token);
     decode as every later step. Run with prefix caching off so repetitions compute everything.
     """
     assert engine.scheduler.max_num_batched_tokens >= prompt_tokens, "raise max_num_batched_tokens"
-    params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, max_tokens=output_tokens, ignore_eos=True)
     prefill, decode = [], []
     for rep in range(warmup + repetitions):
         engine.add_request(f"bench-{rep}", random_prompt(engine, prompt_tokens, rep), params)
@@ -61,7 +62,7 @@ def latency(engine: LLMEngine, prompt_tokens: int = 512, output_tokens: int = 12
     sd = statistics.stdev if repetitions > 1 else (lambda xs: 0.0)
     p, d = statistics.mean(prefill), statistics.mean(decode)
     return LatencyResult(prompt_tokens, output_tokens, repetitions, p, sd(prefill), d, sd(decode),
-                         1000 * prompt_tokens / p, 1000 / d)
+                         1000 * prompt_tokens / p, 1000 / d, temperature)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ThroughputResult:
     requests_per_s: float
     output_tok_s: float
     total_tok_s: float
+    temperature: float = 0.0
 
 
 def load_prompts(path: str | Path, engine: LLMEngine, count: int, offset: int = 0) -> list[list[int]]:
@@ -85,9 +87,9 @@ def load_prompts(path: str | Path, engine: LLMEngine, count: int, offset: int = 
 
 
 def throughput(engine: LLMEngine, prompts: list[list[int]], output_tokens: int = 128,
-               ignore_eos: bool = True) -> ThroughputResult:
+               ignore_eos: bool = True, temperature: float = 0.0) -> ThroughputResult:
     """Submit every prompt at once and run the engine dry (offline batch inference)."""
-    params = SamplingParams(temperature=0, max_tokens=output_tokens, ignore_eos=ignore_eos)
+    params = SamplingParams(temperature=temperature, max_tokens=output_tokens, ignore_eos=ignore_eos)
     t0 = time.perf_counter()
     for i, ids in enumerate(prompts):
         engine.add_request(f"tput-{i}", ids, params)
@@ -99,7 +101,7 @@ def throughput(engine: LLMEngine, prompts: list[list[int]], output_tokens: int =
     dt = time.perf_counter() - t0
     n_prompt = sum(len(p) for p in prompts)
     return ThroughputResult(len(prompts), n_prompt, out_tokens, dt, len(prompts) / dt, out_tokens / dt,
-                            (out_tokens + n_prompt) / dt)
+                            (out_tokens + n_prompt) / dt, temperature)
 
 
 def as_dict(result) -> dict:
