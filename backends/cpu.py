@@ -448,11 +448,12 @@ class CPUBackend(TorchBackend):
 
     def _q8_0_linear(self, x: torch.Tensor, w: Q8_0Weight) -> torch.Tensor:
         """A Q8_0 weight (a tied head's full logits, Q8_0 layers): ``q8_0_gemv`` (activations as int16 in
-        groups of 32, exact block sums) up to ``Q8_0_GEMV_MAX_ROWS`` rows, the float32 kernels past it."""
+        groups of 32, exact block sums) up to ``Q8_0_GEMV_MAX_ROWS`` rows, and at any row count in
+        batch-invariant mode (a row's numbers are its own there); the float32 kernels past it."""
         xf = x.float().contiguous()
         m, n = xf.shape[0], w.shape[0]
         y = torch.empty(m, n, dtype=torch.float32)
-        if m <= Q8_0_GEMV_MAX_ROWS and q8_0_gemv_supports(w.shape[1]):
+        if (m <= Q8_0_GEMV_MAX_ROWS or self._invariant) and q8_0_gemv_supports(w.shape[1]):
             xq, xs, _ = quantize_groups_int16_f32(xf.numpy())
             q8_0_gemv(xq, xs, *w.gemv_panels(), y.numpy(), self.threads)
             return y

@@ -69,6 +69,21 @@ def test_int4_rows_are_batch_invariant_in_invariant_mode():
     assert torch.equal(mixed[6:], prompt_alone[6:])
 
 
+def test_q8_0_rows_are_batch_invariant_in_invariant_mode(monkeypatch):
+    """A Q8_0 linear's row has the same numbers alone and among more rows than the fast kernel's
+    usual limit (where the default mode changes kernels)."""
+    import edgellm.backends.cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "Q8_0_GEMV_MAX_ROWS", 8)
+    w = INVARIANT.prepare_weight(quantized("Q8_0", 96, 576, seed=5), torch.float32)
+    x = torch.randn(40, 576)
+    alone, crowd = INVARIANT.linear(x[:1], w), INVARIANT.linear(x, w)
+    assert torch.equal(crowd[:1], alone)
+    if q8_0_gemv_supports(576):  # the default mode switches to float32 past the limit
+        assert not torch.equal(CPU.linear(x, CPU.prepare_weight(quantized("Q8_0", 96, 576, seed=5),
+                                                                torch.float32))[:1], alone)
+
+
 def test_q8_0_linear_keeps_leading_dims_and_dtype():
     w = quantized("Q8_0", 96, 64)
     prepared = CPU.prepare_weight(w, torch.bfloat16)
