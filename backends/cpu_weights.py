@@ -175,10 +175,13 @@ class Q8_0Weight:
         return self._panels
 
     @property
+    def _panel_nbytes(self) -> int:
+        return sum(a.nbytes for a in self._panels) if self._panels is not None else 0
+
+    @property
     def cache_nbytes(self) -> int:
         """Bytes of the re-laid copies built on first use (the panels and the greedy head's)."""
-        own = sum(a.nbytes for a in self._panels) if self._panels is not None else 0
-        return own + (self.argmax_head.cache_nbytes if self.argmax_head is not None else 0)
+        return self._panel_nbytes + (self.argmax_head.cache_nbytes if self.argmax_head is not None else 0)
 
     @classmethod
     def from_quantized(cls, w: QuantizedTensor, head: bool = False) -> Q8_0Weight:
@@ -189,8 +192,7 @@ class Q8_0Weight:
     @property
     def nbytes(self) -> int:
         extra = self.argmax_head.nbytes if self.argmax_head is not None else 0
-        own = sum(a.nbytes for a in self._panels) if self._panels is not None else 0
-        return self.qs.nbytes + self.d.nbytes + extra + own
+        return self.qs.nbytes + self.d.nbytes + extra + self._panel_nbytes
 
 
 _LOCAL = threading.local()

@@ -166,25 +166,33 @@ def quantize_groups_int16(x):
 def quantize_groups_int16_f32(xf):
     """``quantize_groups_int16`` of float32 rows ``xf [M, K]``."""
     m, k = xf.shape
-    groups = k // GROUP
     xq = np.empty((m, k), np.int16)
-    xs = np.empty((m, groups), np.float32)
-    xsum = np.empty((m, groups), np.float32)
+    xs = np.empty((m, k // GROUP), np.float32)
+    totals = np.empty((m, k // GROUP), np.int32)
+    quantize_groups_into(xf, XQ_MAX, xq, xs, totals)
+    return xq, xs, totals.astype(np.float32) * xs
+
+
+@njit(cache=True)
+def quantize_groups_into(xf, limit, xq, s, totals):
+    """Each group of 32 of the float32 rows ``xf [M, K]`` as ``s[r, g] * xq`` with ``|xq| <= limit``
+    (``xq`` int8 or int16 ``[M, K]``, ``s`` float32 ``[M, K/32]``), and the group's ``sum(xq)`` in
+    ``totals`` (int32 ``[M, K/32]``): the activations of the integer dot-product kernels."""
+    m, k = xf.shape
     for r in range(m):
-        for g in range(groups):
+        for g in range(k // GROUP):
             amax = np.float32(0.0)
             for i in range(g * GROUP, (g + 1) * GROUP):
                 amax = max(amax, abs(xf[r, i]))
-            s = np.float32(amax / XQ_MAX) if amax > 0 else np.float32(1.0)
-            inv = np.float32(1.0) / s
+            scale = np.float32(amax / limit) if amax > 0 else np.float32(1.0)
+            inv = np.float32(1.0) / scale
             total = 0
             for i in range(g * GROUP, (g + 1) * GROUP):
-                q = min(XQ_MAX, max(-XQ_MAX, np.int32(np.rint(xf[r, i] * inv))))
+                q = min(limit, max(-limit, np.int32(np.rint(xf[r, i] * inv))))
                 xq[r, i] = q
                 total += q
-            xs[r, g] = s
-            xsum[r, g] = np.float32(total) * s
-    return xq, xs, xsum
+            s[r, g] = scale
+            totals[r, g] = total
 
 
 @njit(cache=True, parallel=True)

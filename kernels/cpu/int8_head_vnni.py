@@ -33,6 +33,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
+from edgellm.kernels.cpu.int4_gemv import quantize_groups_into
 
 GROUP = 32  # activations per scale
 COLS = 48  # weight columns per panel: three 16-lane vectors
@@ -66,26 +67,12 @@ def quantize_groups(x: np.ndarray):
     32 activations as ``s * xq`` (``|xq| <= 127``), ``off = -128 sum xq`` (the weights' offset, taken
     out of each group's integer sum) and ``x_used = s * xq``, the activations the kernel multiplies."""
     m, k = x.shape
-    groups = k // GROUP
     xq = np.empty((m, k), np.int8)
-    s = np.empty((m, groups), np.float32)
-    off = np.empty((m, groups), np.int32)
-    x_used = np.empty((m, k), np.float32)
-    for r in range(m):
-        for g in range(groups):
-            amax = np.float32(0.0)
-            for i in range(g * GROUP, (g + 1) * GROUP):
-                amax = max(amax, abs(x[r, i]))
-            scale = np.float32(amax / np.float32(127.0)) if amax > 0 else np.float32(1.0)
-            inv = np.float32(1.0) / scale
-            total = 0
-            for i in range(g * GROUP, (g + 1) * GROUP):
-                q = min(127, max(-127, np.int32(np.rint(x[r, i] * inv))))
-                xq[r, i] = q
-                x_used[r, i] = np.float32(q) * scale
-                total += q
-            s[r, g] = scale
-            off[r, g] = -128 * total
+    s = np.empty((m, k // GROUP), np.float32)
+    totals = np.empty((m, k // GROUP), np.int32)
+    quantize_groups_into(x, 127, xq, s, totals)
+    x_used = (xq.astype(np.float32).reshape(m, k // GROUP, GROUP) * s.reshape(m, k // GROUP, 1)).reshape(m, k)
+    off = (-128 * totals).astype(np.int32)
     return xq, s, off, x_used
 
 
