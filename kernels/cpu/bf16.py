@@ -82,6 +82,21 @@ def _bf16_bits_impl(x, scale):
     return None
 
 
+def from_f32(like, x):
+    """A float32 ``x`` as an element of the float32 or bf16-as-uint16 array ``like``: itself, or
+    rounded to bf16 bits (``round_bits``)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(from_f32, inline="always")
+def _from_f32_impl(like, x):
+    if like.dtype == types.float32:
+        return lambda like, x: x
+    if like.dtype == types.uint16:
+        return lambda like, x: round_bits(x)
+    return None
+
+
 def load_row(src: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """A row as float32: ``src`` itself, or its bf16 bits widened into ``scratch`` (uint32, as long)."""
     raise NotImplementedError("only callable from Numba code")

@@ -21,7 +21,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from edgellm.kernels.cpu.bf16 import as_f32 as _f32
-from edgellm.kernels.cpu.bf16 import load_row, store_row
+from edgellm.kernels.cpu.bf16 import from_f32, load_row, store_row
 from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.expf import exp_f32
 from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, dequantize_block, scale_of
@@ -230,11 +230,11 @@ def _decode_finish(out, acc, maxes, sums, partials, slot, t, hk, group):
             for d in range(head_dim):
                 partials[slot, g, 2 + d] = acc[g, d]
         return
-    for g in range(group):
+    for g in range(group):  # element by element: row views cost 32 one-block decodes 49 against 44 us
         inv = np.float32(1.0) / sums[g]
+        h = hk * group + g
         for d in range(head_dim):
-            acc[g, d] *= inv
-        store_row(out[t, hk * group + g], acc[g])
+            out[t, h, d] = from_f32(out, acc[g, d] * inv)
 
 
 @njit(cache=True, fastmath=FASTMATH)

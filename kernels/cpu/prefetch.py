@@ -1,7 +1,9 @@
 """Software prefetch for Numba kernels: ``llvm.prefetch`` on an array element's address.
 
 Paged KV blocks are scattered 4 KiB pieces, so the hardware prefetchers start cold at every block;
-asking for the next block while the current one is computed hides most of that DRAM latency.
+asking for the next block while the current one is computed hides most of that DRAM latency. A
+burst of prefetches holds up the loads behind it, so compute-bound intrinsics spread theirs between
+their arithmetic (``spread_prefetches``).
 
 Example::
 
@@ -25,6 +27,48 @@ def emit_prefetch(builder, ptr, locality: int) -> None:
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), "llvm.prefetch.p0")
     builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
+
+
+# Prefetches a decode scoring intrinsic spreads between its 16 keys (two after each): a burst of them
+# stalls the loads of the dot products behind it (``spread_prefetches``).
+SPREAD_PER_KEY = 2
+
+
+def spread_plan(context, builder, types_, values):
+    """For intrinsics' codegen: the plan ``(base, k_byte, v_byte, l0, l1, chunk_lines)`` of
+    ``spread_prefetches`` from the intrinsic's arguments ``kv`` (its array), ``k_byte``, ``v_byte``,
+    ``l0``, ``l1``, ``chunk_lines`` (integers)."""
+    i8p = ir.IntType(8).as_pointer()
+    base = builder.bitcast(context.make_array(types_[0])(context, builder, values[0]).data, i8p)
+    return (base,) + tuple(context.cast(builder, v, t, types.int64) for v, t in zip(values[1:], types_[1:]))
+
+
+def spread_prefetches(builder, plan, key: int, keys: int) -> None:
+    """For a scoring intrinsic's codegen, after key ``key`` of ``keys``: prefetch (into every level)
+    its share of cache lines ``l0:l1`` of two chunks of ``chunk_lines`` lines, line ``l`` at byte
+    ``k_byte + 64 l`` while ``l < chunk_lines`` and at ``v_byte + 64 (l - chunk_lines)`` after: a
+    later block's K and V rows, asked for between the dot products instead of in one burst. Each key
+    takes ``SPREAD_PER_KEY`` lines; the last one takes whatever is left."""
+    base, k_byte, v_byte, l0, l1, chunk_lines = plan
+    i64 = ir.IntType(64)
+    line_bytes = ir.Constant(i64, CACHE_LINE)
+
+    def one(line):
+        is_k = builder.icmp_signed("<", line, chunk_lines)
+        at = builder.select(is_k, builder.add(k_byte, builder.mul(line, line_bytes)),
+                            builder.add(v_byte, builder.mul(builder.sub(line, chunk_lines), line_bytes)))
+        emit_prefetch(builder, builder.gep(base, [at]), 3)
+
+    first = builder.add(l0, ir.Constant(i64, SPREAD_PER_KEY * key))
+    with builder.if_then(builder.icmp_signed("<", first, l1)):
+        for e in range(SPREAD_PER_KEY):
+            line = builder.add(first, ir.Constant(i64, e))
+            with builder.if_then(builder.icmp_signed("<", line, l1)):
+                one(line)
+    if key == keys - 1:  # lines past every key's share, if any
+        start = builder.add(l0, ir.Constant(i64, SPREAD_PER_KEY * keys))
+        with cgutils.for_range_slice(builder, start, l1, ir.Constant(i64, 1), inc=True) as (line, _):
+            one(line)
 
 
 def _prefetch_intrinsic(locality: int, doc: str):

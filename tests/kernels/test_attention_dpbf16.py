@@ -11,6 +11,7 @@ import torch
 
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.attention_dpbf16 import (
+    _prefetch_plan,
     paged_attention_step_dp,
     rope_attention_step_dp,
     supports,
@@ -136,3 +137,23 @@ def test_supported_shapes():
     assert supports(int8, 3) and supports(np.zeros((2, 4, 2, 32, 128 + 4), np.int8), 4)
     assert not supports(np.zeros((2, 4, 2, 16, 64), np.int8), 3)
     assert not supports(np.zeros((2, 4, 2, 8, 68), np.int8), 3)
+
+
+@pytest.mark.parametrize("group, head_dim, block_size", [(1, 64, 16), (3, 64, 16), (4, 128, 32), (8, 64, 32)])
+def test_prefetch_plan_covers_a_blocks_k_and_v_rows(group, head_dim, block_size):
+    """The query heads' shares of prefetching a cache block: together every cache line of that
+    block's K rows and V rows of the kv head, each once, at their bytes in the cache."""
+    n_blocks, n_kv = 7, 2
+    kv = np.zeros((2, n_blocks, n_kv, block_size, head_dim), np.uint16)
+    for block, hk in ((0, 0), (5, 1), (6, 0)):
+        plans = [_prefetch_plan(kv, block, hk, g, group) for g in range(group)]
+        k_byte, v_byte, _, _, lines = plans[0]
+        assert all(p[:2] == (k_byte, v_byte) and p[4] == lines for p in plans)
+        assert k_byte == kv[0, block, hk].ctypes.data - kv.ctypes.data
+        assert v_byte == kv[1, block, hk].ctypes.data - kv.ctypes.data
+        assert lines * 64 == kv[0, block, hk].nbytes
+        covered = [line for p in plans for line in range(p[2], p[3])]
+        assert covered == list(range(2 * lines))
+    assert _prefetch_plan(kv, -1, 0, 0, group)[2:4] == (0, 0)  # no block ahead: nothing
+    int8 = np.zeros((2, n_blocks, n_kv, block_size, head_dim + 4), np.int8)
+    assert _prefetch_plan(int8, 3, 1, 0, group)[2:4] == (0, 0)  # int8 caches prefetch whole blocks
