@@ -275,7 +275,8 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
 @njit(cache=True, inline="always")
 def _next_decode(kv, block_tables, query_start_loc, items, item):
     """The blocks ``(table, kv head, first block, count)`` of decode item ``item``, which the item
-    before it asks for a share at a time (count 0 for a prompt tile, whose reads are few)."""
+    before it prefetches: its first ``PREFETCH_BLOCKS`` (bf16), or a share at a time (int8). Count 0
+    for a prompt tile, whose reads are few."""
     b = items[item, 0]
     block_size = kv.shape[3]
     first = items[item, 4] // block_size
