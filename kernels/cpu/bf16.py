@@ -123,16 +123,11 @@ def store_row(dst: np.ndarray, src: np.ndarray) -> None:
 
 @overload(store_row)
 def _store_row_impl(dst, src):
-    if dst.dtype == types.float32:
-        def copy(dst, src):
+    if dst.dtype in (types.float32, types.uint16):
+        def store(dst, src):
             for d in range(src.shape[0]):
-                dst[d] = src[d]
-        return copy
-    if dst.dtype == types.uint16:
-        def round_to_bf16(dst, src):
-            for d in range(src.shape[0]):
-                dst[d] = round_bits(src[d])
-        return round_to_bf16
+                dst[d] = from_f32(dst, src[d])
+        return store
     if dst.dtype == types.int8:
         return lambda dst, src: quantize_row(dst, src)
     return None
