@@ -55,6 +55,7 @@ from edgellm.kernels.cpu.decode_layers import decode_layers, decode_layers_dp, l
 from edgellm.kernels.cpu.decode_layers_amx import decode_layers_amx
 from edgellm.kernels.cpu.dpbf16 import bf16_panels_matmul, int4_dpbf16_matmul, int8_dpbf16_matmul
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
+from edgellm.kernels.cpu.head_screen import COLS as SCREEN_COLS
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, quantize_groups_int16_f32, silu_int4_gemv
 from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
@@ -84,7 +85,15 @@ from edgellm.kernels.cpu.prompt_attention_amx import prompt_attention_amx
 from edgellm.kernels.cpu.prompt_attention_amx import supports as prompt_amx_supports
 from edgellm.kernels.cpu.prompt_attention_dp import prompt_attention_dp
 from edgellm.kernels.cpu.prompt_attention_dp import supports as prompt_dp_supports
-from edgellm.kernels.cpu.q8_0 import q8_0_dequantize, q8_0_matmul, q8_0_rescore, q8_0_rows, q8_0_rows_raw
+from edgellm.kernels.cpu.q8_0 import (
+    q8_0_dequantize,
+    q8_0_matmul,
+    q8_0_rescore,
+    q8_0_rescore_screened,
+    q8_0_rows,
+    q8_0_rows_raw,
+    row_norms,
+)
 from edgellm.kernels.cpu.q8_0_gemv import q8_0_gemv
 from edgellm.kernels.cpu.q8_0_gemv import supports as q8_0_gemv_supports
 from edgellm.quant import QuantizedTensor
@@ -490,7 +499,8 @@ class CPUBackend(TorchBackend):
         with AVX512-BF16 and without VNNI (or ``EDGELLM_VNNI=0``), ``bf16_panels_matmul`` from 32
         (``int8_dpbf16_matmul`` from 8); else ATen's ``_weight_int8pack_mm`` for a few rows. ``q8_0_rescore`` then recomputes exactly every entry
         that could be a row's maximum, with the activations the kernel used, and returns the exact
-        argmax.
+        argmax; after the byte head, which bounds each logit's error as it stores it, only that recompute
+        is left (``q8_0_rescore_screened``).
         """
         head = weight.argmax_head if isinstance(weight, Q8_0Weight) else None
         if head is None or self._invariant:
@@ -505,9 +515,13 @@ class CPUBackend(TorchBackend):
         x = hidden.float().contiguous()
         out = torch.empty(m, n, dtype=torch.float32)
         int16_tiles = amx and self._amx_int8 and int8_head_supports(n, k)
-        if vnni_bytes:
+        valid = min(vocab, n)
+        if vnni_bytes:  # the kernel bounds each panel's errors as it stores it: only re-scoring is left
             xq, s, off, x_used = quantize_groups(x.numpy())
-            int8_head_vnni(xq, s, off, head.vnni_panels(), head.scale_f32, out.numpy(), self.threads)
+            x_n, act_n = row_norms(x.numpy(), x_used)
+            lows, highs = (np.empty((m, -(-n // SCREEN_COLS)), np.float32) for _ in range(2))
+            screen = (head.err_norm[:valid], head.w_norm[:valid], x_n, act_n, lows, highs)
+            int8_head_vnni(xq, s, off, head.vnni_panels(), head.scale_f32, out.numpy(), self.threads, screen)
         elif vnni or int16_tiles:
             xq, s = quantize_rows_int16(x.numpy(), xq_limit(k))
             if int16_tiles:
@@ -530,8 +544,12 @@ class CPUBackend(TorchBackend):
                 out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
         best = torch.empty(m, dtype=torch.int64)
         cap = RESCORE_MAX_CANDIDATES if vnni_bytes else 0
-        q8_0_rescore(x.numpy(), x_used, weight.qs, weight.d, head.err_norm, head.w_norm, min(vocab, n),
-                     out.numpy(), best.numpy(), cap)
+        if vnni_bytes:
+            q8_0_rescore_screened(x.numpy(), weight.qs, weight.d, head.err_norm, head.w_norm, x_n, act_n, valid,
+                                  out.numpy(), lows, highs, SCREEN_COLS, best.numpy(), cap)
+        else:
+            q8_0_rescore(x.numpy(), x_used, weight.qs, weight.d, head.err_norm, head.w_norm, valid, out.numpy(),
+                         best.numpy(), cap)
         if cap:
             self._rescore_flat_rows(x, weight, min(vocab, n), out, best)
         return out, best

@@ -33,10 +33,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
+from edgellm.kernels.cpu.head_screen import COLS, store_screened, store_screened_ragged
 from edgellm.kernels.cpu.int4_gemv import quantize_groups_into
 
 GROUP = 32  # activations per scale
-COLS = 48  # weight columns per panel: three 16-lane vectors
 ROWS = 4  # activation rows per register block
 QUADS = GROUP // 4  # four bytes per lane and ``vpdpbusd``
 
@@ -151,14 +151,16 @@ def _head_block(typingctx, panels, p0, xq, x0, k4, s, off, so, groups, rows, out
 
 
 @njit(cache=True)
-def _panels(xq32, s_flat, off_flat, panels32, scale, out, p0, p1):
-    """Output columns ``48 p0 : 48 p1`` (those below N) of ``out``: every 4 rows over each panel."""
+def _panels(xq32, s_flat, off_flat, panels32, scale, out, p0, p1, err_norm, w_norm, x_n, act_n, lows, highs):
+    """Output columns ``48 p0 : 48 p1`` (those below N) of ``out``: every 4 rows over each panel,
+    stored (and, with ``lows`` not None, screened: ``head_screen``) straight from the accumulators."""
     m, k4 = xq32.shape
     n = out.shape[1]
     groups = 4 * k4 // GROUP
     panel_words = k4 * COLS
     xq_flat = xq32.reshape(-1)
     cbuf = np.empty(ROWS * COLS, np.float32)
+    n_valid = n if lows is None else err_norm.shape[0]
     for p in range(p0, p1):
         n0 = p * COLS
         cols = min(COLS, n - n0)
@@ -166,20 +168,32 @@ def _panels(xq32, s_flat, off_flat, panels32, scale, out, p0, p1):
             rows = min(ROWS, m - r0)
             _head_block(panels32, p * panel_words, xq_flat, r0 * k4, k4, s_flat, off_flat, r0 * groups, groups,
                         rows, cbuf)
-            for r in range(rows):
-                for j in range(cols):
-                    out[r0 + r, n0 + j] = cbuf[COLS * r + j] * scale[n0 + j]
+            if n0 + COLS <= n_valid:
+                store_screened(cbuf, rows, scale, n0, out, r0, err_norm, w_norm, x_n, act_n, lows, highs, p)
+            else:
+                store_screened_ragged(cbuf, rows, cols, scale, n0, out, r0, err_norm, w_norm, x_n, act_n, lows,
+                                      highs, p)
 
 
 @njit(cache=True, parallel=True)
 def int8_head_vnni(xq: np.ndarray, s: np.ndarray, off: np.ndarray, panels: np.ndarray, scale: np.ndarray,
-                   out: np.ndarray, n_threads: int) -> None:
+                   out: np.ndarray, n_threads: int, screen=None) -> None:
     """``out [M, N] = (x_used @ qw^T) * scale`` (float32) from ``quantize_groups``' ``xq, s, off`` and
-    ``vnni_panels(qw)``: exact integer sums per group, folded in float32 in group order."""
+    ``vnni_panels(qw)``: exact integer sums per group, folded in float32 in group order.
+
+    ``screen = (err_norm [V], w_norm [V], x_n [M], act_n [M], lows [M, P], highs [M, P])``, ``P =
+    ceil(N/48)``, also bounds the first ``V`` columns' errors per panel as they are stored, for
+    ``q8_0_rescore_screened`` (``head_screen``)."""
     xq32 = xq.view(np.uint32)
     panels32 = panels.reshape(-1).view(np.uint32)
     n_panels = panels.shape[0]
     workers = max(1, min(n_threads, n_panels))
     for w in prange(workers):
-        _panels(xq32, s.reshape(-1), off.reshape(-1), panels32, scale, out, w * n_panels // workers,
-                (w + 1) * n_panels // workers)
+        p0, p1 = w * n_panels // workers, (w + 1) * n_panels // workers
+        if screen is None:
+            _panels(xq32, s.reshape(-1), off.reshape(-1), panels32, scale, out, p0, p1, None, None, None, None,
+                    None, None)
+        else:
+            err_norm, w_norm, x_n, act_n, lows, highs = screen
+            _panels(xq32, s.reshape(-1), off.reshape(-1), panels32, scale, out, p0, p1, err_norm, w_norm, x_n,
+                    act_n, lows, highs)

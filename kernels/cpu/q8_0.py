@@ -231,34 +231,32 @@ def _bounds(row, err_norm, w_norm, x_n, act_n, out_rel, n0, lanes, highs):
 
 
 @njit(inline="always")
-def _candidates(row, err_norm, w_norm, x_n, act_n, out_rel, n_valid, chunk_high, lower, cap):
-    """How many entries could reach ``lower`` (counted only once the chunks that can hold one
-    span more than ``cap`` entries: below that the count cannot pass it)."""
-    n_chunks = -(-n_valid // CHUNK)
+def _candidates(row, err_norm, w_norm, x_n, act_n, out_rel, n_valid, chunk_high, chunk, lower, cap):
+    """How many entries could reach ``lower`` (counted only once the chunks of ``chunk`` entries that
+    can hold one span more than ``cap`` entries: below that the count cannot pass it)."""
+    n_chunks = -(-n_valid // chunk)
     span = 0
     for ci in range(n_chunks):
         if chunk_high[ci] >= lower:
-            span += min(CHUNK, n_valid - ci * CHUNK)
+            span += min(chunk, n_valid - ci * chunk)
     if span <= cap:
         return span
     count = 0
     for ci in range(n_chunks):
         if chunk_high[ci] < lower:
             continue
-        for n in range(ci * CHUNK, min(ci * CHUNK + CHUNK, n_valid)):
+        for n in range(ci * chunk, min(ci * chunk + chunk, n_valid)):
             if row[n] + _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel) >= lower:
                 count += 1
     return count
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high, cap):
-    """``q8_0_rescore`` for one row: ``x``, ``x_used`` and ``row`` are that row's; ``w`` and
-    ``chunk_high`` (one per CHUNK entries) are scratch. Returns (recomputed, argmax), or (0, -1) with
-    ``row`` untouched where ``cap > 0`` and more than ``cap`` entries would be recomputed."""
+@njit(inline="always")
+def _row_norms(x, x_used):
+    """``(||x||, ||x - x_used|| + c ||x_used||)`` of one row, each widened a little: the factors of
+    ``err_norm`` and ``w_norm`` in an entry's error bound."""
     k = x.shape[0]
     c = np.float32(APPROX_REL + 2.0 * k * 2.0 ** -24)
-    out_rel = np.float32(APPROX_OUT_REL)
     xx = np.float32(0.0)
     dd = np.float32(0.0)
     uu = np.float32(0.0)
@@ -268,8 +266,26 @@ def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high
         dd += diff * diff
         uu += x_used[i] * x_used[i]
     # a float32 sum of squares can round low by ~k ulps: widen the norms a little
-    x_n = np.float32(np.sqrt(xx) * 1.001)
-    act_n = np.float32((np.sqrt(dd) + c * np.sqrt(uu)) * 1.001)
+    return np.float32(np.sqrt(xx) * 1.001), np.float32((np.sqrt(dd) + c * np.sqrt(uu)) * 1.001)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def row_norms(x: np.ndarray, x_used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(x_n [M], act_n [M])``: ``_row_norms`` of every row, for a head that bounds as it stores."""
+    x_n = np.empty(x.shape[0], np.float32)
+    act_n = np.empty(x.shape[0], np.float32)
+    for m in range(x.shape[0]):
+        x_n[m], act_n[m] = _row_norms(x[m], x_used[m])
+    return x_n, act_n
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high, cap):
+    """``q8_0_rescore`` for one row: ``x``, ``x_used`` and ``row`` are that row's; ``w`` and
+    ``chunk_high`` (one per CHUNK entries) are scratch. Returns (recomputed, argmax), or (0, -1) with
+    ``row`` untouched where ``cap > 0`` and more than ``cap`` entries would be recomputed."""
+    x_n, act_n = _row_norms(x, x_used)
+    out_rel = np.float32(APPROX_OUT_REL)
     lanes = np.full(LANES, -np.inf, np.float32)
     highs = np.empty(LANES, np.float32)
     n_chunks = -(-n_valid // CHUNK)
@@ -286,15 +302,25 @@ def _rescore_row(x, x_used, qs, d, err_norm, w_norm, n_valid, row, w, chunk_high
             lanes[0] = max(lanes[0], row[m] - e)
             high = max(high, row[m] + e)
         chunk_high[ci] = high
-    lower = lanes.max()
-    if cap > 0 and _candidates(row, err_norm, w_norm, x_n, act_n, out_rel, n_valid, chunk_high, lower, cap) > cap:
+    return _recompute(x, qs, d, err_norm, w_norm, x_n, act_n, n_valid, row, w, chunk_high, CHUNK, lanes.max(), cap)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _recompute(x, qs, d, err_norm, w_norm, x_n, act_n, n_valid, row, w, chunk_high, chunk, lower, cap):
+    """The exact logit of every entry of ``row`` whose upper bound reaches ``lower``, visiting only the
+    chunks of ``chunk`` entries whose largest upper bound (``chunk_high``) does: ``_rescore_row``'s
+    second pass, and all of ``q8_0_rescore_screened``'s."""
+    k = x.shape[0]
+    out_rel = np.float32(APPROX_OUT_REL)
+    if cap > 0 and _candidates(row, err_norm, w_norm, x_n, act_n, out_rel, n_valid, chunk_high, chunk, lower,
+                               cap) > cap:
         return 0, -1
     recomputed = 0
     best, best_value = -1, -np.inf
-    for ci in range(n_chunks):
+    for ci in range(-(-n_valid // chunk)):
         if chunk_high[ci] < lower:
             continue
-        for n in range(ci * CHUNK, min(ci * CHUNK + CHUNK, n_valid)):
+        for n in range(ci * chunk, min(ci * chunk + chunk, n_valid)):
             if row[n] + _approx_error(row[n], err_norm[n], w_norm[n], x_n, act_n, out_rel) >= lower:
                 _dequant_row(qs, d, n, w)
                 a = np.float32(0.0)
@@ -325,5 +351,28 @@ def _rescore_parallel(x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best,
         w = np.empty(x.shape[1], np.float32)
         chunk_high = np.empty(-(-n_valid // CHUNK), np.float32)
         r, best[m] = _rescore_row(x[m], x_used[m], qs, d, err_norm, w_norm, n_valid, logits[m], w, chunk_high, cap)
+        recomputed += r
+    return recomputed
+
+
+def q8_0_rescore_screened(x: np.ndarray, qs: np.ndarray, d: np.ndarray, err_norm: np.ndarray, w_norm: np.ndarray,
+                          x_n: np.ndarray, act_n: np.ndarray, n_valid: int, logits: np.ndarray, lows: np.ndarray,
+                          highs: np.ndarray, chunk: int, best: np.ndarray, max_candidates: int = 0) -> int:
+    """``q8_0_rescore`` after a head that bounded its logits as it stored them (``int8_head_vnni``'s
+    ``screen``): ``lows [M, C]`` and ``highs [M, C]`` hold each chunk of ``chunk`` entries' largest lower
+    and upper bounds, from the row norms ``x_n``, ``act_n`` (``row_norms``), so only the recompute
+    pass remains. The candidates are ``q8_0_rescore``'s up to the rounding of their bounds, and the
+    argmax is the same exact one."""
+    return _rescore_screened(x, qs, d, err_norm, w_norm, x_n, act_n, n_valid, logits, lows, highs, chunk, best,
+                             max_candidates)
+
+
+@njit(cache=True, parallel=True)
+def _rescore_screened(x, qs, d, err_norm, w_norm, x_n, act_n, n_valid, logits, lows, highs, chunk, best, cap):
+    recomputed = 0
+    for m in prange(x.shape[0]):
+        w = np.empty(x.shape[1], np.float32)
+        r, best[m] = _recompute(x[m], qs, d, err_norm, w_norm, x_n[m], act_n[m], n_valid, logits[m], w, highs[m],
+                                chunk, lows[m].max(), cap)
         recomputed += r
     return recomputed

@@ -106,3 +106,57 @@ def test_flat_rows_are_redone_with_int16_activations_and_keep_the_exact_argmax(m
     monkeypatch.setattr(cpu_backend, "int8_gemv", lambda *a: gemv_rows.append(a[0].shape[0]) or gemv(*a))
     assert_greedy_head_exact(m, monkeypatch, "int8_head_vnni")
     assert gemv_rows and max(gemv_rows) <= cpu_backend.INT8_GEMV_MAX_ROWS
+
+
+@pytest.mark.parametrize("n, valid", [(96, 96), (100, 100), (100, 90), (150, 40)])
+def test_the_screen_bounds_each_panel_as_it_stores_it(n, valid):
+    """With ``screen``, the logits are the same and each 48-column panel's largest lower and upper
+    bound (``head_screen``) is that of its stored logits, over the columns below ``valid`` only; a
+    panel past them screens to -inf. ``q8_0_rescore_screened`` then finds what ``q8_0_rescore`` does."""
+    from edgellm.kernels.cpu.head_screen import COLS
+    from edgellm.kernels.cpu.q8_0 import (
+        APPROX_OUT_REL,
+        q8_0_rescore,
+        q8_0_rescore_screened,
+        repack_q8_0,
+        row_norms,
+    )
+    from edgellm.quant.formats import quantize_rows
+
+    m, k = 9, 576
+    g = torch.Generator().manual_seed(n + valid)
+    w = torch.randn(n, k, generator=g) * 0.05
+    qs, d = repack_q8_0(quantize_rows("Q8_0", w).numpy())
+    wq = torch.from_numpy(qs).float() * torch.from_numpy(d).repeat_interleave(32, 1)
+    qw = torch.clamp(torch.round(wq / (wq.abs().amax(1, keepdim=True) / 127)), -127, 127).to(torch.int8)
+    scale = (wq.abs().amax(1) / 127).float()
+    err_norm = ((wq - qw.float() * scale[:, None]).norm(dim=1) * 1.01).numpy()
+    w_norm = ((qw.float() * scale[:, None]).norm(dim=1) * 1.01).numpy()
+    x = torch.randn(m, k, generator=g).numpy()
+    xq, s, off, used = quantize_groups(x)
+    x_n, act_n = row_norms(x, used)
+    plain, screened = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+    lows, highs = (np.full((m, -(-n // COLS)), np.nan, np.float32) for _ in range(2))
+    panels = vnni_panels(qw.numpy())
+    int8_head_vnni(xq, s, off, panels, scale.numpy(), plain, 2)
+    int8_head_vnni(xq, s, off, panels, scale.numpy(), screened, 2,
+                   (err_norm[:valid], w_norm[:valid], x_n, act_n, lows, highs))
+    assert np.array_equal(plain, screened)
+    v = torch.from_numpy(screened[:, :valid]).double()
+    e = (torch.from_numpy(x_n).double()[:, None] * torch.from_numpy(err_norm[:valid]).double()
+         + torch.from_numpy(act_n).double()[:, None] * torch.from_numpy(w_norm[:valid]).double()
+         + v.abs() * APPROX_OUT_REL)
+    for p in range(lows.shape[1]):
+        cols = slice(p * COLS, min(valid, (p + 1) * COLS))
+        if cols.start >= valid:
+            assert (lows[:, p] == -np.inf).all() and (highs[:, p] == -np.inf).all()
+            continue
+        assert np.allclose(lows[:, p], (v - e)[:, cols].amax(1).numpy(), rtol=1e-6, atol=1e-6)
+        assert np.allclose(highs[:, p], (v + e)[:, cols].amax(1).numpy(), rtol=1e-6, atol=1e-6)
+    best_a, best_b = np.empty(m, np.int64), np.empty(m, np.int64)
+    a, b = plain.copy(), screened.copy()
+    q8_0_rescore(x, used, qs, d, err_norm, w_norm, valid, a, best_a)
+    q8_0_rescore_screened(x, qs, d, err_norm, w_norm, x_n, act_n, valid, b, lows, highs, COLS, best_b)
+    exact = (torch.from_numpy(x).double() @ wq[:valid].double().t()).argmax(1).numpy()
+    assert np.array_equal(best_a, exact) and np.array_equal(best_b, exact)
+    assert np.array_equal(a, b)
