@@ -353,22 +353,29 @@ class CPUBackend(TorchBackend):
         """A decode step runs every layer in one Numba call (``kernels/cpu/decode_layers.py``): a few
         rows (``int4_gemv``'s) on any CPU with it, more where the AVX512-BF16 or AMX kernels take them
         (AMX: up to ``AMX_MAX_ROWS``, bf16 cache). The same kernels as the ops one by one, without
-        ~10 us of Python and dispatch around each of 5-7 calls a layer. Prompt rows take the ops."""
+        ~10 us of Python and dispatch around each of 5-10 calls a layer. Steps with prompt rows take
+        it on AVX512-BF16 CPUs without AMX (``_prompts_fuse``), else the ops."""
         t = h.shape[0]
         stack = None
-        if (self._fused_layers and 1 <= t and meta.num_decode_tokens == t and not self._invariant and h.dim() == 2
+        prompts = meta.num_decode_tokens < t
+        if (self._fused_layers and 1 <= t and not self._invariant and h.dim() == 2
                 and h.dtype in _NUMBA_DTYPES and h.is_contiguous()
-                and (t <= self._gemv_rows or self._dpbf16 or (self.uses_amx and t <= AMX_MAX_ROWS))):
+                and (t <= self._gemv_rows or self._dpbf16 or (self.uses_amx and t <= AMX_MAX_ROWS))
+                and (not prompts or self._prompts_fuse(shape, kv_caches, t))):
             stack = self._layer_stack(layers, shape, kv_caches, cos_sin)
             if stack is not None and t > self._gemv_rows and stack[0] is decode_layers:
+                stack = None
+            if stack is not None and prompts and stack[0] is not decode_layers_dp:
                 stack = None
         if stack is None:
             return super().decoder_layers(h, layers, shape, kv_caches, positions, cos_sin, meta)
         kernel, typed = stack
-        extra = (self._amx_config,) if kernel is decode_layers_amx else ()
+        qsl = meta.query_start_loc_list or meta.query_start_loc.tolist()
+        n_dec = qsl.index(meta.num_decode_tokens)  # decodes come first
+        extra = (self._amx_config,) if kernel is decode_layers_amx else (n_dec,) if kernel is decode_layers_dp else ()
         residual, res_np = _new_array(h.shape, torch.float32)
         slots, starts, lens, tables = self._meta_arrays(meta)
-        work = t * shape.num_heads * meta.max_seq_len
+        work = meta.num_decode_tokens * shape.num_heads * meta.max_seq_len
         x = kernel(_as_numpy(h), res_np, typed, positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables,
                    float(shape.scale), int(shape.sliding_window or 0), float(shape.eps), shape.num_heads,
                    shape.head_dim, self.threads, self.threads if work >= SERIAL_ATTENTION_WORK else 1,
@@ -376,6 +383,14 @@ class CPUBackend(TorchBackend):
         out = torch.from_numpy(x).view(torch.bfloat16)
         out._edgellm_np = x
         return out, residual
+
+    def _prompts_fuse(self, shape: DecoderShape, kv_caches: list[torch.Tensor], t: int) -> bool:
+        """Whether a step with prompt rows runs in ``decode_layers_dp`` too: the kernels ``attention``
+        would take op by op for it (AVX512-BF16 prompt attention, no sliding window), past
+        ``int4_gemv``'s rows."""
+        return (self._dpbf16 and not self.uses_amx and t > self._gemv_rows and not shape.sliding_window
+                and bool(kv_caches) and prompt_dp_supports(self._kv_view(kv_caches[0]),
+                                                           shape.num_heads // shape.num_kv_heads))
 
     def _layer_stack(self, layers: list[DecoderLayer], shape: DecoderShape, kv_caches: list[torch.Tensor],
                      cos_sin: torch.Tensor) -> tuple | None:

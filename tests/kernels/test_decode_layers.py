@@ -7,7 +7,9 @@ import torch
 from edgellm.backends.base import Backend, DecoderLayer, DecoderShape
 from edgellm.backends.cpu import CPUBackend
 from edgellm.kernels.cpu.amx import request_amx
+from edgellm.kernels.cpu.decode_layers import decode_layers_dp
 from edgellm.kernels.cpu.decode_layers_amx import decode_layers_amx
+from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
 from edgellm.quant import QuantizedTensor
 from edgellm.quant.formats import quantize_rows
@@ -116,6 +118,26 @@ def test_new_caches_rebuild_the_stack(monkeypatch):
     for seqs in ([(37, 1), (12, 1)], [(70, 1)]):
         (out, _, kv), (want, _, want_kv) = _both(cpu, layers, shape, seqs, torch.bfloat16)
         assert torch.equal(out, want) and all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+MIXED_BATCHES = [[(40, 1), (70, 30)], [(c, 1) for c in range(20, 29)] + [(100, 50)], [(64, 64)],
+                 [(3, 1), (200, 60), (30, 30)], [(7 * c + 1, 1) for c in range(31)] + [(17, 17)]]
+
+
+@pytest.mark.skipif(not dpbf16_supported(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("seqs", MIXED_BATCHES, ids=lambda s: f"{len(s)}seqs-{sum(n for _, n in s)}rows")
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_steps_with_prompt_rows_in_one_call_give_the_ops_numbers(seqs, kv_dtype, monkeypatch):
+    """Decodes and prompt chunks together (a new request joining running ones, or prompts alone) run
+    in ``decode_layers_dp`` on AVX512-BF16 CPUs: the numbers and caches of the ops one by one."""
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, DecoderShape(H, HKV, D, 1e-5, D ** -0.5), seqs,
+                                                      kv_dtype)
+    assert cpu._stacks[id(layers)][2][0] is decode_layers_dp, "the step should have taken the one-call path"
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
 
 
 @pytest.mark.parametrize("seqs", [[(40, 1), (70, 30)], [(c, 1) for c in range(20, 29)]], ids=["prompt", "9rows"])
