@@ -370,9 +370,12 @@ class CPUBackend(TorchBackend):
         if stack is None:
             return super().decoder_layers(h, layers, shape, kv_caches, positions, cos_sin, meta)
         kernel, typed = stack
-        qsl = meta.query_start_loc_list or meta.query_start_loc.tolist()
-        n_dec = qsl.index(meta.num_decode_tokens)  # decodes come first
-        extra = (self._amx_config,) if kernel is decode_layers_amx else (n_dec,) if kernel is decode_layers_dp else ()
+        extra = ()
+        if kernel is decode_layers_amx:
+            extra = (self._amx_config,)
+        elif kernel is decode_layers_dp:  # how many sequences decode: they come first
+            qsl = meta.query_start_loc_list or meta.query_start_loc.tolist()
+            extra = (qsl.index(meta.num_decode_tokens) if prompts else len(qsl) - 1,)
         residual, res_np = _new_array(h.shape, torch.float32)
         slots, starts, lens, tables = self._meta_arrays(meta)
         work = meta.num_decode_tokens * shape.num_heads * meta.max_seq_len
@@ -566,7 +569,7 @@ class CPUBackend(TorchBackend):
             q8_0_rescore(x.numpy(), x_used, weight.qs, weight.d, head.err_norm, head.w_norm, valid, out.numpy(),
                          best.numpy(), cap)
         if cap:
-            self._rescore_flat_rows(x, weight, min(vocab, n), out, best)
+            self._rescore_flat_rows(x, weight, valid, out, best)
         return out, best
 
     def _rescore_flat_rows(self, x: torch.Tensor, weight: Any, vocab: int, out: torch.Tensor,

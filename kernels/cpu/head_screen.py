@@ -20,7 +20,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr
-from edgellm.kernels.cpu.q8_0 import APPROX_OUT_REL
+from edgellm.kernels.cpu.q8_0 import APPROX_OUT_REL, _approx_error
+from edgellm.kernels.cpu.vec16 import splat
 
 COLS = 48  # columns a store covers: three 16-lane vectors, a panel of ``int8_head_vnni``
 
@@ -43,7 +44,7 @@ def store_screened(typingctx, cbuf, rows, scale, n0, out, r0, err_norm, w_norm, 
     def codegen(context, builder, sig, args):
         ty = dict(zip(("cbuf", "rows", "scale", "n0", "out", "r0", "en", "wn", "xn", "an", "lows", "highs", "col"),
                       zip(sig.args, args)))
-        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        f32, i64 = ir.FloatType(), ir.IntType(64)
         v16f = ir.VectorType(f32, 16)
         c = lambda v: ir.Constant(i64, v)  # noqa: E731
 
@@ -61,12 +62,6 @@ def store_screened(typingctx, cbuf, rows, scale, n0, out, r0, err_norm, w_norm, 
         fabs = fn("llvm.fabs.v16f32", v16f, [v16f])
         vmax = fn("llvm.maxnum.v16f32", v16f, [v16f, v16f])
         hmax = fn("llvm.vector.reduce.fmax.v16f32", f32, [v16f])
-        splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
-
-        def splat(x):
-            one = builder.insert_element(ir.Constant(v16f, None), x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, one, splat_mask)
-
         n0, r0 = int64("n0"), int64("r0")
         n_cols = context.cast(builder, builder.extract_value(context.make_array(ty["out"][0])(
             context, builder, ty["out"][1]).shape, 1), types.intp, types.int64)
@@ -82,8 +77,8 @@ def store_screened(typingctx, cbuf, rows, scale, n0, out, r0, err_norm, w_norm, 
             row = builder.add(r0, r)
             lo = hi = None
             if screen:
-                xn = splat(builder.load(ptr("xn", row, f32)))
-                an = splat(builder.load(ptr("an", row, f32)))
+                xn = splat(builder, builder.load(ptr("xn", row, f32)))
+                an = splat(builder, builder.load(ptr("an", row, f32)))
             for v in range(3):
                 acc = builder.load(ptr("cbuf", builder.mul(r, c(COLS)), v16f, 16 * v), align=4)
                 val = builder.fmul(acc, scale[v])
@@ -113,8 +108,8 @@ def store_screened_ragged(cbuf, rows, cols, scale, n0, out, r0, err_norm, w_norm
             v = cbuf[COLS * r + j] * scale[n0 + j]
             out[r0 + r, n0 + j] = v
             if lows is not None and n0 + j < err_norm.shape[0]:
-                e = x_n[r0 + r] * err_norm[n0 + j] + act_n[r0 + r] * w_norm[n0 + j] + abs(v) * np.float32(
-                    APPROX_OUT_REL)
+                e = _approx_error(v, err_norm[n0 + j], w_norm[n0 + j], x_n[r0 + r], act_n[r0 + r],
+                                  np.float32(APPROX_OUT_REL))
                 lo = max(lo, v - e)
                 hi = max(hi, v + e)
         if lows is not None:
