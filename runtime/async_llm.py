@@ -170,17 +170,20 @@ class AsyncLLM:
                     self._deliver(arg, out)
 
     def _loop(self) -> None:
+        engine = self.engine
         while True:
-            if not self._drain_inbox(block=not self.engine.has_unfinished_requests()):
+            idle = not engine.has_unfinished_requests()
+            if not self._drain_inbox(block=idle and not engine.has_idle_work()):
                 break
-            if not self.engine.has_unfinished_requests():
+            if not engine.has_unfinished_requests():
+                engine.idle_work()  # a few ms at a time, then back to the inbox
                 continue
             try:
-                outputs = self.engine.step()
+                outputs = engine.step()
             except Exception as exc:  # noqa: BLE001 - a bug must not take the server down silently
                 logger.exception("engine step failed; aborting the requests in flight")
-                for rid in list(self.engine.requests):
-                    self.engine.abort_request(rid)
+                for rid in list(engine.requests):
+                    engine.abort_request(rid)
                     self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
                 continue
             self._deliver_all(outputs)

@@ -64,6 +64,8 @@ class LLMEngine:
         from edgellm.loader import load_model
 
         self.config = config
+        if config.kv_page_in not in ("lazy", "idle"):
+            raise ValueError(f"kv_page_in must be 'lazy' or 'idle', not {config.kv_page_in!r}")
         t0 = time.perf_counter()
         if loaded is None:
             loaded = load_model(str(resolve_model(config.model)), dequantize=config.weights == "dequantize")
@@ -100,6 +102,8 @@ class LLMEngine:
         budget = config.max_num_batched_tokens or self.backend.capabilities().step_tokens
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(self.model, self.backend, self.kv_caches, bs, self.vocab_size)
+        self._kv_bytes = num_blocks * bytes_per_block
+        self._idle_since: float | None = None
         self.sampler = Sampler(self.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
@@ -193,6 +197,23 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_idle_work(self) -> bool:
+        """Whether ``idle_work`` has something to do (with ``kv_page_in="idle"``)."""
+        return self.config.kv_page_in == "idle" and not self.runner.fully_resident
+
+    def idle_work(self) -> bool:
+        """One short piece of work for an engine with no requests: page in the next blocks of the KV
+        pool. Returns whether more is left; a caller runs it between checks for new requests."""
+        if not self.has_idle_work():
+            return False
+        if self._idle_since is None:
+            self._idle_since = time.perf_counter()
+        more = self.runner.page_in_idle()
+        if not more:
+            logger.info("KV cache resident (%.0f MiB) after %.1fs of idle page-in",
+                        self._kv_bytes / 2**20, time.perf_counter() - self._idle_since)
+        return more
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -236,4 +236,8 @@ def test_serve_hands_the_batching_limits_to_the_engine(runner: CliRunner, monkey
     result = runner.invoke(cli, ["serve", "--max-num-seqs", "8", "--max-num-batched-tokens", "1024"])
     assert result.exit_code == 1 and "stop here" in result.stderr
     assert seen["max_num_seqs"] == 8 and seen["max_num_batched_tokens"] == 1024
+    assert seen["kv_page_in"] == "idle"  # a server pages its KV pool in while it waits
+    runner.invoke(cli, ["serve", "--kv-page-in", "lazy"])
+    assert seen["kv_page_in"] == "lazy"
     assert runner.invoke(cli, ["serve", "--max-num-batched-tokens", "0"]).exit_code == 2
+    assert runner.invoke(cli, ["serve", "--kv-page-in", "eager"]).exit_code == 2

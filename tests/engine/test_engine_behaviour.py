@@ -168,3 +168,53 @@ def test_kv_pool_is_made_resident_ahead_of_use(q4_llm):
     assert 0 < high <= runner._resident <= min(runner.num_blocks, high + RESIDENT_AHEAD)
     k_plane = runner.kv_caches[0][0, :runner._resident]  # every block handed out, and the next ones
     assert _resident_pages(k_plane) >= k_plane.numel() * k_plane.element_size() // 4096
+
+
+def _wait_for(cond, timeout: float = 60.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+@pytest.mark.parametrize("page_in", ["idle", "lazy"])
+def test_async_engine_pages_its_kv_pool_in_while_idle_only_when_asked(smollm2_gguf, q4_llm, page_in):
+    import asyncio
+    import time
+
+    from edgellm.async_llm import AsyncLLM
+    from tests.kernels.test_cpu_memory import _resident_pages
+
+    engine = AsyncLLM(str(smollm2_gguf), device="cpu", kv_cache_memory=48 << 20, kv_page_in=page_in)
+    try:
+        runner = engine.engine.runner
+        if page_in == "idle":
+            assert _wait_for(lambda: runner.fully_resident)
+            for cache in runner.kv_caches:
+                assert _resident_pages(cache) >= cache.numel() * cache.element_size() // 4096
+        else:
+            time.sleep(0.3)
+            assert runner._resident == 0  # nothing paged in before a request needs it
+        assert not engine.engine.has_idle_work()
+
+        async def run():
+            params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+            last = None
+            async for out in engine.generate("Name three rivers.", params):
+                last = out
+            return last.outputs[0].token_ids
+
+        want = q4_llm.generate(["Name three rivers."], SamplingParams(temperature=0, max_tokens=12,
+                                                                      ignore_eos=True))[0].outputs[0].token_ids
+        assert asyncio.run(run()) == want
+    finally:
+        engine.shutdown()
+
+
+def test_unknown_kv_page_in_is_rejected(smollm2_gguf):
+    with pytest.raises(ValueError, match="kv_page_in"):
+        LLM(str(smollm2_gguf), device="cpu", kv_page_in="eager")
