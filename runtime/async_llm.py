@@ -11,6 +11,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,10 @@ from edgellm.outputs import RequestOutput
 from edgellm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Idle work (paging the KV pool in) waits this long after the last step, so the short gaps between
+# one client's requests do not make the next request wait behind a piece of it.
+IDLE_GRACE_S = 0.1
 
 
 class EngineDeadError(RuntimeError):
@@ -150,10 +155,13 @@ class AsyncLLM:
                 for _, out in items:
                     self._inbox.put(("abort", out.request_id))
 
-    def _drain_inbox(self, block: bool) -> bool:
+    def _drain_inbox(self, timeout: float | None) -> bool:
+        """Hand queued requests and aborts to the engine, waiting up to ``timeout`` seconds for the
+        first (None: not at all); False once asked to stop."""
+        block = timeout is not None
         while True:
             try:
-                kind, arg = self._inbox.get(block=block, timeout=0.5 if block else None)
+                kind, arg = self._inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return True
             block = False
@@ -171,12 +179,21 @@ class AsyncLLM:
 
     def _loop(self) -> None:
         engine = self.engine
+        last_busy = time.monotonic()
         while True:
             idle = not engine.has_unfinished_requests()
-            if not self._drain_inbox(block=idle and not engine.has_idle_work()):
+            if not idle:
+                timeout = None
+            elif engine.has_idle_work():  # wait out the grace period, then work between checks
+                left = last_busy + IDLE_GRACE_S - time.monotonic()
+                timeout = left if left > 0 else None
+            else:
+                timeout = 0.5
+            if not self._drain_inbox(timeout):
                 break
             if not engine.has_unfinished_requests():
-                engine.idle_work()  # a few ms at a time, then back to the inbox
+                if time.monotonic() >= last_busy + IDLE_GRACE_S:
+                    engine.idle_work()  # a few ms at a time, then back to the inbox
                 continue
             try:
                 outputs = engine.step()
@@ -186,6 +203,8 @@ class AsyncLLM:
                     engine.abort_request(rid)
                     self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
                 continue
+            finally:
+                last_busy = time.monotonic()
             self._deliver_all(outputs)
 
 

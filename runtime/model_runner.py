@@ -17,10 +17,10 @@ logger = logging.getLogger(__name__)
 # ~23 MB for SmolLM2-135M): pages faulted in bulk cost ~1.5 us each, one by one inside a step's
 # kernels far more (32 concurrent chats: 553-584 -> 607-627 output tokens/s).
 RESIDENT_AHEAD = 64
-# Blocks paged in per call while the engine is idle (``page_in_idle``): ~6 MB for SmolLM2-135M,
-# 4-16 ms on a VM whose host backs fresh memory at 0.4-1.5 GB/s, so a request that arrives meanwhile
+# Blocks paged in per call while the engine is idle (``page_in_idle``): ~3 MB for SmolLM2-135M,
+# 2-8 ms on a VM whose host backs fresh memory at 0.4-1.5 GB/s, so a request that arrives meanwhile
 # waits at most that long.
-IDLE_PAGE_IN = 16
+IDLE_PAGE_IN = 8
 
 
 @dataclass
