@@ -8,7 +8,8 @@ rows, 2 threads), a third of a 512-token prefill. Here a chunk is two register-b
   and its values into key pairs ``[ctx/2, D]``, shared by the group's query heads and the item's
   rows (the gather is ~1/400 of the item's arithmetic at 64 rows and a group of 3);
 - ``S = q K^T`` for 8 query rows at a time (q rounded to bf16 after scaling, as the flash attention
-  path took it), float32 scores; a row's softmax in float32 over the keys it may see;
+  path took it), float32 scores; a row's softmax in float32 over the keys it may see, in 16-lane
+  vectors (``softmax16.softmax_row``: a third of the time LLVM's own loops took);
 - ``O = P V`` with ``P`` rounded to bf16 (float32 sums), normalized, rounded once to bf16.
 
 Work items are (sequence, kv head, 64-row chunk), costliest first, dealt to the threads in snake order.
@@ -22,7 +23,8 @@ from edgellm.kernels.cpu.bf16 import bf16_bits, round_bits
 from edgellm.kernels.cpu.dpbf16 import BLOCK_ROWS, _dot_block
 from edgellm.kernels.cpu.int4_amx import store_bf16_32
 from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, scale_of
-from edgellm.kernels.cpu.paged_attention import FASTMATH, _exp_shifted, dealt_items
+from edgellm.kernels.cpu.paged_attention import FASTMATH, dealt_items
+from edgellm.kernels.cpu.softmax16 import softmax_row
 
 ROW_CHUNK = 64  # query rows per work item
 KEYS = 32  # score columns per _dot_block call
@@ -125,15 +127,8 @@ def _attend_chunk(out, q, kv, table, q0, n, ctx, hk, r0, r1, scale, qa, scores, 
                 for r in range(rows):
                     for j in range(KEYS):
                         scores[r, c0 + j] = cbuf[r, j]
-            for r in range(rows):
-                limit = ctx - n + t0 + r + 1
-                m = scores[r, 0]
-                for j in range(1, limit):
-                    m = max(m, scores[r, j])
-                total = _exp_shifted(scores[r], 0, limit, m)
-                for j in range(limit, cols):
-                    scores[r, j] = 0.0
-                inv[r] = np.float32(1.0) / total
+            for r in range(rows):  # exp(s - max) up to the row's last key, zeros to ``cols``
+                inv[r] = np.float32(1.0) / softmax_row(scores_flat, r * width_s, ctx - n + t0 + r + 1, cols)
                 for c in range(0, cols, 32):  # the row in bf16 is its key pairs, in order
                     store_bf16_32(scores_flat, r * width_s + c, pa_flat, r * width_s + c)
             for d0 in range(0, dim, KEYS):
