@@ -211,7 +211,7 @@ class LLMEngine:
             self._idle_since = time.perf_counter()
         more = self.runner.page_in_idle()
         if not more:
-            logger.info("KV cache resident (%.0f MiB) after %.1fs of idle page-in",
+            logger.info("KV cache resident (%.0f MiB), %.1fs after idle page-in began",
                         self._kv_bytes / 2**20, time.perf_counter() - self._idle_since)
         return more
 

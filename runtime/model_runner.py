@@ -67,9 +67,12 @@ class ModelRunner:
         """Populate the cache pages of blocks up to ``high_water`` and ``RESIDENT_AHEAD`` more, so
         steps do not fault pages in one at a time inside the kernels."""
         if high_water > self._resident:
-            end = min(self.num_blocks, high_water + RESIDENT_AHEAD)
-            self.backend.populate_kv(self.kv_caches, self._resident, end)
-            self._resident = end
+            self._populate_to(high_water + RESIDENT_AHEAD)
+
+    def _populate_to(self, end: int) -> None:
+        end = min(self.num_blocks, end)
+        self.backend.populate_kv(self.kv_caches, self._resident, end)
+        self._resident = end
 
     @property
     def fully_resident(self) -> bool:
@@ -78,9 +81,7 @@ class ModelRunner:
     def page_in_idle(self) -> bool:
         """Make the next ``IDLE_PAGE_IN`` blocks resident; True while more of the pool is left."""
         if not self.fully_resident:
-            end = min(self.num_blocks, self._resident + IDLE_PAGE_IN)
-            self.backend.populate_kv(self.kv_caches, self._resident, end)
-            self._resident = end
+            self._populate_to(self._resident + IDLE_PAGE_IN)
         return not self.fully_resident
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
