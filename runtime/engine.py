@@ -102,7 +102,6 @@ class LLMEngine:
         budget = config.max_num_batched_tokens or self.backend.capabilities().step_tokens
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(self.model, self.backend, self.kv_caches, bs, self.vocab_size)
-        self._kv_bytes = num_blocks * bytes_per_block
         self._idle_since: float | None = None
         self.sampler = Sampler(self.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
@@ -212,7 +211,7 @@ class LLMEngine:
         more = self.runner.page_in_idle()
         if not more:
             logger.info("KV cache resident (%.0f MiB), %.1fs after idle page-in began",
-                        self._kv_bytes / 2**20, time.perf_counter() - self._idle_since)
+                        sum(c.nbytes for c in self.kv_caches) / 2**20, time.perf_counter() - self._idle_since)
         return more
 
     # -- the step ----------------------------------------------------------------------------

@@ -355,24 +355,18 @@ def _rescore_parallel(x, x_used, qs, d, err_norm, w_norm, n_valid, logits, best,
     return recomputed
 
 
-def q8_0_rescore_screened(x: np.ndarray, qs: np.ndarray, d: np.ndarray, err_norm: np.ndarray, w_norm: np.ndarray,
-                          x_n: np.ndarray, act_n: np.ndarray, n_valid: int, logits: np.ndarray, lows: np.ndarray,
-                          highs: np.ndarray, chunk: int, best: np.ndarray, max_candidates: int = 0) -> int:
+@njit(cache=True, parallel=True)
+def q8_0_rescore_screened(x, qs, d, err_norm, w_norm, x_n, act_n, n_valid, logits, lows, highs, chunk, best,
+                          max_candidates=0):
     """``q8_0_rescore`` after a head that bounded its logits as it stored them (``int8_head_vnni``'s
     ``screen``): ``lows [M, C]`` and ``highs [M, C]`` hold each chunk of ``chunk`` entries' largest lower
     and upper bounds, from the row norms ``x_n``, ``act_n`` (``row_norms``), so only the recompute
     pass remains. The candidates are ``q8_0_rescore``'s up to the rounding of their bounds, and the
     argmax is the same exact one."""
-    return _rescore_screened(x, qs, d, err_norm, w_norm, x_n, act_n, n_valid, logits, lows, highs, chunk, best,
-                             max_candidates)
-
-
-@njit(cache=True, parallel=True)
-def _rescore_screened(x, qs, d, err_norm, w_norm, x_n, act_n, n_valid, logits, lows, highs, chunk, best, cap):
     recomputed = 0
     for m in prange(x.shape[0]):
         w = np.empty(x.shape[1], np.float32)
         r, best[m] = _recompute(x[m], qs, d, err_norm, w_norm, x_n[m], act_n[m], n_valid, logits[m], w, highs[m],
-                                chunk, lows[m].max(), cap)
+                                chunk, lows[m].max(), max_candidates)
         recomputed += r
     return recomputed
