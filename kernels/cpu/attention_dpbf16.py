@@ -56,6 +56,7 @@ from edgellm.kernels.cpu.prefetch import (
     spread_plan,
     spread_prefetches,
 )
+from edgellm.kernels.cpu.unmanaged import keep_alive, unmanaged
 
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16
@@ -290,24 +291,29 @@ def _next_decode(kv, block_tables, query_start_loc, items, item):
 def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, items, order,
                   partials, worker, n_workers):
     """``paged_attention._run_items`` with decodes' scores on ``vdpbf16ps`` or ``vpdpwssd``."""
+    out, q, kv, query_start_loc, block_tables = (unmanaged(out), unmanaged(q), unmanaged(kv),
+                                                 unmanaged(query_start_loc), unmanaged(block_tables))
+    seq_lens, items, order, partials = unmanaged(seq_lens), unmanaged(items), unmanaged(order), unmanaged(partials)
     scale32 = np.float32(scale)
     cap32 = np.float32(soft_cap)
     head_dim = q.shape[2]
     n_heads = q.shape[1]
     group = n_heads // kv.shape[2]
-    # scratch made once per thread (a view per item counts references on shared arrays)
-    q2 = np.empty(group * head_dim, np.uint32)  # bf16: q's hi and lo pairs
+    # scratch made once per thread, passed on as unmanaged views of the owners kept below
+    q2_own = np.empty(group * head_dim, np.uint32)  # bf16: q's hi and lo pairs
+    xq_own = np.empty(group * head_dim, np.int16)  # int8: q's codes
+    f32 = np.empty(head_dim + 3 * group + 2 * KEYS + group * DECODE_MAX_KEYS + group * head_dim, np.float32)
+    q2, xq, f32u = unmanaged(q2_own), unmanaged(xq_own), unmanaged(f32)
     q2_16 = q2.view(np.uint16)
-    xq = np.empty(group * head_dim, np.int16)  # int8: q's codes
-    q_row = np.empty(head_dim, np.float32)
-    q_scales = np.empty(group, np.float32)
-    k_scales = np.empty(KEYS, np.float32)
-    blk = np.empty(KEYS, np.float32)
-    scores = np.empty((group, DECODE_MAX_KEYS), np.float32)
-    scores_flat = scores.reshape(-1)
-    maxes = np.empty(group, np.float32)
-    sums = np.empty(group, np.float32)
-    acc = np.empty((group, head_dim), np.float32)
+    q_row, q_scales, sums = f32u[:head_dim], f32u[head_dim:head_dim + group], f32u[head_dim + group:head_dim + 2 * group]
+    at = head_dim + 2 * group
+    k_scales, blk = f32u[at:at + KEYS], f32u[at + KEYS:at + 2 * KEYS]
+    at += 2 * KEYS
+    scores_flat = f32u[at:at + group * DECODE_MAX_KEYS]
+    scores = scores_flat.reshape(group, DECODE_MAX_KEYS)
+    at += group * DECODE_MAX_KEYS
+    acc = f32u[at:at + group * head_dim].reshape(group, head_dim)
+    maxes = f32u[at + group * head_dim:at + group * head_dim + group]
     q_flat = q.reshape(-1)
     kv_flat = kv.reshape(-1)
     mine = dealt_items(order, worker, n_workers)
@@ -327,6 +333,9 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)
+    keep_alive(q2_own)
+    keep_alive(xq_own)
+    keep_alive(f32)
 
 
 @njit(cache=True, parallel=True)

@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
 from edgellm.kernels.cpu.bf16 import as_f32 as _f32
 from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, scale_of
+from edgellm.kernels.cpu.unmanaged import flat
 
 ACC_VECTORS = 16  # accumulators kept in registers: half of AVX-512's 32 vector registers
 _VECS = (4, 8, 16)  # 16-float vectors per row: head sizes 64, 128, 256
@@ -113,7 +114,7 @@ def decode_pv(kv, table, lo, hi, hk, scores, acc):
         _decode_pv_loop(kv, table, lo, hi, hk, scores, acc)
         return
     per = ACC_VECTORS // vecs
-    kv_flat, p, a = kv.reshape(-1), scores.reshape(-1), acc.reshape(-1)
+    kv_flat, p, a = flat(kv), flat(scores), flat(acc)
     stride = scores.shape[1]
     for bi in range(lo // block_size, (hi - 1) // block_size + 1):
         base = bi * block_size

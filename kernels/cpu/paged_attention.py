@@ -27,6 +27,7 @@ from edgellm.kernels.cpu.expf import exp_f32
 from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, dequantize_block, scale_of
 from edgellm.kernels.cpu.norm_rope import rope_neox_qk
 from edgellm.kernels.cpu.prefetch import prefetch_rows
+from edgellm.kernels.cpu.unmanaged import keep_alive, unmanaged
 
 # 'reassoc' lets LLVM vectorize the q.k dot product and 'contract' fuse multiply-adds; both only
 # change rounding. No 'nnan'/'ninf': masked scores and the running max start at -inf.
@@ -76,8 +77,10 @@ def _head_impl(x, t, h, dim):
 def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
     """Store this step's ``k, v [T, Hkv, D]`` (float32 or bf16 bits; ``v`` may also be ``[T, Hkv * D]``
     rows) at their cache slots (int8 caches quantize each row); negative slots skip."""
+    kv, k, v, slot_mapping = unmanaged(kv), unmanaged(k), unmanaged(v), unmanaged(slot_mapping)
     block_size, dim = kv.shape[3], k.shape[2]
-    wide = np.empty(dim, np.uint32)
+    wide_own = np.empty(dim, np.uint32)
+    wide = unmanaged(wide_own)
     for t in range(k.shape[0]):
         slot = slot_mapping[t]
         if slot < 0:
@@ -86,7 +89,24 @@ def write_kv(kv: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndar
         off = slot % block_size
         for h in range(k.shape[1]):
             store_row(kv[0, blk, h, off], load_row(k[t, h], wide))
-            store_row(kv[1, blk, h, off], load_row(_head(v, t, h, dim), wide))
+            _store_v(kv[1, blk, h, off], _head(v, t, h, dim), wide)
+    keep_alive(wide_own)
+
+
+def _store_v(dst, src, wide):
+    """``store_row(dst, load_row(src, wide))``: a bf16 row into a bf16 cache is copied as it is
+    (widening it and rounding it back gives the same bits)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_store_v, inline="always")
+def _store_v_impl(dst, src, wide):
+    if dst.dtype == types.uint16 and src.dtype == types.uint16:
+        def copy(dst, src, wide):
+            for d in range(src.shape[0]):
+                dst[d] = src[d]
+        return copy
+    return lambda dst, src, wide: store_row(dst, load_row(src, wide))
 
 
 @njit(cache=True, parallel=True)

@@ -25,6 +25,7 @@ from edgellm.kernels.cpu.int4_amx import store_bf16_32
 from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, scale_of
 from edgellm.kernels.cpu.paged_attention import FASTMATH, dealt_items
 from edgellm.kernels.cpu.softmax16 import softmax_row
+from edgellm.kernels.cpu.unmanaged import keep_alive, unmanaged
 
 ROW_CHUNK = 64  # query rows per work item
 KEYS = 32  # score columns per _dot_block call
@@ -146,19 +147,32 @@ def prompt_attention_dp(out, q, kv, starts, lens, block_tables, s0, s1, scale, n
     D]`` (bf16 bits)."""
     items, order = _plan(starts, lens, s0, s1, kv.shape[2])
     workers = max(1, min(n_threads, order.shape[0]))
-    dim = q.shape[2]
     max_keys = 0
     for s in range(s0, s1):
         max_keys = max(max_keys, lens[s])
     width = (max_keys + KEYS - 1) // KEYS * KEYS
     for w in prange(workers):
-        qa = np.empty((BLOCK_ROWS, dim // 2), np.uint32)
-        scores = np.empty((BLOCK_ROWS, width), np.float32)
-        pa = np.empty((BLOCK_ROWS, width // 2), np.uint32)
-        cbuf = np.empty((BLOCK_ROWS, KEYS), np.float32)
-        inv = np.empty(BLOCK_ROWS, np.float32)  # each row's 1 / sum of probabilities
-        mine = dealt_items(order, w, workers)
-        for i in range(mine.shape[0]):
-            s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
-            _attend_chunk(out, q, kv, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s], hk, r0, r1,
-                          scale, qa, scores, pa, cbuf, inv)
+        _run_items(out, q, kv, starts, lens, block_tables, items, dealt_items(order, w, workers), scale, width)
+
+
+@njit(cache=True)
+def _run_items(out, q, kv, starts, lens, block_tables, items, mine, scale, width):
+    """One worker's items, on views that count no references (``unmanaged``): gathering a key took
+    two views of the shared cache, and the two threads' counts on it bounced between their cores."""
+    out, q, kv, starts, lens = unmanaged(out), unmanaged(q), unmanaged(kv), unmanaged(starts), unmanaged(lens)
+    block_tables, items = unmanaged(block_tables), unmanaged(items)
+    dim = q.shape[2]
+    qa_own = np.empty((BLOCK_ROWS, dim // 2), np.uint32)
+    pa_own = np.empty((BLOCK_ROWS, width // 2), np.uint32)
+    f32_own = np.empty(BLOCK_ROWS * (width + KEYS + 1), np.float32)
+    qa, pa, f32 = unmanaged(qa_own), unmanaged(pa_own), unmanaged(f32_own)
+    scores = f32[:BLOCK_ROWS * width].reshape(BLOCK_ROWS, width)
+    cbuf = f32[BLOCK_ROWS * width:BLOCK_ROWS * (width + KEYS)].reshape(BLOCK_ROWS, KEYS)
+    inv = f32[BLOCK_ROWS * (width + KEYS):]  # each row's 1 / sum of probabilities
+    for i in range(mine.shape[0]):
+        s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
+        _attend_chunk(out, q, kv, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s], hk, r0, r1,
+                      scale, qa, scores, pa, cbuf, inv)
+    keep_alive(qa_own)
+    keep_alive(pa_own)
+    keep_alive(f32_own)
