@@ -29,7 +29,7 @@ from numba.typed import List
 
 from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
 from edgellm.kernels.cpu.attention_dpbf16 import attend_dp, rope_attention_step_dp
-from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul
+from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul_then
 from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, silu_int4_gemv
 from edgellm.kernels.cpu.norm_rope import (
     add_rms_norm,
@@ -101,11 +101,12 @@ def norm_rows(h, residual, norm_w, eps, has_residual, norm_threads):
 
 
 @njit(cache=True)
-def _norm_matmul(h, residual, norm_w, eps, has_residual, packed, sz, n_threads, norm_threads):
-    """``norm_rows``, then ``int4_dpbf16_matmul``."""
+def _norm_matmul(h, residual, norm_w, eps, has_residual, packed, sz, n_threads, norm_threads, nxt_packed, nxt_sz):
+    """``norm_rows``, then ``int4_dpbf16_matmul_then`` (streaming in the weight ``nxt_packed, nxt_sz``
+    the next matmul takes)."""
     x = norm_rows(h, residual, norm_w, eps, has_residual, norm_threads)
     out = np.empty((h.shape[0], sz.shape[1]), np.uint16)
-    int4_dpbf16_matmul(x, packed, sz, out, n_threads)
+    int4_dpbf16_matmul_then(x, packed, sz, out, n_threads, nxt_packed, nxt_sz, True)
     return out
 
 
@@ -122,15 +123,18 @@ def silu_rows(gate_up, n_threads):
 
 
 @njit(cache=True)
-def _out_and_mlp_batched(attn, residual, layer, eps, n_threads, norm_threads):
-    """``_out_and_mlp`` for more rows than ``int4_gemv`` takes: the linears on ``int4_dpbf16_matmul``."""
+def _out_and_mlp_batched(attn, residual, layer, eps, n_threads, norm_threads, nxt_layer):
+    """``_out_and_mlp`` for more rows than ``int4_gemv`` takes: the linears on ``int4_dpbf16_matmul``,
+    each streaming in the next one's weight, the last one ``nxt_layer``'s qkv."""
     t = attn.shape[0]
     o = np.empty((t, layer[4].shape[1]), np.uint16)
-    int4_dpbf16_matmul(attn.reshape(t, attn.shape[1] * attn.shape[2]), layer[3], layer[4], o, n_threads)
-    gate_up = _norm_matmul(o, residual, layer[5], eps, True, layer[6], layer[7], n_threads, norm_threads)
+    int4_dpbf16_matmul_then(attn.reshape(t, attn.shape[1] * attn.shape[2]), layer[3], layer[4], o, n_threads,
+                            layer[6], layer[7], True)
+    gate_up = _norm_matmul(o, residual, layer[5], eps, True, layer[6], layer[7], n_threads, norm_threads, layer[8],
+                           layer[9])
     act = silu_rows(gate_up, n_threads)
     out = np.empty((t, layer[9].shape[1]), np.uint16)
-    int4_dpbf16_matmul(act, layer[8], layer[9], out, n_threads)
+    int4_dpbf16_matmul_then(act, layer[8], layer[9], out, n_threads, nxt_layer[1], nxt_layer[2], True)
     return out
 
 
@@ -161,12 +165,13 @@ def _attend_with_prompts(attn, qkv, positions, cos_sin, kv, slots, starts, lens,
 
 @njit(cache=True)
 def _layer_dp(h, residual, has_residual, layer, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-              n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec):
+              n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec, nxt_layer):
     t = h.shape[0]
     if t <= gemv_rows:
         qkv = _qkv(h, residual, has_residual, layer, eps, n_threads)
     else:
-        qkv = _norm_matmul(h, residual, layer[0], eps, has_residual, layer[1], layer[2], n_threads, norm_threads)
+        qkv = _norm_matmul(h, residual, layer[0], eps, has_residual, layer[1], layer[2], n_threads, norm_threads,
+                           layer[3], layer[4])
     attn = np.empty((t, n_heads, head_dim), np.uint16)
     if n_dec < starts.shape[0] - 1:
         _attend_with_prompts(attn, qkv, positions, cos_sin, layer[10], slots, starts, lens, tables, scale, n_dec,
@@ -176,7 +181,7 @@ def _layer_dp(h, residual, has_residual, layer, positions, cos_sin, slots, start
                                0.0, DEFAULT_Q_TILE, attn_threads)
     if t <= gemv_rows:
         return _out_and_mlp(attn, residual, layer, eps, n_threads)
-    return _out_and_mlp_batched(attn, residual, layer, eps, n_threads, norm_threads)
+    return _out_and_mlp_batched(attn, residual, layer, eps, n_threads, norm_threads, nxt_layer)
 
 
 @njit(cache=True)
@@ -201,11 +206,13 @@ def decode_layers_dp(h, residual, layers, positions, cos_sin, slots, starts, len
     The sequences from ``n_dec`` on may be prompt chunks (``_attend_with_prompts``; then no sliding
     window, and more than ``gemv_rows`` rows): a step that adds a new request to running ones saves
     ~10 us of Python and dispatch around each of ~10 calls a layer."""
+    n = len(layers)
     x = _layer_dp(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-                  n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec)
-    for i in range(1, len(layers)):
+                  n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec, layers[1 % n])
+    for i in range(1, n):
         x = _layer_dp(x, residual, True, layers[i], positions, cos_sin, slots, starts, lens, tables, scale, window,
-                      eps, n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec)
+                      eps, n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec,
+                      layers[(i + 1) % n])
     return x
 
 

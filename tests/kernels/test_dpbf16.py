@@ -16,6 +16,7 @@ from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.kernels.cpu.dpbf16 import (
     bf16_panels_matmul,
     int4_dpbf16_matmul,
+    int4_dpbf16_matmul_then,
     int8_dpbf16_matmul,
     int8_to_bf16_panels,
     supported,
@@ -54,6 +55,23 @@ def test_any_row_count_matches_the_expanded_gemm(m, threads):
     w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=1))
     x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
     assert_matches_expanded_gemm(dp_mm(x, w, threads), x, w)
+
+
+@pytest.mark.parametrize("nxt_n, nxt_k", [(64, 32), (192, 576), (576, 1536), (3072, 576)])
+@pytest.mark.parametrize("m, threads", [(1, 2), (32, 1), (32, 2), (33, 3), (100, 2)])
+def test_streaming_in_the_next_weight_changes_no_result(nxt_n, nxt_k, m, threads):
+    """``int4_dpbf16_matmul_then`` only prefetches the next call's weight (whatever its shape, and
+    with fewer panels than threads): its products are ``int4_dpbf16_matmul``'s, bit for bit."""
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=2))
+    nxt = Int4PackedWeight.from_quantized(quantized("Q4_0", nxt_n, nxt_k, seed=3))
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16().view(torch.uint16).numpy()
+    packed, sz = w.amx_operands
+    want = np.empty((m, 960), np.uint16)
+    int4_dpbf16_matmul(x, packed, sz, want, threads)
+    for then in (True, False):
+        got = np.full((m, 960), 0xFFFF, np.uint16)
+        int4_dpbf16_matmul_then(x, packed, sz, got, threads, *nxt.amx_operands, then)
+        assert np.array_equal(got, want)
 
 
 def test_the_backend_routes_batched_steps_to_the_kernel(monkeypatch):
