@@ -302,18 +302,19 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
     # scratch made once per thread, passed on as unmanaged views of the owners kept below
     q2_own = np.empty(group * head_dim, np.uint32)  # bf16: q's hi and lo pairs
     xq_own = np.empty(group * head_dim, np.int16)  # int8: q's codes
-    f32 = np.empty(head_dim + 3 * group + 2 * KEYS + group * DECODE_MAX_KEYS + group * head_dim, np.float32)
+    # one float32 buffer, its vector rows first, each at a multiple of 16 floats as separate arrays were
+    f32 = np.empty(group * DECODE_MAX_KEYS + group * head_dim + head_dim + 2 * KEYS + 3 * group, np.float32)
     q2, xq, f32u = unmanaged(q2_own), unmanaged(xq_own), unmanaged(f32)
     q2_16 = q2.view(np.uint16)
-    q_row, q_scales, sums = f32u[:head_dim], f32u[head_dim:head_dim + group], f32u[head_dim + group:head_dim + 2 * group]
-    at = head_dim + 2 * group
-    k_scales, blk = f32u[at:at + KEYS], f32u[at + KEYS:at + 2 * KEYS]
-    at += 2 * KEYS
-    scores_flat = f32u[at:at + group * DECODE_MAX_KEYS]
+    scores_flat = f32u[:group * DECODE_MAX_KEYS]
     scores = scores_flat.reshape(group, DECODE_MAX_KEYS)
-    at += group * DECODE_MAX_KEYS
+    at = group * DECODE_MAX_KEYS
     acc = f32u[at:at + group * head_dim].reshape(group, head_dim)
-    maxes = f32u[at + group * head_dim:at + group * head_dim + group]
+    at += group * head_dim
+    q_row, k_scales, blk = f32u[at:at + head_dim], f32u[at + head_dim:at + head_dim + KEYS], f32u[
+        at + head_dim + KEYS:at + head_dim + 2 * KEYS]
+    at += head_dim + 2 * KEYS
+    q_scales, sums, maxes = f32u[at:at + group], f32u[at + group:at + 2 * group], f32u[at + 2 * group:at + 3 * group]
     q_flat = q.reshape(-1)
     kv_flat = kv.reshape(-1)
     mine = dealt_items(order, worker, n_workers)
