@@ -74,7 +74,7 @@ def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_in
                                              v16(ir.IntType(8))), align=1)
                 wide = builder.zext(b, v16(i32))
                 q = builder.lshr(wide, four) if high else builder.and_(wide, fifteen)
-                w.append(builder.fadd(builder.fmul(builder.uitofp(q, v16(f32)), s), z))
+                w.append(builder.fadd(builder.fmul(builder.uitofp(q, v16(f32)), s, flags=('contract',)), z, flags=('contract',)))
             both = builder.call(cvt, [w[1], w[0]])  # lanes 0-15: row k, 16-31: row k + 1
             pairs = builder.bitcast(builder.shuffle_vector(both, both, _INTERLEAVE), v16(i32))
             dst = builder.add(context.cast(builder, a_idx, t_idx, types.int64), off)
