@@ -239,7 +239,7 @@ class LLMEngine:
         return outputs
 
     def _sample_and_append(self, sched: SchedulerOutput, head: StepLogits) -> list[Request]:
-        seqs, rows, row_logits = [], [], []
+        seqs, row_logits = [], []
         for i, s in enumerate(x for x in sched.scheduled if x.samples):
             seq, req = s.seq, s.seq.request
             targets = [seq]
@@ -247,14 +247,17 @@ class LLMEngine:
                 targets += self._fork(seq)
             for t in targets:
                 seqs.append(t)
-                rows.append(SamplingRow(req.params, req.prompt_token_ids, t.output_token_ids, t.generator))
                 row_logits.append(i)
         touched: dict[str, Request] = {}
         if seqs:
             out = head.greedy if head.greedy is not None else head.logits
             if len(row_logits) != out.shape[0]:  # n > 1 forks sample several rows from one
                 out = out[torch.tensor(row_logits)]
-            tokens = [SampledToken(t) for t in out.tolist()] if head.greedy is not None else self.sampler(out, rows)
+            if head.greedy is not None:  # the head took every row's argmax already
+                tokens = [SampledToken(t) for t in out.tolist()]
+            else:
+                tokens = self.sampler(out, [SamplingRow(t.request.params, t.request.prompt_token_ids,
+                                                        t.output_token_ids, t.generator) for t in seqs])
             now = time.time()
             for seq, tok in zip(seqs, tokens):
                 self._append(seq, tok, now)

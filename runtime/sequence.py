@@ -34,6 +34,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks, by index
+    num_registered_blocks: int = 0  # leading full blocks the prefix cache has already seen
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     finish_reason: str | None = None

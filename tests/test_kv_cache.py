@@ -93,3 +93,24 @@ def test_high_water_marks_every_block_handed_out_once():
     c = make_seq(20)
     bm.allocate_slots(c, 20)  # a's freed blocks (never cached) first, then fresh ones in id order
     assert bm.high_water == 7 and sorted(c.block_table) == [0, 1, 2, 5, 6]
+
+
+def test_blocks_filled_one_token_at_a_time_are_registered_as_they_fill():
+    """Decode steps add one computed token at a time; each block is hashed once it is full, and a
+    preempted sequence's blocks are registered again when it is recomputed."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = make_seq(list(range(1, 4)))
+    _compute(bm, a)
+    for t in range(4, 12):
+        a.token_ids.append(t)
+        _compute(bm, a)
+        full = t // 4
+        assert a.num_registered_blocks == full
+        probe = make_seq(list(range(1, 13)))
+        assert bm.allocate_cached_prefix(probe) == 4 * full
+        bm.free_seq(probe)
+    bm.free_seq(a)  # preempted: its blocks stay cached, and recomputing it starts the count again
+    assert a.num_registered_blocks == 0
+    assert bm.allocate_cached_prefix(a) == 8
+    _compute(bm, a)
+    assert a.num_registered_blocks == 2
