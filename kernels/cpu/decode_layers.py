@@ -39,6 +39,7 @@ from edgellm.kernels.cpu.norm_rope import (
 )
 from edgellm.kernels.cpu.paged_attention import (
     DEFAULT_Q_TILE,
+    prefetch_slots,
     rope_attention_step,
     write_kv,
     write_kv_parallel,
@@ -167,6 +168,7 @@ def _attend_with_prompts(attn, qkv, positions, cos_sin, kv, slots, starts, lens,
 def _layer_dp(h, residual, has_residual, layer, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
               n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec, nxt_layer):
     t = h.shape[0]
+    prefetch_slots(layer[10], slots)
     if t <= gemv_rows:
         qkv = _qkv(h, residual, has_residual, layer, eps, n_threads)
     else:
@@ -187,6 +189,7 @@ def _layer_dp(h, residual, has_residual, layer, positions, cos_sin, slots, start
 @njit(cache=True)
 def _layer(h, residual, has_residual, layer, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
            n_heads, head_dim, n_threads, attn_threads):
+    prefetch_slots(layer[10], slots)
     qkv = _qkv(h, residual, has_residual, layer, eps, n_threads)
     attn = np.empty((h.shape[0], n_heads, head_dim), np.uint16)
     rope_attention_step(attn, qkv, positions, cos_sin, layer[10], slots, starts, lens, tables, scale, window, 0.0,

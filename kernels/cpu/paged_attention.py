@@ -26,8 +26,8 @@ from edgellm.kernels.cpu.decode_pv import decode_pv
 from edgellm.kernels.cpu.expf import exp_f32
 from edgellm.kernels.cpu.kv_int8 import SCALE_BYTES, dequantize_block, scale_of
 from edgellm.kernels.cpu.norm_rope import rope_neox_qk
-from edgellm.kernels.cpu.prefetch import prefetch_rows
-from edgellm.kernels.cpu.unmanaged import keep_alive, unmanaged
+from edgellm.kernels.cpu.prefetch import CACHE_LINE, prefetch, prefetch_rows
+from edgellm.kernels.cpu.unmanaged import flat, keep_alive, unmanaged
 
 # 'reassoc' lets LLVM vectorize the q.k dot product and 'contract' fuse multiply-adds; both only
 # change rounding. No 'nnan'/'ninf': masked scores and the running max start at -inf.
@@ -530,6 +530,28 @@ def rope_attention_step(out: np.ndarray, qkv: np.ndarray, positions: np.ndarray,
     calls. Worth it for decode steps, where a dispatch costs about as much as the work."""
     q_rot, _ = rope_and_write(qkv, positions, cos_sin, kv, slot_mapping, out.shape[1])
     attend(out, q_rot, kv, query_start_loc, seq_lens, block_tables, scale, window, soft_cap, q_tile, n_threads)
+
+
+@njit(cache=True)
+def prefetch_slots(kv, slot_mapping):
+    """Ask for the cache lines that ``write_kv`` will write for ``slot_mapping`` (every kv head's K and
+    V row of each slot). A decode step's new rows land in blocks no one has touched for a while, so
+    the write missed to DRAM on the calling thread while the other one waited: asked for before a
+    layer's qkv projection, they arrive while it multiplies."""
+    n_blocks, n_k, block_size, row = kv.shape[1], kv.shape[2], kv.shape[3], kv.shape[4]
+    flat_kv = flat(unmanaged(kv))
+    step = CACHE_LINE // kv.itemsize
+    for i in range(slot_mapping.shape[0]):
+        slot = slot_mapping[i]
+        if slot < 0:
+            continue
+        blk, off = slot // block_size, slot % block_size
+        for s in range(2):
+            for h in range(n_k):
+                at = (((s * n_blocks + blk) * n_k + h) * block_size + off) * row
+                for e in range(at, at + row, step):
+                    prefetch(flat_kv, e)
+                prefetch(flat_kv, at + row - 1)
 
 
 @njit(cache=True)

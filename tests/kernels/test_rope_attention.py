@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 from edgellm.backends.base import Backend
 from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.torch_ref import TorchBackend
+from edgellm.kernels.cpu.paged_attention import prefetch_slots
 
 H, D = 6, 64
 
@@ -64,3 +66,14 @@ def test_steps_with_prompts_give_the_same_numbers(invariant, amx, paged_batch, m
     got, kv_got = _run(cpu, False, seqs, 2, torch.bfloat16, torch.bfloat16, paged_batch, invariant=invariant)
     want, kv_want = _run(cpu, True, seqs, 2, torch.bfloat16, torch.bfloat16, paged_batch, invariant=invariant)
     assert torch.equal(got, want) and torch.equal(kv_got, kv_want)
+
+
+@pytest.mark.parametrize("dtype, row", [(np.uint16, 64), (np.uint16, 128), (np.int8, 68)])
+def test_prefetching_the_slots_changes_nothing(dtype, row):
+    """``prefetch_slots`` only asks for the lines a step will write (padding slots, -1, skipped;
+    rows up to the cache's last byte): the cache is unchanged and nothing reads out of bounds."""
+    kv = np.random.default_rng(0).integers(0, 100, (2, 6, 3, 16, row)).astype(dtype)
+    before = kv.copy()
+    prefetch_slots(kv, np.array([0, -1, 17, 6 * 16 - 1, 40], np.int64))
+    prefetch_slots(kv, np.zeros(0, np.int64))
+    assert np.array_equal(kv, before)
