@@ -551,7 +551,8 @@ def prefetch_slots(kv, slot_mapping):
                 at = (((s * n_blocks + blk) * n_k + h) * block_size + off) * row
                 for e in range(at, at + row, step):
                     prefetch(flat_kv, e)
-                prefetch(flat_kv, at + row - 1)
+                if row % step:  # a row that ends inside a line the loop did not start in (int8: 68 bytes)
+                    prefetch(flat_kv, at + row - 1)
 
 
 @njit(cache=True)
