@@ -29,6 +29,7 @@ from numba.typed import List
 
 from edgellm.kernels.cpu.activations import PARALLEL_MIN_ROWS, silu_and_mul, silu_and_mul_parallel
 from edgellm.kernels.cpu.attention_dpbf16 import attend_dp, rope_attention_step_dp
+from edgellm.kernels.cpu.decode_step_spin import decode_layers_spin
 from edgellm.kernels.cpu.dpbf16 import int4_dpbf16_matmul_then
 from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, silu_int4_gemv
 from edgellm.kernels.cpu.norm_rope import (
@@ -208,7 +209,13 @@ def decode_layers_dp(h, residual, layers, positions, cos_sin, slots, starts, len
 
     The sequences from ``n_dec`` on may be prompt chunks (``_attend_with_prompts``; then no sliding
     window, and more than ``gemv_rows`` rows): a step that adds a new request to running ones saves
-    ~10 us of Python and dispatch around each of ~10 calls a layer."""
+    ~10 us of Python and dispatch around each of ~10 calls a layer.
+
+    A step of decodes only, past ``gemv_rows`` rows, runs in one parallel region
+    (``decode_layers_spin``): the same kernels, numbers and arguments."""
+    if n_dec == starts.shape[0] - 1 and h.shape[0] > gemv_rows and n_threads > 1:
+        return decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window,
+                                  eps, n_heads, head_dim, n_threads)
     n = len(layers)
     x = _layer_dp(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
                   n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec, layers[1 % n])

@@ -1,6 +1,8 @@
 """A decode step's layers in one Numba call give the numbers of the ops one by one."""
 from __future__ import annotations
 
+import numba
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from edgellm.backends.cpu import CPUBackend
 from edgellm.kernels.cpu.amx import request_amx
 from edgellm.kernels.cpu.decode_layers import decode_layers_dp
 from edgellm.kernels.cpu.decode_layers_amx import decode_layers_amx
+from edgellm.kernels.cpu.decode_step_spin import decode_layers_spin
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
 from edgellm.quant import QuantizedTensor
@@ -72,7 +75,8 @@ def _both(cpu, layers, shape, seqs, kv_dtype):
 
 DECODE_BATCHES = [[(37, 1)], [(300, 1), (5, 1)], [(1, 1), (16, 1), (17, 1), (90, 1), (260, 1)],
                   [(c, 1) for c in (3, 40, 64, 100, 129, 200, 257, 511)],  # int4_gemv's rows, then more
-                  [(c, 1) for c in range(20, 29)], [(7 * c + 1, 1) for c in range(40)]]
+                  [(c, 1) for c in range(20, 29)], [(7 * c + 1, 1) for c in range(40)],
+                  [(c, 1) for c in (600, 1000, 9, 530, 77, 64, 300, 515, 800)]]  # long ones split and merge
 
 
 @pytest.mark.parametrize("seqs", DECODE_BATCHES, ids=lambda s: f"{len(s)}rows")
@@ -90,6 +94,41 @@ def test_one_call_gives_the_ops_numbers(seqs, kv_dtype, window, dpbf16, monkeypa
         assert cpu._stacks[id(layers)][2] is not None, "the step should have taken the one-call path"
     assert out.dtype == want.dtype == torch.bfloat16 and out.shape == (len(seqs), HIDDEN)
     assert torch.equal(out, want) and torch.equal(res, want_res)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+@pytest.mark.skipif(not dpbf16_supported(), reason="needs AVX512-BF16 (decode_layers_dp)")
+@pytest.mark.parametrize("threads,workers", [(2, 2), (1, 2), (1, 3), (2, 3)])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_one_region_gives_the_layer_by_layer_numbers_however_its_workers_run(threads, workers, kv_dtype, monkeypatch):
+    """``decode_layers_spin`` against ``decode_layers_dp`` on one thread (a region per kernel), with
+    as many Numba threads as workers, fewer (workers run one after the other and must not wait on
+    each other), and more workers than threads."""
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, None)
+    meta, caches, h, positions, cos_sin = _step(DECODE_BATCHES[-1], kv_dtype)
+    kernel, typed = cpu._layer_stack(layers, shape, caches, cos_sin)
+    assert kernel is decode_layers_dp
+    slots, starts, lens, tables = cpu._meta_arrays(meta)
+    args = (h.numpy(), positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables, D ** -0.5, 0, 1e-5, H, D)
+    runs = []
+    for spin in (False, True):
+        residual = np.zeros((h.shape[0], HIDDEN), np.float32)
+        step = (args[0], residual, typed, *args[1:])
+        if spin:
+            before = numba.get_num_threads()
+            numba.set_num_threads(threads)
+            try:
+                out = decode_layers_spin(*step, workers)
+            finally:
+                numba.set_num_threads(before)
+        else:
+            out = decode_layers_dp(*step, 1, 1, cpu._gemv_rows, 1, len(lens))
+        runs.append((out, residual, [c.clone() for c in caches]))
+    (want, want_res, want_kv), (out, res, kv) = runs
+    assert np.array_equal(out, want) and np.array_equal(res, want_res)
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
 
 

@@ -1,0 +1,148 @@
+"""A batched decode step's whole stack of layers inside one parallel region.
+
+``decode_layers_dp`` enters a parallel region (a ``prange`` loop) eight times a layer: the two norms,
+the four int4 matmuls, attention and SiLU-and-mul, 240 times a step of this 30-layer model, each
+entry and exit ~1-2 us on two cores while the other thread waits; and between them the calling
+thread alone rotates q and k, writes the cache rows and plans attention's work (~10 us a layer).
+Here the workers enter once a step and go through the same kernels as phases (``spin``): the rows
+of norms, rotary, cache writes and SiLU-and-mul, the panels of each matmul and attention's work
+items split among them as ``decode_layers_dp`` splits them among its threads, a spin wait between
+phases (~30 ns). Attention's plan is made once a step: every layer's is the same.
+
+Every row, panel and item is computed by the same code as in ``decode_layers_dp`` whichever worker
+takes it, so the output is the same bit for bit. For steps of decodes only, past ``int4_gemv``'s
+rows (``decode_layers_dp`` calls it for them).
+
+Example::
+
+    x = decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables,
+                           scale, window, eps, n_heads, head_dim, threads)
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from edgellm.kernels.cpu.activations import silu_and_mul
+from edgellm.kernels.cpu.attention_dpbf16 import _run_items_dp
+from edgellm.kernels.cpu.dpbf16 import PANEL, _int4_panels
+from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox_qk
+from edgellm.kernels.cpu.paged_attention import (
+    DEFAULT_Q_TILE,
+    _merge_partials,
+    _plan,
+    prefetch_slots,
+    write_kv,
+)
+from edgellm.kernels.cpu.spin import MAX_PARTS, SYNC_STRIDE, done_and_take, take
+from edgellm.kernels.cpu.unmanaged import unmanaged
+
+PHASES = 10  # a layer's: norm, qkv, rotary and cache rows, attention, merge, o, norm, gate/up, SiLU, down
+
+
+@njit(cache=True)
+def _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz):
+    """``int4_dpbf16_matmul_then`` as a phase: its workers' panel ranges are the parts."""
+    x32 = x.view(np.uint32)
+    n_panels = out.shape[1] // PANEL
+    parts = max(1, min(n_workers, n_panels))
+    nxt_panels = nxt_sz.shape[1] // PANEL
+    nxt_parts = max(1, min(n_workers, nxt_panels))
+    p = take(sync, phase, worker, parts)
+    while p >= 0:
+        q0 = p * nxt_panels // nxt_parts if p < nxt_parts else 0
+        q1 = (p + 1) * nxt_panels // nxt_parts if p < nxt_parts else 0
+        _int4_panels(x32, packed, sz, out, p * n_panels // parts, (p + 1) * n_panels // parts, nxt_packed, nxt_sz,
+                     q0, q1)
+        p = done_and_take(sync, phase, worker, parts)
+
+
+@njit(cache=True)
+def _norm(sync, phase, worker, parts, src, residual, weight, eps, x, has_residual, kv, slots, ask):
+    """``add_rms_norm`` as a phase of row ranges, each first asking (with ``ask``) for the cache
+    lines its rows' new K and V go to (``prefetch_slots``), as ``decode_layers_dp`` does before qkv."""
+    t = src.shape[0]
+    p = take(sync, phase, worker, parts)
+    while p >= 0:
+        r0, r1 = p * t // parts, (p + 1) * t // parts
+        if ask:
+            prefetch_slots(kv, slots[r0:r1])
+        add_rms_norm(src[r0:r1], residual[r0:r1], weight, eps, x[r0:r1], has_residual)
+        p = done_and_take(sync, phase, worker, parts)
+
+
+@njit(cache=True)
+def _worker(worker, n_workers, sync, h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale,
+            window, eps, x, qkv, q_rot, k_rot, attn, o, gate_up, act, out, items, order, partials):
+    x, qkv, q_rot, k_rot, attn, o = unmanaged(x), unmanaged(qkv), unmanaged(q_rot), unmanaged(k_rot), unmanaged(
+        attn), unmanaged(o)
+    gate_up, act, out, residual = unmanaged(gate_up), unmanaged(act), unmanaged(out), unmanaged(residual)
+    t = h.shape[0]
+    n = len(layers)
+    n_q, dim = q_rot.shape[1], q_rot.shape[2]
+    n_k = k_rot.shape[1]
+    rows = min(n_workers, t)
+    attn_parts = max(1, min(n_workers, order.shape[0]))
+    attn2d = attn.reshape(t, n_q * dim)
+    for i in range(n):
+        layer = layers[i]
+        nxt = layers[(i + 1) % n]
+        kv = layer[10]
+        ph = i * PHASES
+        if i == 0:
+            _norm(sync, ph, worker, rows, h, residual, layer[0], eps, x, False, kv, slots, True)
+        else:
+            _norm(sync, ph, worker, rows, out, residual, layer[0], eps, x, True, kv, slots, True)
+        _matmul(sync, ph + 1, worker, n_workers, x, layer[1], layer[2], qkv, layer[3], layer[4])
+        p = take(sync, ph + 2, worker, rows)
+        while p >= 0:  # rotary and the cache rows (``rope_and_write``)
+            r0, r1 = p * t // rows, (p + 1) * t // rows
+            rope_neox_qk(qkv[r0:r1], positions[r0:r1], cos_sin, q_rot[r0:r1], k_rot[r0:r1])
+            write_kv(kv, k_rot[r0:r1], qkv[r0:r1, (n_q + n_k) * dim:], slots[r0:r1])
+            p = done_and_take(sync, ph + 2, worker, rows)
+        p = take(sync, ph + 3, worker, attn_parts)
+        while p >= 0:
+            _run_items_dp(attn, q_rot, kv, starts, lens, tables, scale, window, 0.0, items, order, partials, p,
+                          attn_parts)
+            p = done_and_take(sync, ph + 3, worker, attn_parts)
+        if partials.shape[0]:  # long contexts' key ranges, combined by one worker
+            p = take(sync, ph + 4, worker, 1)
+            while p >= 0:
+                _merge_partials(attn, q_rot, items, partials, n_k)
+                p = done_and_take(sync, ph + 4, worker, 1)
+        _matmul(sync, ph + 5, worker, n_workers, attn2d, layer[3], layer[4], o, layer[6], layer[7])
+        _norm(sync, ph + 6, worker, rows, o, residual, layer[5], eps, x, True, kv, slots, False)
+        _matmul(sync, ph + 7, worker, n_workers, x, layer[6], layer[7], gate_up, layer[8], layer[9])
+        p = take(sync, ph + 8, worker, rows)
+        while p >= 0:
+            r0, r1 = p * t // rows, (p + 1) * t // rows
+            silu_and_mul(gate_up[r0:r1], act[r0:r1])
+            p = done_and_take(sync, ph + 8, worker, rows)
+        _matmul(sync, ph + 9, worker, n_workers, act, layer[8], layer[9], out, nxt[1], nxt[2])
+
+
+@njit(cache=True, parallel=True)
+def decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
+                       n_heads, head_dim, n_threads):
+    """``decode_layers_dp`` for a step of decodes only (one query row a sequence, ``h [T, D]`` past
+    ``int4_gemv``'s rows), its ``n_threads`` workers in one parallel region; the same arguments (the
+    thread counts for attention and the norms are ``n_threads``) and the same output, bit for bit."""
+    t = h.shape[0]
+    first = layers[0]
+    n_k = first[10].shape[2]
+    x = np.empty((t, first[0].shape[0]), np.uint16)
+    qkv = np.empty((t, first[2].shape[1]), np.uint16)
+    q_rot = np.empty((t, n_heads, head_dim), np.float32)
+    k_rot = np.empty((t, n_k, head_dim), np.float32)
+    attn = np.empty((t, n_heads, head_dim), np.uint16)
+    o = np.empty((t, first[4].shape[1]), np.uint16)
+    gate_up = np.empty((t, first[7].shape[1]), np.uint16)
+    act = np.empty((t, first[7].shape[1] // 2), np.uint16)
+    out = np.empty((t, first[9].shape[1]), np.uint16)
+    items, order, partials = _plan(starts, lens, n_k, DEFAULT_Q_TILE, window, n_heads // n_k, head_dim)
+    workers = max(1, min(n_threads, MAX_PARTS))
+    sync = np.zeros(len(layers) * PHASES * SYNC_STRIDE, np.int64)
+    for w in prange(workers):
+        _worker(w, workers, sync, h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale,
+                window, eps, x, qkv, q_rot, k_rot, attn, o, gate_up, act, out, items, order, partials)
+    return out
