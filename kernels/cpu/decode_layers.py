@@ -211,11 +211,11 @@ def decode_layers_dp(h, residual, layers, positions, cos_sin, slots, starts, len
     window, and more than ``gemv_rows`` rows): a step that adds a new request to running ones saves
     ~10 us of Python and dispatch around each of ~10 calls a layer.
 
-    A step of decodes only, past ``gemv_rows`` rows, runs in one parallel region
-    (``decode_layers_spin``): the same kernels, numbers and arguments."""
-    if n_dec == starts.shape[0] - 1 and h.shape[0] > gemv_rows and n_threads > 1:
+    A step of decodes only runs in one parallel region (``decode_layers_spin``): the same kernels
+    and numbers."""
+    if n_dec == starts.shape[0] - 1 and n_threads > 1:
         return decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window,
-                                  eps, n_heads, head_dim, n_threads)
+                                  eps, n_heads, head_dim, n_threads, gemv_rows)
     n = len(layers)
     x = _layer_dp(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
                   n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, n_dec, layers[1 % n])

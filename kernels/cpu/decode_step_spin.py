@@ -26,6 +26,7 @@ from numba import njit, prange
 from edgellm.kernels.cpu.activations import silu_and_mul
 from edgellm.kernels.cpu.attention_dpbf16 import _run_items_dp
 from edgellm.kernels.cpu.dpbf16 import PANEL, _int4_panels
+from edgellm.kernels.cpu.int4_gemv import GROUP, MAX_ROWS, XQ_MAX, _block_rows, quantize_groups_into
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox_qk
 from edgellm.kernels.cpu.paged_attention import (
     DEFAULT_Q_TILE,
@@ -37,7 +38,8 @@ from edgellm.kernels.cpu.paged_attention import (
 from edgellm.kernels.cpu.spin import MAX_PARTS, SYNC_STRIDE, done_and_take, take
 from edgellm.kernels.cpu.unmanaged import unmanaged
 
-PHASES = 10  # a layer's: norm, qkv, rotary and cache rows, attention, merge, o, norm, gate/up, SiLU, down
+PHASES = 11  # a layer's: norm, qkv, rotary and cache rows, attention, merge, attention's int16 codes, o,
+#              norm, gate/up, SiLU-and-mul, down
 
 
 @njit(cache=True)
@@ -58,9 +60,49 @@ def _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_
 
 
 @njit(cache=True)
-def _norm(sync, phase, worker, parts, src, residual, weight, eps, x, has_residual, kv, slots, ask):
-    """``add_rms_norm`` as a phase of row ranges, each first asking (with ``ask``) for the cache
-    lines its rows' new K and V go to (``prefetch_slots``), as ``decode_layers_dp`` does before qkv."""
+def _gemv(sync, phase, worker, n_workers, codes, packed, sz, out):
+    """``int4_gemv`` as a phase on rows already in int16 codes (``codes = (xq, xs, xsum)``): its
+    workers' runs of 64-column blocks are the parts."""
+    xq, xs, xsum = codes
+    m = xq.shape[0]
+    blocks = packed.shape[0]
+    parts = max(1, min(n_workers, blocks))
+    p = take(sync, phase, worker, parts)
+    while p >= 0:
+        for b in range(p * blocks // parts, (p + 1) * blocks // parts):
+            for r0 in range(0, m, MAX_ROWS):
+                r1 = min(m, r0 + MAX_ROWS)
+                _block_rows(packed, b, xq[r0:r1], xs[r0:r1], xsum[r0:r1], r1 - r0, sz, out[r0:r1])
+        p = done_and_take(sync, phase, worker, parts)
+
+
+@njit(cache=True)
+def _linear(sync, phase, worker, n_workers, gemv, x, codes, packed, sz, out, nxt_packed, nxt_sz):
+    if gemv:
+        _gemv(sync, phase, worker, n_workers, codes, packed, sz, out)
+    else:
+        _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz)
+
+
+@njit(cache=True)
+def _codes(x, codes, r0, r1):
+    """Rows ``r0:r1`` of bf16 bits ``x`` into ``codes``, as ``quantize_groups_int16`` makes them."""
+    xq, xs, xsum = codes
+    if xq.shape[0] == 0:
+        return
+    xf = (x[r0:r1].astype(np.uint32) << np.uint32(16)).view(np.float32)
+    totals = np.empty((r1 - r0, xs.shape[1]), np.int32)
+    quantize_groups_into(xf, XQ_MAX, xq[r0:r1], xs[r0:r1], totals)
+    for r in range(r1 - r0):
+        for g in range(xs.shape[1]):
+            xsum[r0 + r, g] = np.float32(totals[r, g]) * xs[r0 + r, g]
+
+
+@njit(cache=True)
+def _norm(sync, phase, worker, parts, src, residual, weight, eps, x, codes, has_residual, kv, slots, ask):
+    """``add_rms_norm`` (then the rows' int16 codes, for ``_gemv``) as a phase of row ranges, each
+    first asking (with ``ask``) for the cache lines its rows' new K and V go to (``prefetch_slots``),
+    as ``decode_layers_dp`` does before qkv."""
     t = src.shape[0]
     p = take(sync, phase, worker, parts)
     while p >= 0:
@@ -68,81 +110,111 @@ def _norm(sync, phase, worker, parts, src, residual, weight, eps, x, has_residua
         if ask:
             prefetch_slots(kv, slots[r0:r1])
         add_rms_norm(src[r0:r1], residual[r0:r1], weight, eps, x[r0:r1], has_residual)
+        _codes(x, codes, r0, r1)
         p = done_and_take(sync, phase, worker, parts)
 
 
 @njit(cache=True)
-def _worker(worker, n_workers, sync, h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale,
-            window, eps, x, qkv, q_rot, k_rot, attn, o, gate_up, act, out, items, order, partials):
+def _attention(sync, phase, worker, n_workers, qkv, positions, cos_sin, kv, slots, starts, lens, tables, scale,
+               window, q_rot, k_rot, attn, items, order, partials):
+    """Three phases from ``phase``: rotary and the cache rows (``rope_and_write``, row ranges), the
+    work items of ``_run_items_dp`` (its workers' deals), and the merge of split decodes (one part)."""
+    t = qkv.shape[0]
+    n_q, n_k, dim = q_rot.shape[1], k_rot.shape[1], q_rot.shape[2]
+    rows = min(n_workers, t)
+    p = take(sync, phase, worker, rows)
+    while p >= 0:
+        r0, r1 = p * t // rows, (p + 1) * t // rows
+        rope_neox_qk(qkv[r0:r1], positions[r0:r1], cos_sin, q_rot[r0:r1], k_rot[r0:r1])
+        write_kv(kv, k_rot[r0:r1], qkv[r0:r1, (n_q + n_k) * dim:], slots[r0:r1])
+        p = done_and_take(sync, phase, worker, rows)
+    parts = max(1, min(n_workers, order.shape[0]))
+    p = take(sync, phase + 1, worker, parts)
+    while p >= 0:
+        _run_items_dp(attn, q_rot, kv, starts, lens, tables, scale, window, 0.0, items, order, partials, p, parts)
+        p = done_and_take(sync, phase + 1, worker, parts)
+    if partials.shape[0]:  # long contexts' key ranges
+        p = take(sync, phase + 2, worker, 1)
+        while p >= 0:
+            _merge_partials(attn, q_rot, items, partials, n_k)
+            p = done_and_take(sync, phase + 2, worker, 1)
+
+
+@njit(cache=True)
+def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_sin, slots, starts, lens, tables,
+            scale, window, eps, x, qkv, q_rot, k_rot, attn, o, gate_up, act, out, codes_d, codes_a, codes_i, items,
+            order, partials):
     x, qkv, q_rot, k_rot, attn, o = unmanaged(x), unmanaged(qkv), unmanaged(q_rot), unmanaged(k_rot), unmanaged(
         attn), unmanaged(o)
     gate_up, act, out, residual = unmanaged(gate_up), unmanaged(act), unmanaged(out), unmanaged(residual)
     t = h.shape[0]
     n = len(layers)
-    n_q, dim = q_rot.shape[1], q_rot.shape[2]
-    n_k = k_rot.shape[1]
     rows = min(n_workers, t)
-    attn_parts = max(1, min(n_workers, order.shape[0]))
-    attn2d = attn.reshape(t, n_q * dim)
+    attn2d = attn.reshape(t, attn.shape[1] * attn.shape[2])
     for i in range(n):
         layer = layers[i]
         nxt = layers[(i + 1) % n]
         kv = layer[10]
         ph = i * PHASES
         if i == 0:
-            _norm(sync, ph, worker, rows, h, residual, layer[0], eps, x, False, kv, slots, True)
+            _norm(sync, ph, worker, rows, h, residual, layer[0], eps, x, codes_d, False, kv, slots, True)
         else:
-            _norm(sync, ph, worker, rows, out, residual, layer[0], eps, x, True, kv, slots, True)
-        _matmul(sync, ph + 1, worker, n_workers, x, layer[1], layer[2], qkv, layer[3], layer[4])
-        p = take(sync, ph + 2, worker, rows)
-        while p >= 0:  # rotary and the cache rows (``rope_and_write``)
-            r0, r1 = p * t // rows, (p + 1) * t // rows
-            rope_neox_qk(qkv[r0:r1], positions[r0:r1], cos_sin, q_rot[r0:r1], k_rot[r0:r1])
-            write_kv(kv, k_rot[r0:r1], qkv[r0:r1, (n_q + n_k) * dim:], slots[r0:r1])
-            p = done_and_take(sync, ph + 2, worker, rows)
-        p = take(sync, ph + 3, worker, attn_parts)
-        while p >= 0:
-            _run_items_dp(attn, q_rot, kv, starts, lens, tables, scale, window, 0.0, items, order, partials, p,
-                          attn_parts)
-            p = done_and_take(sync, ph + 3, worker, attn_parts)
-        if partials.shape[0]:  # long contexts' key ranges, combined by one worker
-            p = take(sync, ph + 4, worker, 1)
+            _norm(sync, ph, worker, rows, out, residual, layer[0], eps, x, codes_d, True, kv, slots, True)
+        _linear(sync, ph + 1, worker, n_workers, gemv, x, codes_d, layer[1], layer[2], qkv, layer[3], layer[4])
+        _attention(sync, ph + 2, worker, n_workers, qkv, positions, cos_sin, kv, slots, starts, lens, tables, scale,
+                   window, q_rot, k_rot, attn, items, order, partials)
+        if gemv:
+            p = take(sync, ph + 5, worker, rows)
             while p >= 0:
-                _merge_partials(attn, q_rot, items, partials, n_k)
-                p = done_and_take(sync, ph + 4, worker, 1)
-        _matmul(sync, ph + 5, worker, n_workers, attn2d, layer[3], layer[4], o, layer[6], layer[7])
-        _norm(sync, ph + 6, worker, rows, o, residual, layer[5], eps, x, True, kv, slots, False)
-        _matmul(sync, ph + 7, worker, n_workers, x, layer[6], layer[7], gate_up, layer[8], layer[9])
-        p = take(sync, ph + 8, worker, rows)
+                _codes(attn2d, codes_a, p * t // rows, (p + 1) * t // rows)
+                p = done_and_take(sync, ph + 5, worker, rows)
+        _linear(sync, ph + 6, worker, n_workers, gemv, attn2d, codes_a, layer[3], layer[4], o, layer[6], layer[7])
+        _norm(sync, ph + 7, worker, rows, o, residual, layer[5], eps, x, codes_d, True, kv, slots, False)
+        _linear(sync, ph + 8, worker, n_workers, gemv, x, codes_d, layer[6], layer[7], gate_up, layer[8], layer[9])
+        p = take(sync, ph + 9, worker, rows)
         while p >= 0:
             r0, r1 = p * t // rows, (p + 1) * t // rows
             silu_and_mul(gate_up[r0:r1], act[r0:r1])
-            p = done_and_take(sync, ph + 8, worker, rows)
-        _matmul(sync, ph + 9, worker, n_workers, act, layer[8], layer[9], out, nxt[1], nxt[2])
+            _codes(act, codes_i, r0, r1)
+            p = done_and_take(sync, ph + 9, worker, rows)
+        _linear(sync, ph + 10, worker, n_workers, gemv, act, codes_i, layer[8], layer[9], out, nxt[1], nxt[2])
+
+
+@njit(cache=True)
+def _codes_for(rows, k):
+    """Empty int16 codes ``(xq [rows, k], xs, xsum [rows, k / 32])`` for ``_gemv``."""
+    return (np.empty((rows, k), np.int16), np.empty((rows, k // GROUP), np.float32),
+            np.empty((rows, k // GROUP), np.float32))
 
 
 @njit(cache=True, parallel=True)
 def decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-                       n_heads, head_dim, n_threads):
-    """``decode_layers_dp`` for a step of decodes only (one query row a sequence, ``h [T, D]`` past
-    ``int4_gemv``'s rows), its ``n_threads`` workers in one parallel region; the same arguments (the
-    thread counts for attention and the norms are ``n_threads``) and the same output, bit for bit."""
+                       n_heads, head_dim, n_threads, gemv_rows):
+    """``decode_layers_dp`` for a step of decodes only (one query row a sequence, ``h [T, D]``), its
+    ``n_threads`` workers in one parallel region: up to ``gemv_rows`` rows the linears on
+    ``int4_gemv``'s kernel, past them on ``int4_dpbf16_matmul``'s. The same arguments (the thread
+    counts for attention and the norms are ``n_threads``) and the same output, bit for bit."""
     t = h.shape[0]
     first = layers[0]
     n_k = first[10].shape[2]
-    x = np.empty((t, first[0].shape[0]), np.uint16)
+    d, inter = first[0].shape[0], first[7].shape[1] // 2
+    x = np.empty((t, d), np.uint16)
     qkv = np.empty((t, first[2].shape[1]), np.uint16)
     q_rot = np.empty((t, n_heads, head_dim), np.float32)
     k_rot = np.empty((t, n_k, head_dim), np.float32)
     attn = np.empty((t, n_heads, head_dim), np.uint16)
     o = np.empty((t, first[4].shape[1]), np.uint16)
-    gate_up = np.empty((t, first[7].shape[1]), np.uint16)
-    act = np.empty((t, first[7].shape[1] // 2), np.uint16)
+    gate_up = np.empty((t, 2 * inter), np.uint16)
+    act = np.empty((t, inter), np.uint16)
     out = np.empty((t, first[9].shape[1]), np.uint16)
+    gemv = t <= gemv_rows
+    coded = t if gemv else 0
+    codes_d, codes_a, codes_i = _codes_for(coded, d), _codes_for(coded, n_heads * head_dim), _codes_for(coded, inter)
     items, order, partials = _plan(starts, lens, n_k, DEFAULT_Q_TILE, window, n_heads // n_k, head_dim)
     workers = max(1, min(n_threads, MAX_PARTS))
     sync = np.zeros(len(layers) * PHASES * SYNC_STRIDE, np.int64)
     for w in prange(workers):
-        _worker(w, workers, sync, h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale,
-                window, eps, x, qkv, q_rot, k_rot, attn, o, gate_up, act, out, items, order, partials)
+        _worker(w, workers, sync, gemv, h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale,
+                window, eps, x, qkv, q_rot, k_rot, attn, o, gate_up, act, out, codes_d, codes_a, codes_i, items,
+                order, partials)
     return out

@@ -100,7 +100,10 @@ def test_one_call_gives_the_ops_numbers(seqs, kv_dtype, window, dpbf16, monkeypa
 @pytest.mark.skipif(not dpbf16_supported(), reason="needs AVX512-BF16 (decode_layers_dp)")
 @pytest.mark.parametrize("threads,workers", [(2, 2), (1, 2), (1, 3), (2, 3)])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
-def test_one_region_gives_the_layer_by_layer_numbers_however_its_workers_run(threads, workers, kv_dtype, monkeypatch):
+@pytest.mark.parametrize("seqs", [DECODE_BATCHES[-1], DECODE_BATCHES[2], DECODE_BATCHES[0]],
+                         ids=lambda s: f"{len(s)}rows")
+def test_one_region_gives_the_layer_by_layer_numbers_however_its_workers_run(threads, workers, kv_dtype, seqs,
+                                                                             monkeypatch):
     """``decode_layers_spin`` against ``decode_layers_dp`` on one thread (a region per kernel), with
     as many Numba threads as workers, fewer (workers run one after the other and must not wait on
     each other), and more workers than threads."""
@@ -108,7 +111,7 @@ def test_one_region_gives_the_layer_by_layer_numbers_however_its_workers_run(thr
     cpu = CPUBackend(threads=2, warmup=False)
     layers = _layers(cpu)
     shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, None)
-    meta, caches, h, positions, cos_sin = _step(DECODE_BATCHES[-1], kv_dtype)
+    meta, caches, h, positions, cos_sin = _step(seqs, kv_dtype)
     kernel, typed = cpu._layer_stack(layers, shape, caches, cos_sin)
     assert kernel is decode_layers_dp
     slots, starts, lens, tables = cpu._meta_arrays(meta)
@@ -121,7 +124,7 @@ def test_one_region_gives_the_layer_by_layer_numbers_however_its_workers_run(thr
             before = numba.get_num_threads()
             numba.set_num_threads(threads)
             try:
-                out = decode_layers_spin(*step, workers)
+                out = decode_layers_spin(*step, workers, cpu._gemv_rows)
             finally:
                 numba.set_num_threads(before)
         else:
