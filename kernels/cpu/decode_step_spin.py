@@ -1,4 +1,4 @@
-"""A batched decode step's whole stack of layers inside one parallel region.
+"""A decode step's whole stack of layers inside one parallel region.
 
 ``decode_layers_dp`` enters a parallel region (a ``prange`` loop) eight times a layer: the two norms,
 the four int4 matmuls, attention and SiLU-and-mul, 240 times a step of this 30-layer model, each
@@ -10,13 +10,14 @@ items split among them as ``decode_layers_dp`` splits them among its threads, a 
 phases (~30 ns). Attention's plan is made once a step: every layer's is the same.
 
 Every row, panel and item is computed by the same code as in ``decode_layers_dp`` whichever worker
-takes it, so the output is the same bit for bit. For steps of decodes only, past ``int4_gemv``'s
-rows (``decode_layers_dp`` calls it for them).
+takes it, so the output is the same bit for bit. For steps of decodes only (``decode_layers_dp``
+calls it for them): up to ``int4_gemv``'s rows on its kernel, each row range's int16 codes made once
+as a phase, past them on ``int4_dpbf16_matmul``'s panels.
 
 Example::
 
     x = decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables,
-                           scale, window, eps, n_heads, head_dim, threads)
+                           scale, window, eps, n_heads, head_dim, threads, gemv_rows)
 """
 from __future__ import annotations
 
