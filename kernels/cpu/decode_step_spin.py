@@ -27,7 +27,7 @@ from numba import njit, prange
 from edgellm.kernels.cpu.activations import silu_and_mul
 from edgellm.kernels.cpu.attention_dpbf16 import _run_items_dp
 from edgellm.kernels.cpu.dpbf16 import PANEL, _int4_panels
-from edgellm.kernels.cpu.int4_gemv import GROUP, MAX_ROWS, XQ_MAX, _block_rows, quantize_groups_into
+from edgellm.kernels.cpu.int4_gemv import GROUP, MAX_ROWS, _block_rows, quantize_groups_int16_into
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox_qk
 from edgellm.kernels.cpu.paged_attention import (
     DEFAULT_Q_TILE,
@@ -87,16 +87,13 @@ def _linear(sync, phase, worker, n_workers, gemv, x, codes, packed, sz, out, nxt
 
 @njit(cache=True)
 def _codes(x, codes, r0, r1):
-    """Rows ``r0:r1`` of bf16 bits ``x`` into ``codes``, as ``quantize_groups_int16`` makes them."""
+    """Rows ``r0:r1`` of bf16 bits ``x`` into ``codes``, as ``quantize_groups_int16`` makes them; nothing
+    where ``codes`` have no rows (steps past ``int4_gemv``'s rows, whose matmuls take bf16)."""
     xq, xs, xsum = codes
     if xq.shape[0] == 0:
         return
     xf = (x[r0:r1].astype(np.uint32) << np.uint32(16)).view(np.float32)
-    totals = np.empty((r1 - r0, xs.shape[1]), np.int32)
-    quantize_groups_into(xf, XQ_MAX, xq[r0:r1], xs[r0:r1], totals)
-    for r in range(r1 - r0):
-        for g in range(xs.shape[1]):
-            xsum[r0 + r, g] = np.float32(totals[r, g]) * xs[r0 + r, g]
+    quantize_groups_int16_into(xf, xq[r0:r1], xs[r0:r1], xsum[r0:r1])
 
 
 @njit(cache=True)

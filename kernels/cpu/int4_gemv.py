@@ -168,9 +168,17 @@ def quantize_groups_int16_f32(xf):
     m, k = xf.shape
     xq = np.empty((m, k), np.int16)
     xs = np.empty((m, k // GROUP), np.float32)
-    totals = np.empty((m, k // GROUP), np.int32)
+    xsum = np.empty((m, k // GROUP), np.float32)
+    quantize_groups_int16_into(xf, xq, xs, xsum)
+    return xq, xs, xsum
+
+
+@njit(cache=True)
+def quantize_groups_int16_into(xf, xq, xs, xsum):
+    """``quantize_groups_int16_f32`` into given arrays (rows of bigger buffers, say)."""
+    totals = np.empty(xs.shape, np.int32)
     quantize_groups_into(xf, XQ_MAX, xq, xs, totals)
-    return xq, xs, totals.astype(np.float32) * xs
+    xsum[:] = totals.astype(np.float32) * xs
 
 
 @njit(cache=True)
