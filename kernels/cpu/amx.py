@@ -18,12 +18,13 @@ from __future__ import annotations
 import ctypes
 import functools
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from edgellm.kernels.cpu.isa import has
 
 TILE_ROWS = 16
 TILE_BYTES_PER_ROW = 64
@@ -35,14 +36,13 @@ _XFEATURE_XTILEDATA = 18
 
 def amx_int8_supported() -> bool:
     """Whether this CPU has AMX-INT8 (``tile_dp_bssd``, ``tile_dp_bsud``); ``request_amx`` grants the tiles."""
-    return bool(llvm.get_host_cpu_features().get("amx-int8"))
+    return has("amx-int8")
 
 
 @functools.cache
 def request_amx() -> bool:
     """True when this CPU has AMX-BF16 and the kernel lets this process use the tile registers."""
-    features = llvm.get_host_cpu_features()
-    if not (features.get("amx-tile") and features.get("amx-bf16")):
+    if not has("amx-tile", "amx-bf16"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -26,6 +25,7 @@ from numba.extending import intrinsic
 from edgellm.kernels.cpu.amx import _BFloat, element_ptr, emit_cases
 from edgellm.kernels.cpu.int4_amx import store_bf16_32, widen_group
 from edgellm.kernels.cpu.int8_amx import vnni_transpose, widen_int8_32
+from edgellm.kernels.cpu.isa import has
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, prefetch_l2
 
 BLOCK_ROWS = 8  # broadcast rows per register block: 8 x 2 accumulators + 2 weight vectors + 1 broadcast
@@ -36,8 +36,7 @@ GROUP = 32
 @functools.cache
 def supported() -> bool:
     """Whether this CPU has AVX512-BF16 (``vdpbf16ps``, ``vcvtne2ps2bf16``)."""
-    features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512bf16") and features.get("avx512f") and features.get("avx512bw"))
+    return has("avx512bf16", "avx512f", "avx512bw")
 
 
 def _dp(builder):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -24,6 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
+from edgellm.kernels.cpu.isa import has
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, emit_prefetch
 
 MAX_ROWS = 8  # x rows per pass over a chunk of weight rows: 8 accumulators
@@ -38,8 +38,7 @@ INT32_MAX = 2 ** 31 - 1
 @functools.cache
 def supported() -> bool:
     """Whether this CPU has AVX512-VNNI (``vpdpwssd``): Intel Cascade Lake and later, AMD Zen 4."""
-    features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512vnni") and features.get("avx512bw"))
+    return has("avx512vnni", "avx512bw")
 
 
 def xq_limit(k: int) -> int:

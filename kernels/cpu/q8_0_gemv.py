@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -32,6 +31,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
+from edgellm.kernels.cpu.isa import has
 from edgellm.kernels.cpu.prefetch import emit_prefetch
 
 QK = 32  # weights per Q8_0 block: 16 pairs, one vpdpwssd each per activation row
@@ -45,8 +45,7 @@ PREFETCH_BYTES = 8192
 @functools.cache
 def supported() -> bool:
     """Whether this CPU has AVX512-VNNI (``vpdpwssd``): Intel Cascade Lake and later, AMD Zen 4."""
-    features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512vnni") and features.get("avx512bw") and features.get("avx512f"))
+    return has("avx512vnni", "avx512bw", "avx512f")
 
 
 def supports(k: int) -> bool:
