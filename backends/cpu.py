@@ -61,7 +61,7 @@ from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
 from edgellm.kernels.cpu.head_screen import COLS as SCREEN_COLS
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, quantize_groups_int16_f32, silu_int4_gemv
-from edgellm.kernels.cpu.int4_gemv import supported as int4_gemv_supported
+from edgellm.kernels.cpu.int4_gemv import isa as int4_gemv_isa
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
 from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
@@ -147,8 +147,8 @@ RESCORE_MAX_CANDIDATES = 1024
 BF16_PANEL_HEAD_MIN_ROWS = 32
 DPBF16_HEAD_MIN_ROWS = 8  # without VNNI: below this ATen's int8 kernel (the widening costs 4.5 ms a call)
 INT4_INVARIANT_GEMV_ROWS = 16  # batch-invariant mode: prompt rows above this take the exact fp32 GEMM
-# With AVX512-VNNI and VBMI, steps of up to this many rows take int4_gemv (int16 activations meet the
-# nibbles as integers). On a Zen 4 (2 threads, 960/3072/576 x 576 and 576 x 1536) one row costs
+# With AVX512-VNNI and VBMI, or AVX2, steps of up to this many rows take int4_gemv (int16 activations meet
+# the nibbles as integers). On a Zen 4 (2 threads, 960/3072/576 x 576 and 576 x 1536) one row costs
 # 12/26/8/16 us against ATen's 23/60/16/34; a layer's four linears at 8 rows 248 us against 297 for
 # int4_dpbf16_matmul, which widens each weight to bf16 once per call and wins from there on.
 INT4_GEMV_MAX_ROWS = 8
@@ -193,9 +193,11 @@ class CPUBackend(TorchBackend):
         # the int8 head and decode attention's scores instead; EDGELLM_DPBF16=0 turns them off
         self._dpbf16 = (not use_amx and os.environ.get("EDGELLM_DPBF16", "1") != "0" and dpbf16_supported())
         self._vnni = os.environ.get("EDGELLM_VNNI", "1") != "0" and vnni_supported()
-        # with AVX512-VNNI and VBMI, a few rows meet the int4 nibbles as integers (kernels/cpu/int4_gemv.py)
+        # a few rows meet the int4 nibbles as integers (kernels/cpu/int4_gemv.py): on AVX512-VNNI and VBMI
+        # unless EDGELLM_VNNI=0, or on AVX2 (most laptops), where ATen's int4 kernel is ~2x slower
+        gemv = int4_gemv_isa()
         self._gemv_rows = ((AMX_MIN_ROWS - 1 if use_amx else INT4_GEMV_MAX_ROWS)
-                           if self._vnni and int4_gemv_supported() else 0)
+                           if gemv == "avx2" or (gemv == "avx512" and self._vnni) else 0)
         lo, hi = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
                   (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))
         if self._gemv_rows:

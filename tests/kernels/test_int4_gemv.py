@@ -1,18 +1,22 @@
-"""The AVX512-VNNI int4 kernel for a few rows: exact integer sums against float64 of the activations it
-quantized, ATen's int4 kernel, and the backend's choice of it. Skips on CPUs without AVX512-VNNI and
-AVX512-VBMI (there the backend keeps ATen's kernel)."""
+"""The int4 kernel for a few rows (AVX512-VNNI and VBMI, or AVX2): exact integer sums against float64 of
+the activations it quantized, ATen's int4 kernel, the AVX2 body's bits against the AVX-512 body's, and
+the backend's choice of it. Skips on CPUs without AVX2 (there the backend keeps ATen's kernel)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 from edgellm.backends import cpu as cpu_backend
 from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.cpu_weights import Int4PackedWeight
 from edgellm.kernels.cpu.int4_gemv import (
+    MAX_ROWS,
     XQ_MAX,
+    _block_rows_avx2,
     int4_gemv,
+    isa,
     norm_int4_gemv,
     quantize_groups_int16,
     silu_int4_gemv,
@@ -20,7 +24,7 @@ from edgellm.kernels.cpu.int4_gemv import (
 )
 from tests.kernels.test_bf16_expand import quantized
 
-pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has no AVX512-VNNI and VBMI")
+pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has neither AVX2 nor AVX512-VNNI and VBMI")
 
 
 def gemv(x: torch.Tensor, w: Int4PackedWeight, threads: int = 2) -> torch.Tensor:
@@ -76,6 +80,30 @@ def test_agrees_with_atens_int4_kernel(m):
     got = gemv(x, w).double()
     scale = (x.double().abs() @ w.expand_f32_t().double().abs())
     assert ((got - ref).abs() <= 2.0 ** -7 * ref.abs() + 1e-4 * scale).all()
+
+
+@njit
+def _gemv_avx2(x, packed, sz, out):
+    """``int4_gemv`` on one thread through the AVX2 body, whatever this CPU has beyond AVX2."""
+    xq, xs, xsum = quantize_groups_int16(x)
+    m = x.shape[0]
+    for b in range(packed.shape[0]):
+        for r0 in range(0, m, MAX_ROWS):
+            r1 = min(m, r0 + MAX_ROWS)
+            _block_rows_avx2(packed, b, xq[r0:r1], xs[r0:r1], xsum[r0:r1], r1 - r0, sz, out[r0:r1])
+
+
+@pytest.mark.skipif(isa() != "avx512", reason="compares the AVX2 body with the AVX-512 one")
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n, k", [(64, 32), (960, 576), (576, 1536)])
+def test_the_avx2_body_gives_the_avx512_bodys_bits(m, n, k):
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", n, k, seed=m + k))
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
+    want = gemv(x, w)
+    got = torch.full_like(want, float("nan"))
+    packed, sz = w.amx_operands
+    _gemv_avx2(x.view(torch.uint16).numpy(), packed, sz, got.view(torch.uint16).numpy())
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def test_the_backend_routes_a_few_rows_to_the_kernel(monkeypatch):
