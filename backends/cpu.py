@@ -152,6 +152,11 @@ INT4_INVARIANT_GEMV_ROWS = 16  # batch-invariant mode: prompt rows above this ta
 # 12/26/8/16 us against ATen's 23/60/16/34; a layer's four linears at 8 rows 248 us against 297 for
 # int4_dpbf16_matmul, which widens each weight to bf16 once per call and wins from there on.
 INT4_GEMV_MAX_ROWS = 8
+# On AVX2 (no AVX-512) int4_gemv beats ATen's int4 kernel at every row count and the expanded weight's
+# oneDNN GEMM up to ~16 rows; past that the GEMM wins (2.2x ATen's int4 kernel at 32 rows), so these
+# CPUs skip ATen's int4 kernel (a layer stack's 120 weights, 2 threads: 8 rows 8.2 / 11.0 / 15.1 ms
+# for int4_gemv / ATen / expand + GEMM, 16 rows 16.3 / 21.9 / 17.8, 32 rows 31.8 / 43.5 / 20.0).
+INT4_GEMV_AVX2_MAX_ROWS = 16
 # From this many activation rows a Q8_0 matmul dequantizes tiles of rows and calls ATen's GEMM, whose
 # blocked AVX-512 code beats the Numba kernel once the weight read is amortized (bench_kernels.py).
 Q8_0_GEMM_MIN_ROWS = 32
@@ -196,8 +201,10 @@ class CPUBackend(TorchBackend):
         # a few rows meet the int4 nibbles as integers (kernels/cpu/int4_gemv.py): on AVX512-VNNI and VBMI
         # unless EDGELLM_VNNI=0, or on AVX2 (most laptops), where ATen's int4 kernel is ~2x slower
         gemv = int4_gemv_isa()
-        self._gemv_rows = ((AMX_MIN_ROWS - 1 if use_amx else INT4_GEMV_MAX_ROWS)
-                           if gemv == "avx2" or (gemv == "avx512" and self._vnni) else 0)
+        self._gemv_rows = (INT4_GEMV_AVX2_MAX_ROWS if gemv == "avx2" else
+                           (AMX_MIN_ROWS - 1 if use_amx else INT4_GEMV_MAX_ROWS) if gemv == "avx512" and self._vnni
+                           else 0)
+        self._int4_kernel_rows = 0 if gemv == "avx2" else INT4_KERNEL_MAX_ROWS
         lo, hi = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
                   (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))
         if self._gemv_rows:
@@ -436,14 +443,15 @@ class CPUBackend(TorchBackend):
         self._invariant = self.batch_invariant or meta.batch_invariant
 
     def _int4_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
-        """A few rows through ``int4_gemv`` (AVX512-VNNI) or else ATen's int4 kernel; more through the
-        AMX or AVX512-BF16 kernel where the CPU has one; many as one bf16 GEMM on the expanded weight."""
+        """A few rows through ``int4_gemv`` (AVX512-VNNI or AVX2) or else ATen's int4 kernel; more
+        through the AMX or AVX512-BF16 kernel where the CPU has one; many (on AVX2, every row past
+        ``int4_gemv``'s) as one bf16 GEMM on the expanded weight."""
         if self._invariant:
             return self._int4_linear_invariant(x, w)
         m = x.shape[0]
         if w.expandable and self._batched_rows[0] <= m <= self._batched_rows[1]:
             return self._int4_batched_linear(x, w)
-        if m <= INT4_KERNEL_MAX_ROWS or not w.expandable:
+        if m <= self._int4_kernel_rows or not w.expandable:
             return torch._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
         return torch.mm(x, w.expand_bf16_t())
 

@@ -123,7 +123,7 @@ def _group_float_step(context, builder, sig, args, setup, g, cols, facc, iacc, r
         ri = builder.add(builder.mul(const(r), groups), g)
         s = builder.load(element_ptr(context, builder, t_xs, a_xs, ri, types.int64, f32), align=4)
         xsum = builder.load(element_ptr(context, builder, t_xsum, a_xsum, ri, types.int64, f32), align=4)
-        s_v, xsum_v = _splat(builder, s, width), _splat(builder, xsum, width)
+        s_v, xsum_v = splat(builder, s, width), splat(builder, xsum, width)
         for v in range(len(cols)):
             acc = builder.load(facc[r][v])
             acc = builder.fadd(acc, builder.fmul(zeros[v], xsum_v))
@@ -147,13 +147,6 @@ def _store_bf16(context, builder, sig, args, setup, facc, rows, cols, width):
             oi = builder.add(builder.add(builder.mul(ir.Constant(i64, r), n), col0), ir.Constant(i64, c))
             ptr = element_ptr(context, builder, t_out, a_out, oi, types.int64, ir.VectorType(i16, width))
             builder.store(builder.trunc(rounded, ir.VectorType(i16, width)), ptr, align=2)
-
-
-def _splat(builder, scalar, width):
-    v = ir.VectorType(scalar.type, width)
-    one = builder.insert_element(ir.Constant(v, None), scalar, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, ir.Constant(v, None), ir.Constant(ir.VectorType(ir.IntType(32), width),
-                                                                         [0] * width))
 
 
 def _prefetch_group(context, builder, sig, args, g_off):
@@ -197,7 +190,7 @@ def _rows_body(context, builder, sig, args, rows, width, span, halves, pair_vect
             for r in rows:
                 xi = builder.add(builder.mul(const(r), k), kk)
                 x2 = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64, i32), align=2)
-                xb = _splat(builder, x2, width)
+                xb = splat(builder, x2, width)
                 for v, w in enumerate(wv):
                     builder.store(dot(builder.load(iacc[r][v]), w, xb), iacc[r][v])
         _group_float_step(context, builder, sig, args, setup, g, cols, facc, iacc, rows, width)

@@ -4,11 +4,12 @@ from __future__ import annotations
 from llvmlite import ir
 
 
-def splat(builder, scalar):
-    """``scalar`` (any LLVM scalar value) in all 16 lanes."""
-    v = ir.VectorType(scalar.type, 16)
+def splat(builder, scalar, width: int = 16):
+    """``scalar`` (any LLVM scalar value) in all ``width`` lanes."""
+    v = ir.VectorType(scalar.type, width)
     one = builder.insert_element(ir.Constant(v, None), scalar, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, ir.Constant(v, None), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+    return builder.shuffle_vector(one, ir.Constant(v, None),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
 
 
 def transpose16(builder, rows: list) -> list:
