@@ -64,6 +64,7 @@ from edgellm.kernels.cpu.int4_gemv import int4_gemv, norm_int4_gemv, quantize_gr
 from edgellm.kernels.cpu.int4_gemv import isa as int4_gemv_isa
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
+from edgellm.kernels.cpu.int8_gemv import runs as int8_gemv_runs
 from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
 from edgellm.kernels.cpu.int8_head_amx import int8_head_amx
 from edgellm.kernels.cpu.int8_head_amx import supports as int8_head_supports
@@ -198,6 +199,8 @@ class CPUBackend(TorchBackend):
         # the int8 head and decode attention's scores instead; EDGELLM_DPBF16=0 turns them off
         self._dpbf16 = (not use_amx and os.environ.get("EDGELLM_DPBF16", "1") != "0" and dpbf16_supported())
         self._vnni = os.environ.get("EDGELLM_VNNI", "1") != "0" and vnni_supported()
+        # the head's int16 kernel (int8_gemv) on AVX512-VNNI, or on AVX2 where the CPU has no VNNI
+        self._int16_head = self._vnni or (not vnni_supported() and int8_gemv_runs())
         # a few rows meet the int4 nibbles as integers (kernels/cpu/int4_gemv.py): on AVX512-VNNI and VBMI
         # unless EDGELLM_VNNI=0, or on AVX2 (most laptops), where ATen's int4 kernel is ~2x slower
         gemv = int4_gemv_isa()
@@ -539,7 +542,7 @@ class CPUBackend(TorchBackend):
         m, (n, k) = hidden.shape[0], weight.shape
         amx = self.uses_amx and AMX_HEAD_MIN_ROWS <= m <= AMX_MAX_ROWS and n % 32 == 0
         vnni_bytes = self._vnni and m >= VNNI_HEAD_MIN_ROWS and vnni_head_supports(k) and not amx
-        vnni = self._vnni and m < INT8_GEMV_MAX_ROWS and k % 32 == 0 and not amx and not vnni_bytes
+        vnni = self._int16_head and m < INT8_GEMV_MAX_ROWS and k % 32 == 0 and not amx and not vnni_bytes
         batched = amx or (self._dpbf16 and DPBF16_HEAD_MIN_ROWS <= m <= DPBF16_MAX_ROWS and n % 32 == 0)
         if not (vnni_bytes or vnni or batched or m < Q8_0_GEMM_MIN_ROWS):
             return None

@@ -1,4 +1,4 @@
-"""An output head's per-row int8 copy times a few rows, with AVX512-VNNI int16 dot products.
+"""An output head's per-row int8 copy times a few rows, with int16 dot products (AVX512-VNNI, or AVX2).
 
 A greedy decode step of one stream reads the whole head (28 MB for 49152 x 576) to find one argmax;
 ATen's ``_weight_int8pack_mm`` does it at ~12 GB/s. Here each row ``x`` is quantized to int16 with
@@ -23,7 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
-from edgellm.kernels.cpu.isa import has
+from edgellm.kernels.cpu.isa import dot_i16_pairs, has, int16_dots
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, emit_prefetch
 
 MAX_ROWS = 8  # x rows per pass over a chunk of weight rows: 8 accumulators
@@ -39,6 +39,12 @@ INT32_MAX = 2 ** 31 - 1
 def supported() -> bool:
     """Whether this CPU has AVX512-VNNI (``vpdpwssd``): Intel Cascade Lake and later, AMD Zen 4."""
     return has("avx512vnni", "avx512bw")
+
+
+def runs() -> bool:
+    """Whether ``int8_gemv`` compiles on this target: with AVX512-VNNI (``supported``) or AVX2
+    (``vpmaddwd``: the same exact sums, for CPUs without AVX-512)."""
+    return int16_dots() is not None
 
 
 def xq_limit(k: int) -> int:
@@ -67,8 +73,6 @@ def _rows_dot(typingctx, qw, n0, n1, xq, rows, out):
         n_out = builder.extract_value(context.make_array(t_out)(context, builder, a_out).shape, 1)
         n0 = context.cast(builder, a_n0, t_n0, types.int64)
         n1 = context.cast(builder, a_n1, t_n1, types.int64)
-        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
-                                            "llvm.x86.avx512.vpdpwssd.512")
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [v16i]),
                                                 "llvm.vector.reduce.add.v16i32")
 
@@ -94,7 +98,7 @@ def _rows_dot(typingctx, qw, n0, n1, xq, rows, out):
                         xi = builder.add(builder.mul(ir.Constant(i64, r), k), off)
                         xv = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64,
                                                       ir.VectorType(i16, CHUNK)), align=2)
-                        summed = builder.call(dp, [builder.load(accs[r]), w, builder.bitcast(xv, v16i)])
+                        summed = dot_i16_pairs(builder, builder.load(accs[r]), w, builder.bitcast(xv, v16i))
                         builder.store(summed, accs[r])
                 for r in range(n_rows):
                     total = builder.call(reduce, [builder.load(accs[r])])

@@ -1,5 +1,5 @@
-"""Q8_0 weights times a few rows with exact integer block sums (AVX512-VNNI ``vpdpwssd``): the full
-logits a sampled decode step needs.
+"""Q8_0 weights times a few rows with exact integer block sums (AVX512-VNNI ``vpdpwssd``, or AVX2
+``vpmaddwd``): the full logits a sampled decode step needs.
 
 A greedy step takes only each row's argmax, which the head's int8 copy screens and ``q8_0_rescore``
 makes exact. A sampled step (temperature > 0, logprobs, penalties) needs every logit, and the float32
@@ -22,8 +22,6 @@ Example::
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -31,7 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
-from edgellm.kernels.cpu.isa import has
+from edgellm.kernels.cpu.isa import dot_i16_pairs, int16_dots
 from edgellm.kernels.cpu.prefetch import emit_prefetch
 
 QK = 32  # weights per Q8_0 block: 16 pairs, one vpdpwssd each per activation row
@@ -42,10 +40,10 @@ MAX_ROWS = 8  # activation rows per pass over a panel: 8 int32 + 8 float32 accum
 PREFETCH_BYTES = 8192
 
 
-@functools.cache
 def supported() -> bool:
-    """Whether this CPU has AVX512-VNNI (``vpdpwssd``): Intel Cascade Lake and later, AMD Zen 4."""
-    return has("avx512vnni", "avx512bw", "avx512f")
+    """Whether this kernel compiles on this target: with AVX512-VNNI ``vpdpwssd`` (Intel Cascade Lake and
+    later, AMD Zen 4) or AVX2 ``vpmaddwd`` (the same exact block sums, for CPUs without AVX-512)."""
+    return int16_dots() is not None
 
 
 def supports(k: int) -> bool:
@@ -94,8 +92,6 @@ def _panel_rows(typingctx, qp, p, dt, xq, xs, rows, out):
         k = builder.mul(half_k, ir.Constant(i64, 2))
         blocks = builder.sdiv(k, ir.Constant(i64, QK))
         p = context.cast(builder, a_p, t_p, types.int64)
-        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
-                                            "llvm.x86.avx512.vpdpwssd.512")
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
         zeros = ir.Constant(v16i, [0] * 16)
 
@@ -126,7 +122,7 @@ def _panel_rows(typingctx, qp, p, dt, xq, xs, rows, out):
                     for r in range(n_rows):
                         xi = builder.add(builder.mul(ir.Constant(i64, r), k), builder.mul(pair, ir.Constant(i64, 2)))
                         xv = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64, i32), align=2)
-                        builder.store(builder.call(dp, [builder.load(iaccs[r]), w, splat(xv, v16i)]), iaccs[r])
+                        builder.store(dot_i16_pairs(builder, builder.load(iaccs[r]), w, splat(xv, v16i)), iaccs[r])
                 ahead_d = builder.mul(builder.add(builder.mul(builder.add(p, ir.Constant(i64, 2)), blocks), b),
                                       ir.Constant(i64, LANES))  # the same block two panels on
                 emit_prefetch(builder, element_ptr(context, builder, t_dt, a_dt, ahead_d, types.int64, f32), 3)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from numba.core import config
@@ -28,7 +29,7 @@ def test_parse_features():
 @pytest.fixture
 def target(monkeypatch):
     """Set Numba's target features for one test; the cached answers are dropped before and after."""
-    caches = (isa.features, int4_gemv.isa, dpbf16.supported, int8_gemv.supported, q8_0_gemv.supported)
+    caches = (isa.features, int4_gemv.isa, dpbf16.supported, int8_gemv.supported)
 
     def set_features(text):
         monkeypatch.setattr(config, "CPU_FEATURES", text)
@@ -44,10 +45,11 @@ def target(monkeypatch):
 def test_an_avx2_target_gets_the_avx2_kernels_only(target):
     target(HASWELL)
     assert isa.has("avx2", "fma") and not isa.has("avx512f")
-    assert int4_gemv.isa() == "avx2"
-    assert not (dpbf16.supported() or int8_gemv.supported() or q8_0_gemv.supported())
+    assert int4_gemv.isa() == "avx2" and isa.int16_dots() == "avx2"
+    assert int8_gemv.runs() and q8_0_gemv.supported()  # their int16 dot products on vpmaddwd
+    assert not (dpbf16.supported() or int8_gemv.supported())  # the AVX512-BF16 and VNNI-only kernels
     target("+sse2,+sse4.2")
-    assert int4_gemv.isa() is None
+    assert int4_gemv.isa() is None and not (int8_gemv.runs() or q8_0_gemv.supported())
 
 
 def test_on_avx2_rows_past_the_int4_kernels_take_the_expanded_gemm(target, monkeypatch):
@@ -89,3 +91,63 @@ def test_an_avx2_only_target_answers_through_the_avx2_decode_path(smollm2_gguf, 
     assert got["stacks"] == ["decode_layers"]  # a decode step's layers in one call, on the AVX2 int4 kernel
     assert "Paris" in got["text"]
     assert got["batch"] == [4] * 20
+
+
+KERNELS = """
+import numpy as np, sys
+from edgellm.kernels.cpu.int4_gemv import int4_gemv, isa
+from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
+from edgellm.kernels.cpu.int4_gemv import quantize_groups_int16_f32
+from edgellm.kernels.cpu.q8_0_gemv import q8_0_gemv, q8_0_panels
+d = dict(np.load(sys.argv[1]))
+out = {{}}
+for m in (1, 3, 9):
+    x = d["x"][:m]
+    o = np.empty((m, d["packed"].shape[0] * 64), np.uint16)
+    int4_gemv(np.ascontiguousarray(d["xb"][:m]), d["packed"], d["sz"], o, 2)
+    out[f"int4_{{m}}"] = o
+    xq, s = quantize_rows_int16(x, xq_limit(x.shape[1]))
+    o = np.empty((m, d["qw"].shape[0]), np.float32)
+    int8_gemv(xq, s, d["qw"], d["scale"], o, 2)
+    out[f"int8_{{m}}"] = o
+    xq, xs, _ = quantize_groups_int16_f32(x)
+    qp, dt = q8_0_panels(d["qs"], d["d"])
+    o = np.empty((m, d["qs"].shape[0]), np.float32)
+    q8_0_gemv(xq, xs, qp, dt, o, 2)
+    out[f"q8_0_{{m}}"] = o
+out["isa"] = np.array(isa())
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.slow
+def test_the_avx2_kernels_give_the_host_kernels_bits(tmp_path):
+    """int4_gemv, int8_gemv and q8_0_gemv built for an AVX2-only target against the same kernels built
+    for this CPU (AVX-512 where it has it): exact integer sums and the same float steps, the same bits."""
+    g = np.random.default_rng(0)
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=3))
+    x = (g.standard_normal((9, 576)) * 3).astype(np.float32)
+    packed, sz = w.amx_operands
+    data = {"x": x, "xb": torch.from_numpy(x).bfloat16().view(torch.uint16).numpy(), "packed": packed, "sz": sz,
+            "qw": g.integers(-127, 128, (1000, 576), dtype=np.int8),
+            "scale": g.random(1000, dtype=np.float32) * 0.01 + 1e-3,
+            "qs": g.integers(-127, 128, (1000, 576), dtype=np.int8),
+            "d": (g.random((1000, 18)) * 0.01 + 1e-3).astype(np.float32)}
+    np.savez(tmp_path / "in.npz", **data)
+    script = tmp_path / "kernels.py"
+    script.write_text(KERNELS.format())
+    # fresh caches: Numba's cache does not notice a change in a helper module the kernels inline
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL,
+           "NUMBA_CACHE_DIR": str(tmp_path / "nb-avx2")}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "in.npz"), str(tmp_path / "avx2.npz")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    here = subprocess.run([sys.executable, str(script), str(tmp_path / "in.npz"), str(tmp_path / "host.npz")],
+                          env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "nb-host")}, capture_output=True,
+                          text=True, timeout=900)
+    assert here.returncode == 0, here.stderr[-3000:]
+    avx2, host = np.load(tmp_path / "avx2.npz"), np.load(tmp_path / "host.npz")
+    assert str(avx2["isa"]) == "avx2"
+    for key in host.files:
+        if key != "isa":
+            assert np.array_equal(avx2[key].view(np.uint8), host[key].view(np.uint8)), key
