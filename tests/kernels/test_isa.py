@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import llvmlite.binding as llvm
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,7 @@ from edgellm.backends.cpu_weights import Int4PackedWeight
 from edgellm.kernels.cpu import dpbf16, int4_gemv, int8_gemv, isa, q8_0_gemv
 from tests.kernels.test_bf16_expand import quantized
 
+HOST_AVX2 = bool(llvm.get_host_cpu_features().get("avx2"))  # the AVX2-target code runs here
 HASWELL = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+pclmul,+popcnt,+sse,"
            "+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
 
@@ -81,6 +83,7 @@ print(json.dumps({{"isa": int4_gemv.isa(), "gemv_rows": backend._gemv_rows, "sta
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HOST_AVX2, reason="this CPU cannot run AVX2 code")
 def test_an_avx2_only_target_answers_through_the_avx2_decode_path(smollm2_gguf, tmp_path):
     env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": HASWELL, "ATEN_CPU_CAPABILITY": "avx2"}
     done = subprocess.run([sys.executable, "-c", ANSWER.format(path=str(smollm2_gguf))], env=env,
@@ -121,6 +124,7 @@ np.savez(sys.argv[2], **out)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HOST_AVX2, reason="this CPU cannot run AVX2 code")
 def test_the_avx2_kernels_give_the_host_kernels_bits(tmp_path):
     """int4_gemv, int8_gemv and q8_0_gemv built for an AVX2-only target against the same kernels built
     for this CPU (AVX-512 where it has it): exact integer sums and the same float steps, the same bits."""
