@@ -204,9 +204,11 @@ class CPUBackend(TorchBackend):
         # a few rows meet the int4 nibbles as integers (kernels/cpu/int4_gemv.py): on AVX512-VNNI and VBMI
         # unless EDGELLM_VNNI=0, or on AVX2 (most laptops), where ATen's int4 kernel is ~2x slower
         gemv = int4_gemv_isa()
-        self._gemv_rows = (INT4_GEMV_AVX2_MAX_ROWS if gemv == "avx2" else
-                           (AMX_MIN_ROWS - 1 if use_amx else INT4_GEMV_MAX_ROWS) if gemv == "avx512" and self._vnni
-                           else 0)
+        self._gemv_rows = 0
+        if gemv == "avx2":
+            self._gemv_rows = INT4_GEMV_AVX2_MAX_ROWS
+        elif gemv == "avx512" and self._vnni:
+            self._gemv_rows = AMX_MIN_ROWS - 1 if use_amx else INT4_GEMV_MAX_ROWS
         self._int4_kernel_rows = 0 if gemv == "avx2" else INT4_KERNEL_MAX_ROWS
         lo, hi = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
                   (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))

@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.activations import silu_and_mul
 from edgellm.kernels.cpu.amx import element_ptr, emit_cases
-from edgellm.kernels.cpu.isa import has
+from edgellm.kernels.cpu.isa import dot_i16_pairs, has
 from edgellm.kernels.cpu.norm_rope import add_rms_norm
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, emit_prefetch
 from edgellm.kernels.cpu.vec16 import splat
@@ -89,118 +89,11 @@ def _block_rows_avx2(typingctx, packed, block, xq, xs, xsum, rows, sz, out):
     return types.void(packed, block, xq, xs, xsum, rows, sz, out), _avx2_codegen
 
 
-def _block_setup(context, builder, sig, args):
-    """``(k, n, groups, col0, w_base)`` of ``_block_rows``' arguments, as int64 values."""
-    t_p, t_b, t_out = sig.args[0], sig.args[1], sig.args[7]
-    a_p, a_b, a_out = args[0], args[1], args[7]
-    i64 = ir.IntType(64)
-    k = builder.extract_value(context.make_array(t_p)(context, builder, a_p).shape, 1)
-    n = builder.extract_value(context.make_array(t_out)(context, builder, a_out).shape, 1)
-    block = context.cast(builder, a_b, t_b, types.int64)
-    return (k, n, builder.sdiv(k, ir.Constant(i64, GROUP)), builder.mul(block, ir.Constant(i64, 64)),
-            builder.mul(builder.mul(block, k), ir.Constant(i64, 32)))
-
-
-def _group_float_step(context, builder, sig, args, setup, g, cols, facc, iacc, rows, width):
-    """A group's float step, for ``rows`` and the column offsets ``cols`` (in the block), ``width``
-    lanes each: ``facc += (zero - 8 scale) * xsum + float(iacc) * (scale * xs)`` (scale and zero are
-    each column's bf16 pair, scale low)."""
-    t_xs, t_xsum, t_sz = sig.args[3], sig.args[4], sig.args[6]
-    a_xs, a_xsum, a_sz = args[3], args[4], args[6]
-    _, n, groups, col0, _ = setup
-    i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
-    vi, vf = ir.VectorType(i32, width), ir.VectorType(f32, width)
-    const = lambda v: ir.Constant(i64, v)  # noqa: E731
-    scales, zeros = [], []
-    for c in cols:
-        si = builder.add(builder.add(builder.mul(g, n), col0), const(c))
-        sz_v = builder.load(element_ptr(context, builder, t_sz, a_sz, si, types.int64, vi), align=4)
-        scale = builder.bitcast(builder.shl(sz_v, ir.Constant(vi, [16] * width)), vf)
-        zero = builder.bitcast(builder.and_(sz_v, ir.Constant(vi, [-65536] * width)), vf)
-        scales.append(scale)
-        zeros.append(builder.fsub(zero, builder.fmul(scale, ir.Constant(vf, [8.0] * width))))
-    for r in rows:
-        ri = builder.add(builder.mul(const(r), groups), g)
-        s = builder.load(element_ptr(context, builder, t_xs, a_xs, ri, types.int64, f32), align=4)
-        xsum = builder.load(element_ptr(context, builder, t_xsum, a_xsum, ri, types.int64, f32), align=4)
-        s_v, xsum_v = splat(builder, s, width), splat(builder, xsum, width)
-        for v in range(len(cols)):
-            acc = builder.load(facc[r][v])
-            acc = builder.fadd(acc, builder.fmul(zeros[v], xsum_v))
-            ints = builder.sitofp(builder.load(iacc[r][v]), vf)
-            acc = builder.fadd(acc, builder.fmul(ints, builder.fmul(scales[v], s_v)))
-            builder.store(acc, facc[r][v])
-
-
-def _store_bf16(context, builder, sig, args, setup, facc, rows, cols, width):
-    """``out[r, col0 + c:+width]``: the float accumulators rounded to bf16 (nearest even)."""
-    t_out, a_out = sig.args[7], args[7]
-    _, n, _, col0, _ = setup
-    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
-    vi = ir.VectorType(i32, width)
-    splat_i = lambda v: ir.Constant(vi, [v] * width)  # noqa: E731
-    for r in rows:
-        for v, c in enumerate(cols):
-            bits = builder.bitcast(builder.load(facc[r][v]), vi)
-            odd = builder.and_(builder.lshr(bits, splat_i(16)), splat_i(1))
-            rounded = builder.lshr(builder.add(bits, builder.add(odd, splat_i(0x7FFF))), splat_i(16))
-            oi = builder.add(builder.add(builder.mul(ir.Constant(i64, r), n), col0), ir.Constant(i64, c))
-            ptr = element_ptr(context, builder, t_out, a_out, oi, types.int64, ir.VectorType(i16, width))
-            builder.store(builder.trunc(rounded, ir.VectorType(i16, width)), ptr, align=2)
-
-
-def _prefetch_group(context, builder, sig, args, g_off):
-    for line in range(0, GROUP * 32, CACHE_LINE):
-        ahead = builder.add(g_off, ir.Constant(ir.IntType(64), PREFETCH_BYTES + line))
-        emit_prefetch(builder, element_ptr(context, builder, sig.args[0], args[0], ahead, types.int64), 3)
-
-
-def _rows_body(context, builder, sig, args, rows, width, span, halves, pair_vectors, dot):
-    """The group loop of ``_block_rows`` for ``rows`` (a list of row indices) and the ``span``-byte pieces ``halves``
-    of each 32-byte weight row (a piece holds its columns' low and high nibbles).
-
-    ``pair_vectors(raw_k, raw_k1)`` turns two rows' bytes into vectors of ``width`` int32 lanes, each a
-    pair of int16 weights (k, k + 1) of one column, with their column offsets; ``dot(acc, w, x)`` adds
-    ``w`` times the broadcast pair ``x`` of activations, pairwise, to the int32 lanes of ``acc``."""
-    t_xq, a_xq = sig.args[2], args[2]
-    setup = _block_setup(context, builder, sig, args)
-    k, _, groups, _, w_base = setup
-    i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-    vi, vf = ir.VectorType(i32, width), ir.VectorType(f32, width)
-    const = lambda v: ir.Constant(i64, v)  # noqa: E731
-    cols = [c for h in halves for _, c in pair_vectors(None, None, h)]
-    facc = {r: [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in cols] for r in rows}
-    iacc = {r: [cgutils.alloca_once(builder, vi) for _ in cols] for r in rows}
-    with cgutils.for_range(builder, groups) as g_loop:
-        g = g_loop.index
-        for row in iacc.values():
-            for acc in row:
-                builder.store(ir.Constant(vi, None), acc)
-        if halves[0] == 0:
-            _prefetch_group(context, builder, sig, args, builder.add(w_base, builder.mul(g, const(GROUP * 32))))
-        with cgutils.for_range(builder, const(GROUP // 2)) as p_loop:
-            kk = builder.add(builder.mul(g, const(GROUP)), builder.mul(p_loop.index, const(2)))
-            row_k = builder.add(w_base, builder.mul(kk, const(32)))
-            wv = []
-            for h in halves:
-                raw = [builder.load(element_ptr(context, builder, sig.args[0], args[0],
-                                                builder.add(row_k, const(32 * j + span * h)), types.int64,
-                                                ir.VectorType(i8, span)), align=1) for j in range(2)]
-                wv += [w for w, _ in pair_vectors(*raw, h)]
-            for r in rows:
-                xi = builder.add(builder.mul(const(r), k), kk)
-                x2 = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64, i32), align=2)
-                xb = splat(builder, x2, width)
-                for v, w in enumerate(wv):
-                    builder.store(dot(builder.load(iacc[r][v]), w, xb), iacc[r][v])
-        _group_float_step(context, builder, sig, args, setup, g, cols, facc, iacc, rows, width)
-    _store_bf16(context, builder, sig, args, setup, facc, rows, cols, width)
-
-
 def _avx512_codegen(context, builder, sig, args):
     """``_block_rows`` on 512-bit vectors: a zero-masking ``vpermb`` lays each pair of k side by side, one
-    ``vpdpwssd`` a row and 16 columns. (Kept as its own body: built from ``_rows_body``'s pieces, the
-    same instructions streamed a cold chain of weights 10-25 % slower, for reasons not found.)"""
+    ``vpdpwssd`` a row and 16 columns. (Kept as its own body: built from the AVX2 body's group loop
+    with 16 lanes, the same instructions streamed a cold chain of weights 10-25 % slower, for reasons
+    not found.)"""
     t_p, t_b, t_xq, t_xs, t_xsum, _, t_sz, t_out = sig.args
     a_p, a_b, a_xq, a_xs, a_xsum, a_rows, a_sz, a_out = args
     i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -290,6 +183,126 @@ def _avx512_codegen(context, builder, sig, args):
     return context.get_dummy_value()
 
 
+LANES_AVX2 = 8  # int32 lanes of the AVX2 body's vectors: 8 columns
+
+
+def _block_setup(context, builder, sig, args):
+    """``(k, n, groups, col0, w_base)`` of ``_block_rows``' arguments, as int64 values."""
+    t_p, t_b, t_out = sig.args[0], sig.args[1], sig.args[7]
+    a_p, a_b, a_out = args[0], args[1], args[7]
+    i64 = ir.IntType(64)
+    k = builder.extract_value(context.make_array(t_p)(context, builder, a_p).shape, 1)
+    n = builder.extract_value(context.make_array(t_out)(context, builder, a_out).shape, 1)
+    block = context.cast(builder, a_b, t_b, types.int64)
+    return (k, n, builder.sdiv(k, ir.Constant(i64, GROUP)), builder.mul(block, ir.Constant(i64, 64)),
+            builder.mul(builder.mul(block, k), ir.Constant(i64, 32)))
+
+
+def _avx2_columns(h: int) -> tuple[int, ...]:
+    """The column offsets (in the block) of the four vectors ``_avx2_pairs`` makes from bytes ``16 h ..
+    16 h + 15`` of a weight row: low nibbles are columns ``16 h + i``, high ones ``32 + 16 h + i``."""
+    return 16 * h, 16 * h + 8, 32 + 16 * h, 40 + 16 * h
+
+
+def _avx2_pairs(builder, raw_k, raw_k1):
+    """16 bytes of rows k and k + 1 -> four ``<16 x i16>`` vectors (``_avx2_columns``' order), each lane
+    pair the weights (k, k + 1) of one column: bytes interleaved, widened to int16, then an AND for
+    the low nibble or a shift for the high one."""
+    v16s = ir.VectorType(ir.IntType(16), 16)
+    mixed = [builder.zext(builder.shuffle_vector(raw_k, raw_k1, ir.Constant(
+        ir.VectorType(ir.IntType(32), 16), [lo + i // 2 + (16 if i % 2 else 0) for i in range(16)])), v16s)
+        for lo in (0, 8)]
+    return ([builder.and_(v, ir.Constant(v16s, [0x0F] * 16)) for v in mixed]
+            + [builder.lshr(v, ir.Constant(v16s, [4] * 16)) for v in mixed])
+
+
+def _avx2_float_step(context, builder, sig, args, setup, g, cols, facc, iacc, rows):
+    """A group's float step for ``rows`` and the column offsets ``cols``: ``facc += (zero - 8 scale) *
+    xsum + float(iacc) * (scale * xs)`` (scale and zero are each column's bf16 pair, scale low), the
+    AVX-512 body's operations in its order."""
+    t_xs, t_xsum, t_sz = sig.args[3], sig.args[4], sig.args[6]
+    a_xs, a_xsum, a_sz = args[3], args[4], args[6]
+    _, n, groups, col0, _ = setup
+    i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+    vi, vf = ir.VectorType(i32, LANES_AVX2), ir.VectorType(f32, LANES_AVX2)
+    scales, zeros = [], []
+    for c in cols:
+        si = builder.add(builder.add(builder.mul(g, n), col0), ir.Constant(i64, c))
+        sz_v = builder.load(element_ptr(context, builder, t_sz, a_sz, si, types.int64, vi), align=4)
+        scale = builder.bitcast(builder.shl(sz_v, ir.Constant(vi, [16] * LANES_AVX2)), vf)
+        zero = builder.bitcast(builder.and_(sz_v, ir.Constant(vi, [-65536] * LANES_AVX2)), vf)
+        scales.append(scale)
+        zeros.append(builder.fsub(zero, builder.fmul(scale, ir.Constant(vf, [8.0] * LANES_AVX2))))
+    for r in rows:
+        ri = builder.add(builder.mul(ir.Constant(i64, r), groups), g)
+        s = builder.load(element_ptr(context, builder, t_xs, a_xs, ri, types.int64, f32), align=4)
+        xsum = builder.load(element_ptr(context, builder, t_xsum, a_xsum, ri, types.int64, f32), align=4)
+        s_v, xsum_v = splat(builder, s, LANES_AVX2), splat(builder, xsum, LANES_AVX2)
+        for v in range(len(cols)):
+            acc = builder.load(facc[r][v])
+            acc = builder.fadd(acc, builder.fmul(zeros[v], xsum_v))
+            ints = builder.sitofp(builder.load(iacc[r][v]), vf)
+            acc = builder.fadd(acc, builder.fmul(ints, builder.fmul(scales[v], s_v)))
+            builder.store(acc, facc[r][v])
+
+
+def _avx2_store(context, builder, sig, args, setup, facc, rows, cols):
+    """``out[r, col0 + c : + 8]``: the float accumulators rounded to bf16 (nearest even)."""
+    t_out, a_out = sig.args[7], args[7]
+    _, n, _, col0, _ = setup
+    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    vi = ir.VectorType(i32, LANES_AVX2)
+    splat_i = lambda v: ir.Constant(vi, [v] * LANES_AVX2)  # noqa: E731
+    for r in rows:
+        for v, c in enumerate(cols):
+            bits = builder.bitcast(builder.load(facc[r][v]), vi)
+            odd = builder.and_(builder.lshr(bits, splat_i(16)), splat_i(1))
+            rounded = builder.lshr(builder.add(bits, builder.add(odd, splat_i(0x7FFF))), splat_i(16))
+            oi = builder.add(builder.add(builder.mul(ir.Constant(i64, r), n), col0), ir.Constant(i64, c))
+            ptr = element_ptr(context, builder, t_out, a_out, oi, types.int64, ir.VectorType(i16, LANES_AVX2))
+            builder.store(builder.trunc(rounded, ir.VectorType(i16, LANES_AVX2)), ptr, align=2)
+
+
+def _avx2_rows(context, builder, sig, args, rows, halves):
+    """The AVX2 body's group loop for ``rows`` (row indices) and the 16-byte halves ``halves`` of each
+    32-byte weight row."""
+    t_p, a_p, t_xq, a_xq = sig.args[0], args[0], sig.args[2], args[2]
+    setup = _block_setup(context, builder, sig, args)
+    k, _, groups, _, w_base = setup
+    i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    vi, vf = ir.VectorType(i32, LANES_AVX2), ir.VectorType(f32, LANES_AVX2)
+    const = lambda v: ir.Constant(i64, v)  # noqa: E731
+    cols = [c for h in halves for c in _avx2_columns(h)]
+    facc = {r: [cgutils.alloca_once_value(builder, ir.Constant(vf, None)) for _ in cols] for r in rows}
+    iacc = {r: [cgutils.alloca_once(builder, vi) for _ in cols] for r in rows}
+    with cgutils.for_range(builder, groups) as g_loop:
+        g = g_loop.index
+        for row in iacc.values():
+            for acc in row:
+                builder.store(ir.Constant(vi, None), acc)
+        if halves[0] == 0:  # one pass over the block asks for what comes after it
+            g_off = builder.add(w_base, builder.mul(g, const(GROUP * 32)))
+            for line in range(0, GROUP * 32, CACHE_LINE):
+                ahead = builder.add(g_off, const(PREFETCH_BYTES + line))
+                emit_prefetch(builder, element_ptr(context, builder, t_p, a_p, ahead, types.int64), 3)
+        with cgutils.for_range(builder, const(GROUP // 2)) as p_loop:
+            kk = builder.add(builder.mul(g, const(GROUP)), builder.mul(p_loop.index, const(2)))
+            row_k = builder.add(w_base, builder.mul(kk, const(32)))
+            wv = []
+            for h in halves:
+                raw = [builder.load(element_ptr(context, builder, t_p, a_p, builder.add(row_k, const(32 * j + 16 * h)),
+                                                types.int64, ir.VectorType(i8, 16)), align=1) for j in range(2)]
+                wv += _avx2_pairs(builder, *raw)
+            for r in rows:
+                xi = builder.add(builder.mul(const(r), k), kk)
+                x2 = builder.load(element_ptr(context, builder, t_xq, a_xq, xi, types.int64, i32), align=2)
+                xb = splat(builder, x2, LANES_AVX2)
+                for v, w in enumerate(wv):
+                    builder.store(dot_i16_pairs(builder, builder.load(iacc[r][v]), w, xb), iacc[r][v])
+        _avx2_float_step(context, builder, sig, args, setup, g, cols, facc, iacc, rows)
+    _avx2_store(context, builder, sig, args, setup, facc, rows, cols)
+
+
 def _avx2_codegen(context, builder, sig, args):
     """``_block_rows`` on 256-bit vectors, for CPUs without AVX-512: bytes of rows k and k + 1
     interleaved (``vpunpcklbw``/``vpunpckhbw``) and widened to int16 (``vpmovzxbw``), an AND or a
@@ -298,35 +311,13 @@ def _avx2_codegen(context, builder, sig, args):
     Sixteen registers hold one row's 8 accumulators for all 64 columns, or two rows' for half of them:
     one row takes both halves of each weight row in one pass, more rows a pass per half and pair of
     rows (the second pass reads the block from L1 or L2)."""
-    i16, i32 = ir.IntType(16), ir.IntType(32)
-    v8i, v16s = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
-    madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v16s, v16s]),
-                                          "llvm.x86.avx2.pmadd.wd")
-
-    def pair_vectors(raw_k, raw_k1, h):  # bytes 16 h .. 16 h + 15 of rows k, k + 1 -> 4 x 8 columns
-        cols = (16 * h, 16 * h + 8, 32 + 16 * h, 32 + 16 * h + 8)
-        if raw_k is None:
-            return [(None, c) for c in cols]
-        out = []
-        for lo in (0, 8):  # interleave bytes i of k and k + 1, widen each to an int16
-            mixed = builder.shuffle_vector(raw_k, raw_k1, ir.Constant(
-                ir.VectorType(i32, 16), [lo + i // 2 + (16 if i % 2 else 0) for i in range(16)]))
-            out.append(builder.zext(mixed, v16s))
-        nibbles = [builder.and_(v, ir.Constant(v16s, [0x0F] * 16)) for v in out]
-        nibbles += [builder.lshr(v, ir.Constant(v16s, [4] * 16)) for v in out]
-        return list(zip(nibbles, cols))
-
-    def dot(acc, w, x):
-        return builder.add(acc, builder.call(madd, [w, builder.bitcast(x, v16s)]))
-
     def body(n_rows):
         if n_rows == 1:
-            _rows_body(context, builder, sig, args, [0], 8, 16, (0, 1), pair_vectors, dot)
+            _avx2_rows(context, builder, sig, args, [0], (0, 1))
             return
         for h in (0, 1):
             for r0 in range(0, n_rows, 2):
-                _rows_body(context, builder, sig, args, list(range(r0, min(r0 + 2, n_rows))), 8, 16, (h,),
-                           pair_vectors, dot)
+                _avx2_rows(context, builder, sig, args, list(range(r0, min(r0 + 2, n_rows))), (h,))
 
     emit_cases(builder, context.cast(builder, args[5], sig.args[5], types.int64), range(1, MAX_ROWS + 1), body)
     return context.get_dummy_value()

@@ -43,25 +43,29 @@ def has(*names: str) -> bool:
 
 
 def dot_i16_pairs(builder, acc, w, x):
-    """For intrinsics' codegen: ``acc + pairwise(w * x)`` on ``<16 x i32>`` values that each hold 16
-    pairs of int16: ``vpdpwssd`` where the target has AVX512-VNNI, else two AVX2 ``vpmaddwd`` on the
-    halves (one add each). The sums are exact int32 either way: the same numbers."""
+    """For intrinsics' codegen: ``acc + pairwise(w * x)``, ``acc`` ``<8 x i32>`` or ``<16 x i32>`` and
+    ``w``, ``x`` vectors of as many bits holding int16 pairs: ``vpdpwssd`` for 16 lanes where the target
+    has AVX512-VNNI, else AVX2 ``vpmaddwd`` on each 8-lane half (one add each). The sums are exact
+    int32 either way: the same numbers."""
     i16, i32 = ir.IntType(16), ir.IntType(32)
-    v16i = ir.VectorType(i32, 16)
-    if has("avx512vnni", "avx512bw"):
+    lanes = acc.type.count
+    if lanes == 16 and has("avx512vnni", "avx512bw"):
+        v16i = ir.VectorType(i32, 16)
         dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
                                             "llvm.x86.avx512.vpdpwssd.512")
-        return builder.call(dp, [acc, w, x])
-    v8i, v16s, v32s = ir.VectorType(i32, 8), ir.VectorType(i16, 16), ir.VectorType(i16, 32)
+        return builder.call(dp, [acc, *(v if v.type == v16i else builder.bitcast(v, v16i) for v in (w, x))])
+    v8i, v16s, vs = ir.VectorType(i32, 8), ir.VectorType(i16, 16), ir.VectorType(i16, 2 * lanes)
     madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v16s, v16s]),
                                           "llvm.x86.avx2.pmadd.wd")
-    ws, xs = builder.bitcast(w, v32s), builder.bitcast(x, v32s)
+    ws, xs = builder.bitcast(w, vs), builder.bitcast(x, vs)
 
     def half(v, h):
         return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 16), list(range(16 * h, 16 * h + 16))))
 
-    lo, hi = (builder.call(madd, [half(ws, h), half(xs, h)]) for h in range(2))
-    return builder.add(acc, builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 16), list(range(16)))))
+    sums = [builder.call(madd, [half(ws, h), half(xs, h)]) for h in range(lanes // 8)]
+    if len(sums) == 2:
+        sums = [builder.shuffle_vector(*sums, ir.Constant(ir.VectorType(i32, 16), list(range(16))))]
+    return builder.add(acc, sums[0])
 
 
 def int16_dots() -> str | None:
