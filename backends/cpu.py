@@ -20,7 +20,7 @@
   batched kernels; on AMX CPUs up to 9 rows on ``int4_gemv`` and up to 256 on tiles
   (``kernels/cpu/decode_layers_amx.py``). The same kernels and numbers as the ops one by one, without ~10 us of Python and
   dispatch around each of 150-210 calls a step (``EDGELLM_FUSED_LAYERS=0`` turns it off). On
-  AVX512-BF16 CPUs a step of decodes only stays inside one parallel region
+  AVX512-BF16 and AMX CPUs a step of decodes only stays inside one parallel region
   (``kernels/cpu/decode_step_spin.py``): its workers go through the kernels as phases with spin
   waits between them, instead of entering a region for each kernel (eight a layer).
 - ``batch_invariant`` mode (or a step holding a seeded request) keeps the arithmetic of every token

@@ -17,6 +17,7 @@ from numba import njit
 
 from edgellm.kernels.cpu.attention_amx import rope_attention_step_amx
 from edgellm.kernels.cpu.decode_layers import _out_and_mlp, _qkv, norm_rows, silu_rows
+from edgellm.kernels.cpu.decode_step_spin import decode_layers_spin
 from edgellm.kernels.cpu.int4_amx import int4_amx_matmul
 from edgellm.kernels.cpu.paged_attention import DEFAULT_Q_TILE
 
@@ -64,7 +65,11 @@ def _layer_amx(h, residual, has_residual, layer, positions, cos_sin, slots, star
 def decode_layers_amx(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
                       n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, cfg):
     """``decode_layers_dp``'s contract on AMX CPUs (bf16 cache of head size 64, ``attention_amx.supports``),
-    with the tile configuration ``cfg`` (``amx.make_config()``) last."""
+    with the tile configuration ``cfg`` (``amx.make_config()``) last. On more than one thread the
+    step runs in one parallel region (``decode_layers_spin``): the same kernels and numbers."""
+    if n_threads > 1:
+        return decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window,
+                                  eps, n_heads, head_dim, n_threads, gemv_rows, cfg)
     x = _layer_amx(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window,
                    eps, n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, cfg)
     for i in range(1, len(layers)):

@@ -12,7 +12,9 @@ phases (~30 ns). Attention's plan is made once a step: every layer's is the same
 Every row, panel and item is computed by the same code as in ``decode_layers_dp`` whichever worker
 takes it, so the output is the same bit for bit. For steps of decodes only (``decode_layers_dp``
 calls it for them): up to ``int4_gemv``'s rows on its kernel, each row range's int16 codes made once
-as a phase, past them on ``int4_dpbf16_matmul``'s panels.
+as a phase, past them on ``int4_dpbf16_matmul``'s panels. ``decode_layers_amx`` calls it with its
+AMX tile configuration: past ``int4_gemv``'s rows the matmuls take ``int4_amx_matmul``'s panels and
+decode attention its tiles (``attention_amx``), the same numbers as that function's own path.
 
 Example::
 
@@ -22,11 +24,14 @@ Example::
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from edgellm.kernels.cpu.activations import silu_and_mul
+from edgellm.kernels.cpu.attention_amx import _run_items_amx
 from edgellm.kernels.cpu.attention_dpbf16 import _run_items_dp
 from edgellm.kernels.cpu.dpbf16 import PANEL, _int4_panels
+from edgellm.kernels.cpu.int4_amx import _panels as _amx_panels
 from edgellm.kernels.cpu.int4_gemv import GROUP, MAX_ROWS, _block_rows, quantize_groups_int16_into
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox_qk
 from edgellm.kernels.cpu.paged_attention import (
@@ -61,6 +66,51 @@ def _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_
 
 
 @njit(cache=True)
+def _matmul_amx(sync, phase, worker, n_workers, x, packed, sz, out, cfg):
+    """``int4_amx_matmul`` as a phase: its workers' ranges of 32-column panels are the parts. ``x``
+    has whole 16-row A tiles (``out``'s rows, then padding)."""
+    n_panels = out.shape[1] // 32
+    parts = max(1, min(n_workers, n_panels))
+    p = take(sync, phase, worker, parts)
+    while p >= 0:
+        _amx_panels(x, packed, sz, out, out.shape[0], cfg, p * n_panels // parts, (p + 1) * n_panels // parts)
+        p = done_and_take(sync, phase, worker, parts)
+
+
+def _batched(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, cfg):
+    """The matmul of a step past ``int4_gemv``'s rows as a phase: on AMX tiles where ``cfg`` is a tile
+    configuration, else on ``int4_dpbf16_matmul``'s panels. Chosen when compiled, so tile code is
+    only generated for AMX CPUs."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_batched)
+def _batched_impl(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, cfg):
+    if isinstance(cfg, (types.NoneType, types.Omitted)):
+        return lambda sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, cfg: _matmul(
+            sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz)
+    return lambda sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, cfg: _matmul_amx(
+        sync, phase, worker, n_workers, x, packed, sz, out, cfg)
+
+
+def _items(attn, q_rot, kv, starts, lens, tables, scale, window, items, order, partials, part, parts, cfg):
+    """Attention's work items dealt to ``part`` of ``parts``: decodes on AMX tiles where ``cfg`` is a
+    tile configuration (``attention_amx``), else on AVX512-BF16 (``attention_dpbf16``)."""
+    raise NotImplementedError("only callable from Numba code")
+
+
+@overload(_items)
+def _items_impl(attn, q_rot, kv, starts, lens, tables, scale, window, items, order, partials, part, parts, cfg):
+    if isinstance(cfg, (types.NoneType, types.Omitted)):
+        return (lambda attn, q_rot, kv, starts, lens, tables, scale, window, items, order, partials, part, parts,
+                cfg: _run_items_dp(attn, q_rot, kv, starts, lens, tables, scale, window, 0.0, items, order, partials,
+                                   part, parts))
+    return (lambda attn, q_rot, kv, starts, lens, tables, scale, window, items, order, partials, part, parts, cfg:
+            _run_items_amx(attn, q_rot, kv, starts, lens, tables, scale, window, 0.0, items, order, partials, part,
+                           parts, cfg))
+
+
+@njit(cache=True)
 def _gemv(sync, phase, worker, n_workers, codes, packed, sz, out):
     """``int4_gemv`` as a phase on rows already in int16 codes (``codes = (xq, xs, xsum)``): its
     workers' runs of 64-column blocks are the parts."""
@@ -78,11 +128,11 @@ def _gemv(sync, phase, worker, n_workers, codes, packed, sz, out):
 
 
 @njit(cache=True)
-def _linear(sync, phase, worker, n_workers, gemv, x, codes, packed, sz, out, nxt_packed, nxt_sz):
+def _linear(sync, phase, worker, n_workers, gemv, x, codes, packed, sz, out, nxt_packed, nxt_sz, cfg):
     if gemv:
         _gemv(sync, phase, worker, n_workers, codes, packed, sz, out)
     else:
-        _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz)
+        _batched(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, cfg)
 
 
 @njit(cache=True)
@@ -114,9 +164,9 @@ def _norm(sync, phase, worker, parts, src, residual, weight, eps, x, codes, has_
 
 @njit(cache=True)
 def _attention(sync, phase, worker, n_workers, qkv, positions, cos_sin, kv, slots, starts, lens, tables, scale,
-               window, q_rot, k_rot, attn, items, order, partials):
+               window, q_rot, k_rot, attn, items, order, partials, cfg):
     """Three phases from ``phase``: rotary and the cache rows (``rope_and_write``, row ranges), the
-    work items of ``_run_items_dp`` (its workers' deals), and the merge of split decodes (one part)."""
+    work items (``_items``: its workers' deals), and the merge of split decodes (one part)."""
     t = qkv.shape[0]
     n_q, n_k, dim = q_rot.shape[1], k_rot.shape[1], q_rot.shape[2]
     rows = min(n_workers, t)
@@ -129,7 +179,7 @@ def _attention(sync, phase, worker, n_workers, qkv, positions, cos_sin, kv, slot
     parts = max(1, min(n_workers, order.shape[0]))
     p = take(sync, phase + 1, worker, parts)
     while p >= 0:
-        _run_items_dp(attn, q_rot, kv, starts, lens, tables, scale, window, 0.0, items, order, partials, p, parts)
+        _items(attn, q_rot, kv, starts, lens, tables, scale, window, items, order, partials, p, parts, cfg)
         p = done_and_take(sync, phase + 1, worker, parts)
     if partials.shape[0]:  # long contexts' key ranges
         p = take(sync, phase + 2, worker, 1)
@@ -141,14 +191,14 @@ def _attention(sync, phase, worker, n_workers, qkv, positions, cos_sin, kv, slot
 @njit(cache=True)
 def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_sin, slots, starts, lens, tables,
             scale, window, eps, x, qkv, q_rot, k_rot, attn, o, gate_up, act, out, codes_d, codes_a, codes_i, items,
-            order, partials):
+            order, partials, cfg):
     x, qkv, q_rot, k_rot, attn, o = unmanaged(x), unmanaged(qkv), unmanaged(q_rot), unmanaged(k_rot), unmanaged(
         attn), unmanaged(o)
     gate_up, act, out, residual = unmanaged(gate_up), unmanaged(act), unmanaged(out), unmanaged(residual)
     t = h.shape[0]
     n = len(layers)
     rows = min(n_workers, t)
-    attn2d = attn.reshape(t, attn.shape[1] * attn.shape[2])
+    attn2d = attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2])
     for i in range(n):
         layer = layers[i]
         nxt = layers[(i + 1) % n]
@@ -158,24 +208,28 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
             _norm(sync, ph, worker, rows, h, residual, layer[0], eps, x, codes_d, False, kv, slots, True)
         else:
             _norm(sync, ph, worker, rows, out, residual, layer[0], eps, x, codes_d, True, kv, slots, True)
-        _linear(sync, ph + 1, worker, n_workers, gemv, x, codes_d, layer[1], layer[2], qkv, layer[3], layer[4])
+        _linear(sync, ph + 1, worker, n_workers, gemv, x, codes_d, layer[1], layer[2], qkv, layer[3], layer[4],
+                cfg)
         _attention(sync, ph + 2, worker, n_workers, qkv, positions, cos_sin, kv, slots, starts, lens, tables, scale,
-                   window, q_rot, k_rot, attn, items, order, partials)
+                   window, q_rot, k_rot, attn, items, order, partials, cfg)
         if gemv:
             p = take(sync, ph + 5, worker, rows)
             while p >= 0:
                 _codes(attn2d, codes_a, p * t // rows, (p + 1) * t // rows)
                 p = done_and_take(sync, ph + 5, worker, rows)
-        _linear(sync, ph + 6, worker, n_workers, gemv, attn2d, codes_a, layer[3], layer[4], o, layer[6], layer[7])
+        _linear(sync, ph + 6, worker, n_workers, gemv, attn2d, codes_a, layer[3], layer[4], o, layer[6], layer[7],
+                cfg)
         _norm(sync, ph + 7, worker, rows, o, residual, layer[5], eps, x, codes_d, True, kv, slots, False)
-        _linear(sync, ph + 8, worker, n_workers, gemv, x, codes_d, layer[6], layer[7], gate_up, layer[8], layer[9])
+        _linear(sync, ph + 8, worker, n_workers, gemv, x, codes_d, layer[6], layer[7], gate_up, layer[8],
+                layer[9], cfg)
         p = take(sync, ph + 9, worker, rows)
         while p >= 0:
             r0, r1 = p * t // rows, (p + 1) * t // rows
             silu_and_mul(gate_up[r0:r1], act[r0:r1])
             _codes(act, codes_i, r0, r1)
             p = done_and_take(sync, ph + 9, worker, rows)
-        _linear(sync, ph + 10, worker, n_workers, gemv, act, codes_i, layer[8], layer[9], out, nxt[1], nxt[2])
+        _linear(sync, ph + 10, worker, n_workers, gemv, act, codes_i, layer[8], layer[9], out, nxt[1], nxt[2],
+                cfg)
 
 
 @njit(cache=True)
@@ -187,25 +241,30 @@ def _codes_for(rows, k):
 
 @njit(cache=True, parallel=True)
 def decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-                       n_heads, head_dim, n_threads, gemv_rows):
+                       n_heads, head_dim, n_threads, gemv_rows, cfg=None):
     """``decode_layers_dp`` for a step of decodes only (one query row a sequence, ``h [T, D]``), its
     ``n_threads`` workers in one parallel region: up to ``gemv_rows`` rows the linears on
     ``int4_gemv``'s kernel, past them on ``int4_dpbf16_matmul``'s. The same arguments (the thread
-    counts for attention and the norms are ``n_threads``) and the same output, bit for bit."""
+    counts for attention and the norms are ``n_threads``) and the same output, bit for bit.
+
+    With an AMX tile configuration ``cfg`` it is ``decode_layers_amx``'s step instead: matmuls past
+    ``gemv_rows`` on ``int4_amx_matmul``'s panels, decode attention on tiles."""
     t = h.shape[0]
+    gemv = t <= gemv_rows
+    # AMX matmuls read their inputs in whole 16-row tiles: those get zero rows up to a multiple of 16
+    tp = t if cfg is None or gemv else -(-t // 16) * 16
     first = layers[0]
     n_k = first[10].shape[2]
     d, inter = first[0].shape[0], first[7].shape[1] // 2
-    x = np.empty((t, d), np.uint16)
+    x = np.zeros((tp, d), np.uint16)
     qkv = np.empty((t, first[2].shape[1]), np.uint16)
     q_rot = np.empty((t, n_heads, head_dim), np.float32)
     k_rot = np.empty((t, n_k, head_dim), np.float32)
-    attn = np.empty((t, n_heads, head_dim), np.uint16)
+    attn = np.zeros((tp, n_heads, head_dim), np.uint16)
     o = np.empty((t, first[4].shape[1]), np.uint16)
     gate_up = np.empty((t, 2 * inter), np.uint16)
-    act = np.empty((t, inter), np.uint16)
+    act = np.zeros((tp, inter), np.uint16)
     out = np.empty((t, first[9].shape[1]), np.uint16)
-    gemv = t <= gemv_rows
     coded = t if gemv else 0
     codes_d, codes_a, codes_i = _codes_for(coded, d), _codes_for(coded, n_heads * head_dim), _codes_for(coded, inter)
     items, order, partials = _plan(starts, lens, n_k, DEFAULT_Q_TILE, window, n_heads // n_k, head_dim)
@@ -214,5 +273,5 @@ def decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, l
     for w in prange(workers):
         _worker(w, workers, sync, gemv, h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale,
                 window, eps, x, qkv, q_rot, k_rot, attn, o, gate_up, act, out, codes_d, codes_a, codes_i, items,
-                order, partials)
+                order, partials, cfg)
     return out

@@ -136,6 +136,44 @@ def test_one_region_gives_the_layer_by_layer_numbers_however_its_workers_run(thr
 
 
 @pytest.mark.skipif(not request_amx(), reason="needs AMX-BF16")
+@pytest.mark.parametrize("threads,workers", [(2, 2), (1, 2), (2, 3)])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("seqs", [DECODE_BATCHES[5], DECODE_BATCHES[-1], DECODE_BATCHES[0]],
+                         ids=lambda s: f"{len(s)}rows")
+def test_one_region_on_amx_gives_the_layer_by_layer_numbers(threads, workers, kv_dtype, seqs, monkeypatch):
+    """``decode_layers_spin`` with a tile configuration against ``decode_layers_amx`` on one thread (a
+    region per kernel): 40 rows on AMX tiles (padded to whole 16-row tiles), 9 and 1 on int4_gemv."""
+    monkeypatch.setenv("EDGELLM_AMX", "1")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, None)
+    meta, caches, h, positions, cos_sin = _step(seqs, kv_dtype)
+    kernel, typed = cpu._layer_stack(layers, shape, caches, cos_sin)
+    assert kernel is decode_layers_amx
+    slots, starts, lens, tables = cpu._meta_arrays(meta)
+    args = (h.numpy(), positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables, D ** -0.5, 0, 1e-5, H, D)
+    runs = []
+    for spin in (False, True):
+        kv = [c.clone() for c in caches]
+        typed = cpu._layer_stack(layers, shape, kv, cos_sin)[1]
+        residual = np.zeros((h.shape[0], HIDDEN), np.float32)
+        step = (args[0], residual, typed, *args[1:])
+        if spin:
+            before = numba.get_num_threads()
+            numba.set_num_threads(threads)
+            try:
+                out = decode_layers_spin(*step, workers, cpu._gemv_rows, cpu._amx_config)
+            finally:
+                numba.set_num_threads(before)
+        else:
+            out = decode_layers_amx(*step, 1, 1, cpu._gemv_rows, 1, cpu._amx_config)
+        runs.append((out, residual, kv))
+    (want, want_res, want_kv), (out, res, kv) = runs
+    assert np.array_equal(out, want) and np.array_equal(res, want_res)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+@pytest.mark.skipif(not request_amx(), reason="needs AMX-BF16")
 @pytest.mark.parametrize("seqs", DECODE_BATCHES, ids=lambda s: f"{len(s)}rows")
 @pytest.mark.parametrize("window", [None, 20])
 def test_one_call_on_amx_gives_the_ops_numbers(seqs, window, monkeypatch):
