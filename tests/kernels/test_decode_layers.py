@@ -97,6 +97,40 @@ def test_one_call_gives_the_ops_numbers(seqs, kv_dtype, window, dpbf16, monkeypa
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
 
 
+def _one_region_against_a_region_per_kernel(amx: bool, seqs, kv_dtype, threads: int, workers: int, monkeypatch):
+    """``decode_layers_spin`` (``workers`` workers on ``threads`` Numba threads) against the kernel the
+    backend picks (``decode_layers_amx`` or ``decode_layers_dp``) on one thread, each on its own copy
+    of the caches: the same output, residual and caches, bit for bit."""
+    monkeypatch.setenv("EDGELLM_AMX", "1" if amx else "0")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, None)
+    meta, caches, h, positions, cos_sin = _step(seqs, kv_dtype)
+    kernel = cpu._layer_stack(layers, shape, caches, cos_sin)[0]
+    assert kernel is (decode_layers_amx if amx else decode_layers_dp)
+    slots, starts, lens, tables = cpu._meta_arrays(meta)
+    args = (h.numpy(), positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables, D ** -0.5, 0, 1e-5, H, D)
+    cfg = (cpu._amx_config,) if amx else ()
+    runs = []
+    for spin in (False, True):
+        kv = [c.clone() for c in caches]
+        residual = np.zeros((h.shape[0], HIDDEN), np.float32)
+        step = (args[0], residual, cpu._layer_stack(layers, shape, kv, cos_sin)[1], *args[1:])
+        if spin:
+            before = numba.get_num_threads()
+            numba.set_num_threads(threads)
+            try:
+                out = decode_layers_spin(*step, workers, cpu._gemv_rows, *cfg)
+            finally:
+                numba.set_num_threads(before)
+        else:
+            out = kernel(*step, 1, 1, cpu._gemv_rows, 1, *(cfg or (len(lens),)))
+        runs.append((out, residual, kv))
+    (want, want_res, want_kv), (out, res, kv) = runs
+    assert np.array_equal(out, want) and np.array_equal(res, want_res)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
 @pytest.mark.skipif(not dpbf16_supported(), reason="needs AVX512-BF16 (decode_layers_dp)")
 @pytest.mark.parametrize("threads,workers", [(2, 2), (1, 2), (1, 3), (2, 3)])
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
@@ -107,32 +141,7 @@ def test_one_region_gives_the_layer_by_layer_numbers_however_its_workers_run(thr
     """``decode_layers_spin`` against ``decode_layers_dp`` on one thread (a region per kernel), with
     as many Numba threads as workers, fewer (workers run one after the other and must not wait on
     each other), and more workers than threads."""
-    monkeypatch.setenv("EDGELLM_AMX", "0")
-    cpu = CPUBackend(threads=2, warmup=False)
-    layers = _layers(cpu)
-    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, None)
-    meta, caches, h, positions, cos_sin = _step(seqs, kv_dtype)
-    kernel, typed = cpu._layer_stack(layers, shape, caches, cos_sin)
-    assert kernel is decode_layers_dp
-    slots, starts, lens, tables = cpu._meta_arrays(meta)
-    args = (h.numpy(), positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables, D ** -0.5, 0, 1e-5, H, D)
-    runs = []
-    for spin in (False, True):
-        residual = np.zeros((h.shape[0], HIDDEN), np.float32)
-        step = (args[0], residual, typed, *args[1:])
-        if spin:
-            before = numba.get_num_threads()
-            numba.set_num_threads(threads)
-            try:
-                out = decode_layers_spin(*step, workers, cpu._gemv_rows)
-            finally:
-                numba.set_num_threads(before)
-        else:
-            out = decode_layers_dp(*step, 1, 1, cpu._gemv_rows, 1, len(lens))
-        runs.append((out, residual, [c.clone() for c in caches]))
-    (want, want_res, want_kv), (out, res, kv) = runs
-    assert np.array_equal(out, want) and np.array_equal(res, want_res)
-    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+    _one_region_against_a_region_per_kernel(False, seqs, kv_dtype, threads, workers, monkeypatch)
 
 
 @pytest.mark.skipif(not request_amx(), reason="needs AMX-BF16")
@@ -143,34 +152,7 @@ def test_one_region_gives_the_layer_by_layer_numbers_however_its_workers_run(thr
 def test_one_region_on_amx_gives_the_layer_by_layer_numbers(threads, workers, kv_dtype, seqs, monkeypatch):
     """``decode_layers_spin`` with a tile configuration against ``decode_layers_amx`` on one thread (a
     region per kernel): 40 rows on AMX tiles (padded to whole 16-row tiles), 9 and 1 on int4_gemv."""
-    monkeypatch.setenv("EDGELLM_AMX", "1")
-    cpu = CPUBackend(threads=2, warmup=False)
-    layers = _layers(cpu)
-    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, None)
-    meta, caches, h, positions, cos_sin = _step(seqs, kv_dtype)
-    kernel, typed = cpu._layer_stack(layers, shape, caches, cos_sin)
-    assert kernel is decode_layers_amx
-    slots, starts, lens, tables = cpu._meta_arrays(meta)
-    args = (h.numpy(), positions.numpy(), cos_sin.numpy(), slots, starts, lens, tables, D ** -0.5, 0, 1e-5, H, D)
-    runs = []
-    for spin in (False, True):
-        kv = [c.clone() for c in caches]
-        typed = cpu._layer_stack(layers, shape, kv, cos_sin)[1]
-        residual = np.zeros((h.shape[0], HIDDEN), np.float32)
-        step = (args[0], residual, typed, *args[1:])
-        if spin:
-            before = numba.get_num_threads()
-            numba.set_num_threads(threads)
-            try:
-                out = decode_layers_spin(*step, workers, cpu._gemv_rows, cpu._amx_config)
-            finally:
-                numba.set_num_threads(before)
-        else:
-            out = decode_layers_amx(*step, 1, 1, cpu._gemv_rows, 1, cpu._amx_config)
-        runs.append((out, residual, kv))
-    (want, want_res, want_kv), (out, res, kv) = runs
-    assert np.array_equal(out, want) and np.array_equal(res, want_res)
-    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+    _one_region_against_a_region_per_kernel(True, seqs, kv_dtype, threads, workers, monkeypatch)
 
 
 @pytest.mark.skipif(not request_amx(), reason="needs AMX-BF16")
