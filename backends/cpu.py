@@ -114,12 +114,16 @@ ROW_PARALLEL_MIN_ROWS = 16
 # ATen's int4 kernel costs ~linear time per row; past this many rows expanding the weight to bf16
 # and one oneDNN GEMM (AMX / AVX512-BF16) is cheaper (bench_kernels.py).
 INT4_KERNEL_MAX_ROWS = 32
-# On CPUs with AMX, steps of AMX_MIN_ROWS..AMX_MAX_ROWS rows widen each int4 weight once per call onto
-# AMX tiles instead (kernels/cpu/int4_amx.py): at 576x3072, 4.8x ATen's kernel at 32 rows and 2x the
-# expansion + GEMM at 64-128 rows. One decode stream keeps ATen's kernel (2.2x faster at one row);
-# past ~256 rows oneDNN's blocked GEMM on the expanded weight catches up.
+# On CPUs with AMX, linears of AMX_MIN_ROWS..AMX_MATMUL_MAX_ROWS rows widen each int4 weight once per
+# call onto AMX tiles instead (kernels/cpu/int4_amx.py): at 576x3072, 4.8x ATen's kernel at 32 rows and
+# 2x the expansion + GEMM at 64-128 rows; a layer's four linears of SmolLM2 1.73x at 256 rows, 1.17-
+# 1.23x at 512-768, 1.07x at 1024, 0.74x at 1536 (BENCHMARKS.md, round 35), where oneDNN's blocked
+# GEMM on the expanded weight takes over. One decode stream keeps ATen's kernel (2.2x faster at one
+# row). Decode-only steps of up to AMX_MAX_ROWS rows run their layers in one call (``decode_layers``),
+# and greedy steps up to it take the AMX int8 head.
 AMX_MIN_ROWS = 10
 AMX_MAX_ROWS = 256
+AMX_MATMUL_MAX_ROWS = 1024
 # Greedy steps from this many rows take the int8 head on AMX (kernels/cpu/int8_amx.py): 1.3x ATen's
 # int8 kernel at 4 rows, 5x at 32 (ATen's grows with every row; one row stays ATen's).
 AMX_HEAD_MIN_ROWS = 4
@@ -210,7 +214,7 @@ class CPUBackend(TorchBackend):
         elif gemv == "avx512" and self._vnni:
             self._gemv_rows = AMX_MIN_ROWS - 1 if use_amx else INT4_GEMV_MAX_ROWS
         self._int4_kernel_rows = 0 if gemv == "avx2" else INT4_KERNEL_MAX_ROWS
-        lo, hi = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
+        lo, hi = ((AMX_MIN_ROWS, AMX_MATMUL_MAX_ROWS) if use_amx else
                   (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))
         if self._gemv_rows:
             lo, hi = 1, max(hi, self._gemv_rows)

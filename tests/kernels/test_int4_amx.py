@@ -84,14 +84,14 @@ def test_the_backend_routes_mid_sized_steps_to_amx(monkeypatch):
     w = Int4PackedWeight.from_quantized(quantized("Q4_1", 192, 576, seed=2))
     calls = []
     monkeypatch.setattr(cpu_backend, "int4_amx_matmul", lambda *a: calls.append(a[0].shape[0]) or int4_amx_matmul(*a))
-    for m in (1, cpu_backend.AMX_MIN_ROWS - 1, cpu_backend.AMX_MIN_ROWS, 32, cpu_backend.AMX_MAX_ROWS,
-              cpu_backend.AMX_MAX_ROWS + 1):
+    for m in (1, cpu_backend.AMX_MIN_ROWS - 1, cpu_backend.AMX_MIN_ROWS, 32, cpu_backend.AMX_MATMUL_MAX_ROWS,
+              cpu_backend.AMX_MATMUL_MAX_ROWS + 1):
         x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
         y = backend.linear(x, w)
         assert y.shape == (m, 192) and y.dtype == torch.bfloat16
         ref = x.float() @ w.expand_f32_t()
         torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
-    assert calls == [cpu_backend.AMX_MIN_ROWS, 32, cpu_backend.AMX_MAX_ROWS]
+    assert calls == [cpu_backend.AMX_MIN_ROWS, 32, cpu_backend.AMX_MATMUL_MAX_ROWS]
 
 
 def test_edgellm_amx_0_turns_the_kernel_off(monkeypatch):
