@@ -114,16 +114,20 @@ ROW_PARALLEL_MIN_ROWS = 16
 # ATen's int4 kernel costs ~linear time per row; past this many rows expanding the weight to bf16
 # and one oneDNN GEMM (AMX / AVX512-BF16) is cheaper (bench_kernels.py).
 INT4_KERNEL_MAX_ROWS = 32
-# On CPUs with AMX, linears of AMX_MIN_ROWS..AMX_MATMUL_MAX_ROWS rows widen each int4 weight once per
-# call onto AMX tiles instead (kernels/cpu/int4_amx.py): at 576x3072, 4.8x ATen's kernel at 32 rows and
-# 2x the expansion + GEMM at 64-128 rows; a layer's four linears of SmolLM2 1.73x at 256 rows, 1.17-
-# 1.23x at 512-768, 1.07x at 1024, 0.74x at 1536 (BENCHMARKS.md, round 35), where oneDNN's blocked
-# GEMM on the expanded weight takes over. One decode stream keeps ATen's kernel (2.2x faster at one
-# row). Decode-only steps of up to AMX_MAX_ROWS rows run their layers in one call (``decode_layers``),
-# and greedy steps up to it take the AMX int8 head.
+# On CPUs with AMX, linears of AMX_MIN_ROWS..AMX_MAX_ROWS rows widen each int4 weight once per call
+# onto AMX tiles instead (kernels/cpu/int4_amx.py): at 576x3072, 4.8x ATen's kernel at 32 rows and 2x
+# the expansion + GEMM at 64-128 rows. One decode stream keeps ATen's kernel (2.2x faster at one row).
+# Decode-only steps of up to AMX_MAX_ROWS rows run their layers in one call (``decode_layers``), and
+# greedy steps up to it take the AMX int8 head.
 AMX_MIN_ROWS = 10
 AMX_MAX_ROWS = 256
+# Past AMX_MAX_ROWS, up to AMX_MATMUL_MAX_ROWS, the tiles keep a linear while its activations fit in
+# L2 (rows x K <= AMX_MATMUL_MAX_ELEMENTS bf16, 2 MiB): the kernel reads them again for every panel of
+# 32 output columns. SmolLM2's four linears together: 1.73x the expansion + oneDNN GEMM at 256 rows,
+# 1.17-1.23x at 512-768, 1.07x at 1024, 0.74x at 1536; a 1B model's (K = 2048) 1.2-1.3x at 512 rows
+# but 0.4-0.8x at 1024 (BENCHMARKS.md, round 35), where oneDNN's blocked GEMM takes over.
 AMX_MATMUL_MAX_ROWS = 1024
+AMX_MATMUL_MAX_ELEMENTS = 1 << 20
 # Greedy steps from this many rows take the int8 head on AMX (kernels/cpu/int8_amx.py): 1.3x ATen's
 # int8 kernel at 4 rows, 5x at 32 (ATen's grows with every row; one row stays ATen's).
 AMX_HEAD_MIN_ROWS = 4
@@ -214,7 +218,7 @@ class CPUBackend(TorchBackend):
         elif gemv == "avx512" and self._vnni:
             self._gemv_rows = AMX_MIN_ROWS - 1 if use_amx else INT4_GEMV_MAX_ROWS
         self._int4_kernel_rows = 0 if gemv == "avx2" else INT4_KERNEL_MAX_ROWS
-        lo, hi = ((AMX_MIN_ROWS, AMX_MATMUL_MAX_ROWS) if use_amx else
+        lo, hi = ((AMX_MIN_ROWS, AMX_MAX_ROWS) if use_amx else
                   (DPBF16_MIN_ROWS, DPBF16_MAX_ROWS) if self._dpbf16 else (1, 0))
         if self._gemv_rows:
             lo, hi = 1, max(hi, self._gemv_rows)
@@ -270,7 +274,7 @@ class CPUBackend(TorchBackend):
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
         if (bias is None and type(weight) is Int4PackedWeight and x.dtype == torch.bfloat16 and x.dim() == 2
-                and self._batched_rows[0] <= x.shape[0] <= self._batched_rows[1]
+                and self._takes_batched(x.shape[0], x.shape[1])
                 and not self._invariant and weight.expandable and x.is_contiguous()):
             return self._int4_batched_linear(x, weight)  # a batched step's linears: the short path
         if isinstance(weight, Int4PackedWeight):  # bf16 in, bf16 out; other dtypes convert both ways
@@ -458,11 +462,20 @@ class CPUBackend(TorchBackend):
         if self._invariant:
             return self._int4_linear_invariant(x, w)
         m = x.shape[0]
-        if w.expandable and self._batched_rows[0] <= m <= self._batched_rows[1]:
+        if w.expandable and self._takes_batched(m, x.shape[1]):
             return self._int4_batched_linear(x, w)
         if m <= self._int4_kernel_rows or not w.expandable:
             return torch._weight_int4pack_mm_for_cpu(x, w.packed, 32, w.scale_zeros)
         return torch.mm(x, w.expand_bf16_t())
+
+    def _takes_batched(self, m: int, k: int) -> bool:
+        """Whether ``m`` rows of ``k`` inputs take ``_int4_batched_linear``: the batched range, or on AMX
+        up to ``AMX_MATMUL_MAX_ROWS`` rows while the activations fit in L2."""
+        lo, hi = self._batched_rows
+        if lo <= m <= hi:
+            return True
+        return (self._amx_config is not None and hi < m <= AMX_MATMUL_MAX_ROWS
+                and m * k <= AMX_MATMUL_MAX_ELEMENTS)
 
     def _int4_batched_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
         """``x`` (bf16, contiguous): a few rows through ``int4_gemv``, more through ``int4_amx_matmul``

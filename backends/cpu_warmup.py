@@ -114,7 +114,7 @@ def steps(b: CPUBackend) -> list[Callable[[], object]]:
         b.linear(torch.zeros(1, 32), Q8_0Weight.from_quantized(w))
         b.embedding(torch.zeros(1, dtype=torch.long), w, torch.float32)
         b.embedding(torch.zeros(1, dtype=torch.long), Q8_0Weight.from_quantized(w), torch.float32)
-        many = max(c.INT4_KERNEL_MAX_ROWS, c.Q8_0_GEMM_MIN_ROWS, b._batched_rows[1]) + 1  # big steps' expanded weights
+        many = max(c.INT4_KERNEL_MAX_ROWS, c.Q8_0_GEMM_MIN_ROWS, c.AMX_MATMUL_MAX_ROWS) + 1  # big steps' expanded weights
         b.linear(torch.zeros(many, 32), Q8_0Weight.from_quantized(w))
         b.linear(torch.zeros(many, 32), _int4(64, 32))
 

@@ -79,19 +79,24 @@ def test_any_row_count_matches_the_expanded_gemm(m, threads):
     assert_matches_expanded_gemm(amx_mm(x, w, threads), x, w)
 
 
-def test_the_backend_routes_mid_sized_steps_to_amx(monkeypatch):
+@pytest.mark.parametrize("k", [576, 2048])
+def test_the_backend_routes_mid_sized_steps_to_amx(k, monkeypatch):
+    """Tiles from AMX_MIN_ROWS rows to AMX_MAX_ROWS, then on while the activations fit in L2 (all of
+    SmolLM2's 1,024 rows of 576 inputs; a 1B model's 512 rows of 2,048), the expanded GEMM past them."""
     backend = CPUBackend(threads=2, warmup=False)
-    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 192, 576, seed=2))
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 192, k, seed=2))
     calls = []
     monkeypatch.setattr(cpu_backend, "int4_amx_matmul", lambda *a: calls.append(a[0].shape[0]) or int4_amx_matmul(*a))
-    for m in (1, cpu_backend.AMX_MIN_ROWS - 1, cpu_backend.AMX_MIN_ROWS, 32, cpu_backend.AMX_MATMUL_MAX_ROWS,
-              cpu_backend.AMX_MATMUL_MAX_ROWS + 1):
-        x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
+    widest = min(cpu_backend.AMX_MATMUL_MAX_ROWS, cpu_backend.AMX_MATMUL_MAX_ELEMENTS // k)
+    for m in (1, cpu_backend.AMX_MIN_ROWS - 1, cpu_backend.AMX_MIN_ROWS, 32, cpu_backend.AMX_MAX_ROWS, widest,
+              widest + 1):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
         y = backend.linear(x, w)
         assert y.shape == (m, 192) and y.dtype == torch.bfloat16
         ref = x.float() @ w.expand_f32_t()
         torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
-    assert calls == [cpu_backend.AMX_MIN_ROWS, 32, cpu_backend.AMX_MATMUL_MAX_ROWS]
+    assert calls == [cpu_backend.AMX_MIN_ROWS, 32, cpu_backend.AMX_MAX_ROWS, widest]
+    assert widest == (1024 if k == 576 else 512)
 
 
 def test_edgellm_amx_0_turns_the_kernel_off(monkeypatch):
