@@ -474,7 +474,7 @@ class CPUBackend(TorchBackend):
         lo, hi = self._batched_rows
         if lo <= m <= hi:
             return True
-        return (self._amx_config is not None and hi < m <= AMX_MATMUL_MAX_ROWS
+        return (self.uses_amx and hi < m <= AMX_MATMUL_MAX_ROWS
                 and m * k <= AMX_MATMUL_MAX_ELEMENTS)
 
     def _int4_batched_linear(self, x: torch.Tensor, w: Int4PackedWeight) -> torch.Tensor:
