@@ -1,6 +1,7 @@
 """Packed weights of the CPU backend, repacked once at load into the layouts its kernels want.
 
-Weights stay packed in memory (resident weights ~1.0x the GGUF file). The AMX kernel widens int4
+Weights stay packed in memory (resident weights ~1.0x the GGUF file), copied at load onto 2 MiB pages
+where Linux grants them (``cpu_hugepages``: a batched step reads every weight). The AMX kernel widens int4
 weights tile by tile from the same packed bytes; steps with many rows expand a weight to bfloat16
 into a scratch buffer shared by all weights of one shape, multiply with oneDNN's bf16 GEMM, and drop
 it. The one dense copy is an output head's, widened to bf16 by the first greedy step of 32+ rows on a
@@ -16,6 +17,7 @@ import numba
 import numpy as np
 import torch
 
+from edgellm.backends.cpu_hugepages import on_huge_pages, tensor_on_huge_pages
 from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
 from edgellm.kernels.cpu.dpbf16 import int8_to_bf16_panels
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
@@ -55,7 +57,7 @@ class Int4PackedWeight:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         # the kernel's fast path takes bf16 activations and bf16 scales; fp32 is ~50x slower
         sz = torch.stack([d, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # [K/32, N, 2]
-        return cls(packed, sz, (n, k))
+        return cls(tensor_on_huge_pages(packed), tensor_on_huge_pages(sz), (n, k))
 
     @functools.cached_property
     def amx_operands(self) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +124,7 @@ class RowInt8Head:
         norm = np.empty(n, np.float64)
         q8_0_row_int8(qs, d, qw, scale, err, norm)
         scale_bf16 = torch.from_numpy(scale.view(np.int16)).view(torch.bfloat16)
-        return cls(torch.from_numpy(qw), scale_bf16, _round_up_f32(err), _round_up_f32(norm),
+        return cls(torch.from_numpy(on_huge_pages(qw)), scale_bf16, _round_up_f32(err), _round_up_f32(norm),
                    scale_bf16.float().numpy())
 
     def bf16_panels(self) -> np.ndarray:
@@ -187,6 +189,7 @@ class Q8_0Weight:
     def from_quantized(cls, w: QuantizedTensor, head: bool = False) -> Q8_0Weight:
         assert w.fmt == "Q8_0", w.fmt
         qs, d = repack_q8_0(w.data.contiguous().numpy())
+        qs, d = on_huge_pages(qs), on_huge_pages(d)
         return cls(qs, d, w.shape, RowInt8Head.from_q8_0(qs, d) if head else None)
 
     @property

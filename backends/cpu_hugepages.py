@@ -1,0 +1,93 @@
+"""Weights and the KV cache on 2 MiB pages, where Linux grants them (transparent huge pages).
+
+A batched decode step reads every weight once (~80 MB for SmolLM2-135M) and hundreds of MB of KV
+cache. On 4 KiB pages a read of a page not touched lately also costs a page walk, whose entries have
+left the caches too; on 2 MiB pages the TLB covers 512x more. Offline, 32 streams: +4-6 % output
+tokens/s from the weights, +4-5 % more from the cache (BENCHMARKS.md, round 36).
+
+The prepared weights are copied once, at load, into anonymous private mappings advised
+``MADV_HUGEPAGE`` (honoured in THP's usual ``madvise`` mode), bump-allocated from them; the KV pool's
+layers get mappings of their own, left untouched until ``populate`` makes blocks resident (so the
+pool still costs memory only as it is used, now in 2 MiB steps). The arrays are ordinary numpy arrays.
+
+Off with ``EDGELLM_HUGE_PAGES=0``, where the OS has no ``MADV_HUGEPAGE`` (not Linux) or THP is
+``never``: then memory comes from the allocator as before. The same bytes either way.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import numpy as np
+import torch
+
+HUGE_PAGE = 2 << 20
+CHUNK = 64 << 20  # bytes a mapping: a model's weights in a few of them, at most one part-used
+ALIGN = 64  # each array starts on a cache line
+MIN_BYTES = 64 << 10  # smaller arrays stay where they are: a few of their pages cost nothing
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+_lock = threading.Lock()
+_chunk: np.ndarray | None = None  # the mapping being filled, 2 MiB-aligned, as bytes
+_used = 0
+
+
+def enabled() -> bool:
+    """Whether weights go onto 2 MiB pages here: Linux with THP not ``never``, not switched off."""
+    if os.environ.get("EDGELLM_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        with open(THP_MODE) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def _mapping(nbytes: int) -> np.ndarray:
+    """``nbytes`` (a multiple of 2 MiB) of fresh private memory starting on a 2 MiB boundary, advised
+    ``MADV_HUGEPAGE``; the array keeps the mapping alive."""
+    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = np.frombuffer(m, np.uint8)
+    skip = -whole.ctypes.data % HUGE_PAGE
+    m.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
+    return whole[skip:skip + nbytes]
+
+
+def _take(nbytes: int) -> np.ndarray:
+    global _chunk, _used
+    with _lock:
+        if nbytes > CHUNK // 2:  # a big array gets a mapping of its own
+            return _mapping(-(-nbytes // HUGE_PAGE) * HUGE_PAGE)[:nbytes]
+        start = -(-_used // ALIGN) * ALIGN
+        if _chunk is None or start + nbytes > _chunk.shape[0]:
+            _chunk, start = _mapping(CHUNK), 0
+        _used = start + nbytes
+        return _chunk[start:start + nbytes]
+
+
+def on_huge_pages(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` on 2 MiB pages (``a`` itself where they are off, or ``a`` is small)."""
+    if a.nbytes < MIN_BYTES or not enabled():
+        return a
+    out = _take(a.nbytes).view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def tensor_on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``on_huge_pages`` for a contiguous CPU tensor (bf16 through its 16-bit pattern)."""
+    if t.dtype == torch.bfloat16:
+        return torch.from_numpy(on_huge_pages(t.view(torch.int16).numpy())).view(torch.bfloat16)
+    return torch.from_numpy(on_huge_pages(t.numpy()))
+
+
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in a mapping of its own on 2 MiB pages, none of them resident until
+    written (``torch.empty`` where huge pages are off)."""
+    if not enabled():
+        return torch.empty(shape, dtype=dtype)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    with _lock:
+        raw = _mapping(max(1, -(-nbytes // HUGE_PAGE)) * HUGE_PAGE)[:nbytes]
+    return torch.from_numpy(raw).view(dtype).view(shape)
