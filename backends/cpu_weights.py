@@ -131,14 +131,14 @@ class RowInt8Head:
         """``qw`` widened to bf16 pairs in 32-row panels for ``bf16_panels_matmul`` (2 bytes a weight,
         56 MB for SmolLM2's head), built on first use: only steps of many greedy rows ask for it."""
         if self._panels is None:
-            self._panels = int8_to_bf16_panels(self.qw.numpy())
+            self._panels = on_huge_pages(int8_to_bf16_panels(self.qw.numpy()))
         return self._panels
 
     def vnni_panels(self) -> np.ndarray:
         """``qw`` plus 128 as bytes in 48-row panels for ``int8_head_vnni`` (28 MB for SmolLM2's head),
         built on first use: only greedy steps of 8 rows and more ask for it."""
         if self._vnni_panels is None:
-            self._vnni_panels = vnni_panels(self.qw.numpy())
+            self._vnni_panels = on_huge_pages(vnni_panels(self.qw.numpy()))
         return self._vnni_panels
 
     @property
@@ -173,7 +173,7 @@ class Q8_0Weight:
         """``qs`` and ``d`` re-laid in 16-column panels for ``q8_0_gemv`` (as many bytes again as ``qs``
         and ``d``: 31 MB for SmolLM2's head), built on first use: sampled steps and Q8_0 layers ask."""
         if self._panels is None:
-            self._panels = q8_0_panels(self.qs, self.d)
+            self._panels = tuple(on_huge_pages(a) for a in q8_0_panels(self.qs, self.d))
         return self._panels
 
     @property
