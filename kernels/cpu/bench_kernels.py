@@ -256,14 +256,26 @@ SECTIONS = {"overhead": bench_call_overhead, "attention": bench_attention, "line
             "sampled": bench_sampled_head, "amx": bench_amx}
 
 
-def main() -> None:
+USAGE = f"usage: python -m edgellm.kernels.cpu.bench_kernels [SECTION ...]  (sections: {', '.join(SECTIONS)}; none: all)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = sys.argv[1:] if argv is None else argv
+    if names in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        print(f"unknown section: {', '.join(unknown)}\n{USAGE}", file=sys.stderr)
+        return 2
     backend = CPUBackend(batch_invariant=False)
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
           f"({numba.threading_layer()}); isa {torch.backends.cpu.get_cpu_capability()}")
-    for name in sys.argv[1:] or list(SECTIONS):
+    for name in names or list(SECTIONS):
         for line in SECTIONS[name](backend):
             print(line, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
