@@ -43,8 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from edgellm.backends.base import AttentionMetadata, Capabilities, DecoderLayer, DecoderShape
-from edgellm.backends.cpu_hugepages import empty_on_huge_pages
-from edgellm.backends.cpu_hugepages import enabled as huge_pages_enabled
 from edgellm.backends.cpu_memory import populate
 from edgellm.backends.cpu_warmup import usable_cpus, warm_up, warm_up_cache
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
@@ -103,7 +101,7 @@ from edgellm.kernels.cpu.q8_0 import (
 from edgellm.kernels.cpu.q8_0_gemv import q8_0_gemv
 from edgellm.kernels.cpu.q8_0_gemv import supports as q8_0_gemv_supports
 from edgellm.quant import QuantizedTensor
-from edgellm.quant.kv_int8 import dequantize_kv_rows, quantize_kv_rows, row_elements
+from edgellm.quant.kv_int8 import dequantize_kv_rows, quantize_kv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -238,14 +236,10 @@ class CPUBackend(TorchBackend):
 
     def allocate_kv_cache(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                           head_dim: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The base class's pool, each layer's cache on 2 MiB pages where they are granted
-        (``cpu_hugepages``); a warmed-up backend also loads the kernels an int8 cache takes."""
+        """The base class's pool; a warmed-up backend also loads the kernels an int8 cache takes."""
         if self._warm and dtype == torch.int8:
             logger.debug("int8 KV cache kernels ready in %.2f s", warm_up_cache(self, dtype))
-        if not huge_pages_enabled():
-            return super().allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype)
-        shape = (2, num_blocks, num_kv_heads, block_size, row_elements(head_dim, dtype))
-        return [empty_on_huge_pages(shape, dtype) for _ in range(num_layers)]
+        return super().allocate_kv_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype)
 
     @property
     def uses_amx(self) -> bool:

@@ -1,17 +1,18 @@
-"""Weights and the KV cache on 2 MiB pages, where Linux grants them (transparent huge pages).
+"""Weights on 2 MiB pages, where Linux grants them (transparent huge pages).
 
-A batched decode step reads every weight once (~80 MB for SmolLM2-135M) and hundreds of MB of KV
-cache. On 4 KiB pages a read of a page not touched lately also costs a page walk, whose entries have
-left the caches too; on 2 MiB pages the TLB covers 512x more. Offline, 32 streams: +4-6 % output
-tokens/s from the weights, +4-5 % more from the cache (BENCHMARKS.md, round 36).
+A batched decode step reads every weight once (~80 MB for SmolLM2-135M) after hundreds of MB of KV
+cache have passed through the caches. On 4 KiB pages a weight page not touched lately then also costs
+a page walk, whose entries have left the caches too; on 2 MiB pages the TLB covers 512x more. The
+prepared weights are copied once, at load, into anonymous private mappings advised ``MADV_HUGEPAGE``
+(honoured in THP's usual ``madvise`` mode) and bump-allocated from them; the copies are ordinary
+numpy arrays. 32 streams offline: +4-6 % output tokens/s (BENCHMARKS.md, round 36).
 
-The prepared weights are copied once, at load, into anonymous private mappings advised
-``MADV_HUGEPAGE`` (honoured in THP's usual ``madvise`` mode), bump-allocated from them; the KV pool's
-layers get mappings of their own, left untouched until ``populate`` makes blocks resident (so the
-pool still costs memory only as it is used, now in 2 MiB steps). The arrays are ordinary numpy arrays.
+The KV pool stays on 4 KiB pages: there 2 MiB pages gained 4-5 % once resident, but their first touch
+cost ~10x more on the VM measured (~3 ms a MB: the host backs fresh guest memory slowly), which a run
+pays as its pool grows, and the pool would grow in 2 MiB steps a layer.
 
 Off with ``EDGELLM_HUGE_PAGES=0``, where the OS has no ``MADV_HUGEPAGE`` (not Linux) or THP is
-``never``: then memory comes from the allocator as before. The same bytes either way.
+``never``: then weights stay where they were made. The same bytes either way.
 """
 from __future__ import annotations
 
@@ -81,13 +82,3 @@ def tensor_on_huge_pages(t: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(on_huge_pages(t.view(torch.int16).numpy())).view(torch.bfloat16)
     return torch.from_numpy(on_huge_pages(t.numpy()))
 
-
-def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor in a mapping of its own on 2 MiB pages, none of them resident until
-    written (``torch.empty`` where huge pages are off)."""
-    if not enabled():
-        return torch.empty(shape, dtype=dtype)
-    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-    with _lock:
-        raw = _mapping(max(1, -(-nbytes // HUGE_PAGE)) * HUGE_PAGE)[:nbytes]
-    return torch.from_numpy(raw).view(dtype).view(shape)
