@@ -51,7 +51,10 @@ def _mapping(nbytes: int) -> np.ndarray:
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = np.frombuffer(m, np.uint8)
     skip = -whole.ctypes.data % HUGE_PAGE
-    m.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE, skip, nbytes)
+    except OSError:  # refused: still ordinary memory, on 4 KiB pages
+        pass
     return whole[skip:skip + nbytes]
 
 
@@ -81,4 +84,3 @@ def tensor_on_huge_pages(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bfloat16:
         return torch.from_numpy(on_huge_pages(t.view(torch.int16).numpy())).view(torch.bfloat16)
     return torch.from_numpy(on_huge_pages(t.numpy()))
-
