@@ -34,7 +34,7 @@ def test_a_weight_is_copied_into_an_advised_mapping():
     b = on_huge_pages(a)
     assert b is not a and np.array_equal(a, b) and b.dtype == a.dtype and b.shape == a.shape
     assert b.flags.c_contiguous and b.ctypes.data % 64 == 0
-    assert "hg" in vm_flags(b.ctypes.data) and "hg" not in vm_flags(a.ctypes.data)
+    assert "hg" in vm_flags(b.ctypes.data)  # (numpy advises its own big allocations too: not asked of ``a``)
     small = np.ones(MIN_BYTES // 8 - 1)
     assert on_huge_pages(small) is small  # a few pages of it cost nothing
 
