@@ -7,6 +7,7 @@ second: the number that bounds decode.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -256,18 +257,23 @@ SECTIONS = {"overhead": bench_call_overhead, "attention": bench_attention, "line
             "sampled": bench_sampled_head, "amx": bench_amx}
 
 
-USAGE = f"usage: python -m edgellm.kernels.cpu.bench_kernels [SECTION ...]  (sections: {', '.join(SECTIONS)}; none: all)"
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m edgellm.kernels.cpu.bench_kernels",
+                                     description="Micro-benchmarks of the CPU kernels (not a test).")
+    parser.add_argument("sections", nargs="*", metavar="SECTION",
+                        help=f"any of: {', '.join(SECTIONS)} (none: all of them)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = sys.argv[1:] if argv is None else argv
-    if names in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    unknown = [n for n in names if n not in SECTIONS]
-    if unknown:
-        print(f"unknown section: {', '.join(unknown)}\n{USAGE}", file=sys.stderr)
-        return 2
+    parser = _parser()
+    try:
+        names = parser.parse_args(argv).sections
+        unknown = [n for n in names if n not in SECTIONS]
+        if unknown:
+            parser.error(f"unknown section: {', '.join(unknown)}")
+    except SystemExit as done:  # --help, or a bad argument: argparse has said why
+        return int(done.code or 0)
     backend = CPUBackend(batch_invariant=False)
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
           f"({numba.threading_layer()}); isa {torch.backends.cpu.get_cpu_capability()}")
