@@ -16,6 +16,7 @@ Off with ``EDGELLM_HUGE_PAGES=0``, where the OS has no ``MADV_HUGEPAGE`` (not Li
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import threading
@@ -34,15 +35,21 @@ _chunk: np.ndarray | None = None  # the mapping being filled, 2 MiB-aligned, as 
 _used = 0
 
 
-def enabled() -> bool:
-    """Whether weights go onto 2 MiB pages here: Linux with THP not ``never``, not switched off."""
-    if os.environ.get("EDGELLM_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+@functools.cache
+def _thp_available() -> bool:
+    """Linux with ``MADV_HUGEPAGE`` and THP not ``never`` (read once: the mode is the machine's)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
         with open(THP_MODE) as f:
             return "[never]" not in f.read()
     except OSError:
         return False
+
+
+def enabled() -> bool:
+    """Whether weights go onto 2 MiB pages here: THP available and ``EDGELLM_HUGE_PAGES`` not 0."""
+    return os.environ.get("EDGELLM_HUGE_PAGES", "1") != "0" and _thp_available()
 
 
 def _mapping(nbytes: int) -> np.ndarray:
