@@ -51,6 +51,7 @@ from edgellm.kernels.cpu.paged_attention import (
     _merge_partials,
     _plan,
     dealt_items,
+    heads_unit,
     rope_and_write,
     write_kv,
 )
@@ -209,7 +210,7 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
     """``paged_attention._run_items`` with decodes on tiles (configured for them alone)."""
     scale32 = np.float32(scale)
     cap32 = np.float32(soft_cap)
-    mine = dealt_items(order, worker, n_workers)
+    mine = dealt_items(order, worker, n_workers, heads_unit(order.shape[0], kv.shape[2], n_workers))
     _attend_decodes(out, q, kv, query_start_loc, block_tables, scale32, cap32, items, mine, partials, cfg)
     for i in range(mine.shape[0]):
         item = mine[i]

@@ -46,6 +46,7 @@ from edgellm.kernels.cpu.paged_attention import (
     _plan,
     dealt_items,
     decode_pv,
+    heads_unit,
     rope_and_write,
     write_kv,
 )
@@ -317,7 +318,7 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
     q_scales, sums, maxes = f32u[at:at + group], f32u[at + group:at + 2 * group], f32u[at + 2 * group:at + 3 * group]
     q_flat = q.reshape(-1)
     kv_flat = kv.reshape(-1)
-    mine = dealt_items(order, worker, n_workers)
+    mine = dealt_items(order, worker, n_workers, heads_unit(order.shape[0], kv.shape[2], n_workers))
     for i in range(mine.shape[0]):
         item = mine[i]
         b = items[item, 0]

@@ -178,6 +178,33 @@ def test_long_decodes_split_into_equal_whole_tile_ranges():
             assert sizes[0] % 16 == 0 and sizes[0] >= DECODE_KEYS_PER_ITEM
 
 
+def test_a_sequences_head_items_are_dealt_to_one_worker_together():
+    """With two or more (sequence, key range) groups a worker, ``heads_unit`` deals a group's kv-head
+    items to one worker back to back (their blocks' K and V pieces are adjacent in the cache); with
+    fewer, items one by one for balance. Either way every item is dealt exactly once."""
+    from edgellm.kernels.cpu.paged_attention import _plan, dealt_items, heads_unit
+
+    rng = np.random.default_rng(0)
+    grouped = 0
+    for _ in range(200):
+        n, n_kv, workers = int(rng.integers(1, 40)), int(rng.choice([1, 2, 3, 4])), int(rng.choice([1, 2, 3]))
+        lens = rng.integers(1, 1300, n)
+        nq = np.where(rng.random(n) < 0.2, np.minimum(lens, rng.integers(2, 200, n)), 1)
+        starts = np.concatenate([[0], np.cumsum(nq)])
+        items, order, _ = _plan(starts, lens, n_kv, 64, 0, 2, 64)
+        unit = heads_unit(order.shape[0], n_kv, workers)
+        dealt = [dealt_items(order, w, workers, unit) for w in range(workers)]
+        assert sorted(np.concatenate(dealt).tolist()) == list(range(items.shape[0]))
+        groups = order.shape[0] // n_kv
+        assert unit == (n_kv if n_kv > 1 and groups >= 2 * workers else 1)
+        for mine in dealt:
+            assert mine.shape[0] % unit == 0
+            for i in range(0, mine.shape[0], unit):
+                assert len(set(items[mine[i:i + unit], 0].tolist())) == 1, "a unit spans sequences"
+        grouped += unit > 1
+    assert grouped > 50
+
+
 def test_metadata_without_host_lists_reads_the_tensors(paged_batch):
     import dataclasses
 
