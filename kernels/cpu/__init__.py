@@ -1,7 +1,12 @@
 """CPU kernels (Numba and torch ops)."""
+import os
 import sys
 
 import numba
+
+from edgellm.kernels.numba_cache import key_cache_dir
+
+key_cache_dir(os.path.dirname(__file__))  # before any kernel here is decorated
 
 
 def _import_numba_np_without_scipy() -> None:
