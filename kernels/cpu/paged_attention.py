@@ -449,8 +449,9 @@ def heads_unit(n_items: int, n_kv: int, n_workers: int) -> int:
     """``dealt_items``' unit for a ``_plan`` order: a sequence's ``n_kv`` head items of one key range
     (or query tile) stand together in it, and one worker attending them back to back reads each block's
     K (and V) pieces, adjacent in the cache, as one run (32 decodes' attention 1.13-1.18x, BENCHMARKS.md
-    round 37). Single items while there are fewer than two such groups a worker, for balance."""
-    if n_kv > 1 and n_items % n_kv == 0 and n_items // n_kv >= 2 * n_workers:
+    round 37). Single items while there are fewer than four such groups a worker: with 2 units a
+    worker (4 sequences on 2 threads) balance cost what locality gave, with 4 (8 sequences) 1.05x."""
+    if n_kv > 1 and n_items % n_kv == 0 and n_items // n_kv >= 4 * n_workers:
         return n_kv
     return 1
 
