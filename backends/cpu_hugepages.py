@@ -7,9 +7,10 @@ prepared weights are copied once, at load, into anonymous private mappings advis
 (honoured in THP's usual ``madvise`` mode) and bump-allocated from them; the copies are ordinary
 numpy arrays. 32 streams offline: +4-6 % output tokens/s (BENCHMARKS.md, round 36).
 
-The KV pool stays on 4 KiB pages: there 2 MiB pages gained 4-5 % once resident, but their first touch
-cost ~10x more on the VM measured (~3 ms a MB: the host backs fresh guest memory slowly), which a run
-pays as its pool grows, and the pool would grow in 2 MiB steps a layer.
+The KV pool stays on 4 KiB pages: 2 MiB pages gained 4-5 % once resident in round 36 and nothing in
+round 37, while their first touch cost ~10x more on the VM measured (~3 ms a MB: the host backs fresh
+guest memory slowly; paging in a 1 GiB pool took 12 s against 0.5 s), which a run pays as its pool
+grows, and the pool would grow in 2 MiB steps a layer.
 
 Off with ``EDGELLM_HUGE_PAGES=0``, where the OS has no ``MADV_HUGEPAGE`` (not Linux) or THP is
 ``never``: then weights stay where they were made. The same bytes either way.
