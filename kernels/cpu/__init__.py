@@ -4,9 +4,11 @@ import sys
 
 import numba
 
+from edgellm.kernels.cpu.alignment import align_numba_arrays
 from edgellm.kernels.numba_cache import key_cache_dir
 
 key_cache_dir(os.path.dirname(__file__))  # before any kernel here is decorated
+align_numba_arrays()  # likewise: compiled into every kernel's allocations
 
 
 def _import_numba_np_without_scipy() -> None:
