@@ -14,7 +14,7 @@ from edgellm.backends import cpu as cpu_backend
 from edgellm.kernels.cpu.amx import amx_int8_supported, make_config, request_amx
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
-from edgellm.kernels.cpu.int8_head_amx import int8_head_amx
+from edgellm.kernels.cpu.int8_head_amx import STREAM_MIN_BYTES, int8_head_amx
 from tests.kernels.int8_head_checks import assert_greedy_head_exact, assert_matches_float64, int8_case
 
 pytestmark = pytest.mark.skipif(not request_amx(), reason="this CPU has no AMX-BF16")
@@ -50,6 +50,25 @@ def test_int16_activations_on_int8_tiles_give_int8_gemvs_numbers(m, n, k):
         out = np.full((m, n), np.nan, np.float32)
         int8_head_amx(xq, s, qw.numpy(), scale.float().numpy(), out, make_config(), threads)
         assert np.array_equal(out, want)
+
+
+@int8_tiles
+@pytest.mark.parametrize("offset", [0, 1])  # on cache lines (streaming stores) or 4 bytes past them
+def test_int8_tiles_stream_big_outputs(offset):
+    """Outputs of ``STREAM_MIN_BYTES`` and more go past the caches where they start on a cache line:
+    the same numbers either way."""
+    m, n, k = 33, 16384, 64
+    assert m * n * 4 >= STREAM_MIN_BYTES
+    x, qw, scale = int8_case(m, n, k)
+    xq, s = quantize_rows_int16(x.float().numpy(), xq_limit(k))
+    want = np.empty((m, n), np.float32)
+    int8_gemv(xq, s, qw.numpy(), scale.float().numpy(), want, 2)
+    buf = np.full(m * n + 32, np.nan, np.float32)
+    start = (-buf.ctypes.data % 64) // 4 + offset
+    out = buf[start:start + m * n].reshape(m, n)
+    assert (out.ctypes.data % 64 == 0) == (offset == 0)
+    int8_head_amx(xq, s, qw.numpy(), scale.float().numpy(), out, make_config(), 2)
+    assert np.array_equal(out, want)
 
 
 @int8_tiles
