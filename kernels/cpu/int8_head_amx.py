@@ -37,7 +37,7 @@ from edgellm.kernels.cpu.vec16 import transpose16
 
 K_TILE = 64  # bytes of K per tile product
 # weight tiles (16 rows, 9 KiB at K = 576) asked for ahead, into L2 only: on the AMX Xeon a cold 32-row
-# step over SmolLM2's 28 MB head took 2.08 ms so against 2.70 with four tiles into every level (L1's
+# step over SmolLM2's 28 MB head took 2.08 ms against 2.70 with four tiles into every level (L1's
 # fill buffers then hold up the tile loads); 4 to 16 tiles ahead into L2 all read 2.03-2.19 ms
 PREFETCH_TILES = 8
 CACHE_LINE = 64
@@ -137,8 +137,8 @@ def _weight_tiles(qw, hi, lo, s_pad, scale, out, m, cfg, t0, t1):
     flat, hi_f, lo_f = qw.reshape(-1), hi.reshape(-1), lo.reshape(-1)
     acc = np.empty(512, np.int32)  # one 16-row chunk's two C tiles, read out before the next are stored
     # logits past L2's size (6 MB for 32 rows of SmolLM2's head) stream to memory: written through the
-    # caches, each line was read first (2.00 -> 1.78 ms a cold 32-row step; the re-scoring that reads
-    # them back from memory after lost ~0.01 of it)
+    # caches, each line was read first (2.00 -> 1.78 ms a cold 32-row step; the re-scoring after it,
+    # which now reads them from memory, took ~0.01 ms longer)
     streaming = out.ctypes.data % CACHE_LINE == 0 and n % 16 == 0 and out.size * 4 >= STREAM_MIN_BYTES
     tile_config(cfg)
     for t in range(t0, t1):
