@@ -32,7 +32,7 @@ from edgellm.kernels.cpu.amx import (
     tile_store,
     tile_zero,
 )
-from edgellm.kernels.cpu.prefetch import prefetch_l2
+from edgellm.kernels.cpu.prefetch import CACHE_LINE, prefetch_l2
 from edgellm.kernels.cpu.vec16 import transpose16
 
 K_TILE = 64  # bytes of K per tile product
@@ -40,7 +40,6 @@ K_TILE = 64  # bytes of K per tile product
 # step over SmolLM2's 28 MB head took 2.08 ms against 2.70 with four tiles into every level (L1's
 # fill buffers then hold up the tile loads); 4 to 16 tiles ahead into L2 all read 2.03-2.19 ms
 PREFETCH_TILES = 8
-CACHE_LINE = 64
 STREAM_MIN_BYTES = 2 << 20
 
 
@@ -73,18 +72,16 @@ def _store_tile(typingctx, acc, s, c0, scale, n0, out, n_cols, count, streaming)
     ``n_cols``) from the int32 C tiles in ``acc``: high halves' sums ``acc[16 i + c]``, low halves'
     ``acc[256 + 16 i + c]`` (weight row ``i``, activation row ``c``), as
     ``float(256 hi + lo) * s[c0 + c] * scale[n0 + i]``; ``s`` has 16 readable entries from ``c0``.
-    ``streaming`` (a constant 1) writes each 64-byte row piece past the caches (``movntps``: the
-    caller has ``out`` and its rows on cache lines and fences after)."""
-    if not isinstance(streaming, types.IntegerLiteral):
-        return None
-    if not (isinstance(acc, types.Array) and acc.dtype == types.int32 and acc.layout == "C"
+    Where ``streaming`` is true each 64-byte row piece goes past the caches (``movntps``: the caller
+    has ``out`` and its rows on cache lines and fences after)."""
+    if not (isinstance(streaming, types.Boolean) and isinstance(acc, types.Array) and acc.dtype == types.int32 and acc.layout == "C"
             and all(isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C" for a in (s, scale, out))
             and all(isinstance(t, types.Integer) for t in (c0, n0, n_cols, count))):
         return None
 
     def codegen(context, builder, sig, args):
         t_acc, t_s, t_c0, t_scale, t_n0, t_out, t_cols, t_count, _ = sig.args
-        a_acc, a_s, a_c0, a_scale, a_n0, a_out, a_cols, a_count, _ = args
+        a_acc, a_s, a_c0, a_scale, a_n0, a_out, a_cols, a_count, a_streaming = args
         i16, f16 = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.FloatType(), 16)
         i64 = ir.IntType(64)
         zero = context.get_constant(types.intp, 0)
@@ -106,14 +103,14 @@ def _store_tile(typingctx, acc, s, c0, scale, n0, out, n_cols, count, streaming)
                 at = builder.add(builder.mul(builder.add(c0, ir.Constant(i64, c)), cols), n0)
                 val = builder.fmul(builder.bitcast(rows[c], f16), scale_vec)
                 ptr = element_ptr(context, builder, t_out, a_out, at, types.int64, f16)
-                if nt:
-                    st = builder.store(val, ptr, align=64)
-                    st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
-                else:
-                    builder.store(val, ptr, align=4)
+                with builder.if_else(a_streaming) as (past_caches, cached):
+                    with past_caches:
+                        st = builder.store(val, ptr, align=64)
+                        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+                    with cached:
+                        builder.store(val, ptr, align=4)
         return context.get_dummy_value()
 
-    nt = streaming.literal_value == 1
     return types.void(acc, s, c0, scale, n0, out, n_cols, count, streaming), codegen
 
 
@@ -139,7 +136,7 @@ def _weight_tiles(qw, hi, lo, s_pad, scale, out, m, cfg, t0, t1):
     # logits past L2's size (6 MB for 32 rows of SmolLM2's head) stream to memory: written through the
     # caches, each line was read first (2.00 -> 1.78 ms a cold 32-row step; the re-scoring after it,
     # which now reads them from memory, took ~0.01 ms longer)
-    streaming = out.ctypes.data % CACHE_LINE == 0 and n % 16 == 0 and out.size * 4 >= STREAM_MIN_BYTES
+    streaming = out.ctypes.data % CACHE_LINE == 0 and n % 16 == 0 and out.nbytes >= STREAM_MIN_BYTES
     tile_config(cfg)
     for t in range(t0, t1):
         n0 = 16 * t
@@ -169,17 +166,11 @@ def _weight_tiles(qw, hi, lo, s_pad, scale, out, m, cfg, t0, t1):
                     tile_dp_bsud(3, 4, 5)
             tile_store(0, acc, 0, 64)
             tile_store(1, acc, 256, 64)
-            if streaming:
-                _store_tile(acc, s_pad, c0, scale, n0, out, n, min(16, m - c0), 1)
-            else:
-                _store_tile(acc, s_pad, c0, scale, n0, out, n, min(16, m - c0), 0)
+            _store_tile(acc, s_pad, c0, scale, n0, out, n, min(16, m - c0), streaming)
             if two:
                 tile_store(2, acc, 0, 64)
                 tile_store(3, acc, 256, 64)
-                if streaming:
-                    _store_tile(acc, s_pad, c0 + 16, scale, n0, out, n, m - c0 - 16, 1)
-                else:
-                    _store_tile(acc, s_pad, c0 + 16, scale, n0, out, n, m - c0 - 16, 0)
+                _store_tile(acc, s_pad, c0 + 16, scale, n0, out, n, m - c0 - 16, streaming)
     if streaming:
         _store_fence()
     tile_release()
