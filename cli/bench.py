@@ -6,6 +6,8 @@ from dataclasses import asdict
 
 import click
 
+from edgellm.cli.options import SPECULATIVE_HELP
+
 
 def _engine(model: str, **opts):
     from edgellm.config import EngineConfig
@@ -42,6 +44,8 @@ _engine_options = [
                  help="Measure the batch-invariant arithmetic (same outputs alone or batched)."),
     click.option("--kv-cache-dtype", type=click.Choice(["auto", "float32", "bfloat16", "int8"]), default=None,
                  help="K/V cache dtype (default: auto; int8 keeps per-row scales)."),
+    click.option("--num-speculative-tokens", type=click.IntRange(min=0), default=None, metavar="K",
+                 help=SPECULATIVE_HELP),
 ]
 
 
@@ -67,14 +71,15 @@ def bench_group() -> None:
               help="hf: the Hugging Face transformers baseline on the same weights and prompts.")
 @engine_options
 def latency_cmd(model, prompt_tokens, output_tokens, repetitions, temperature, as_json, which, device, dtype,
-                threads, batch_invariant, kv_cache_dtype):
+                threads, batch_invariant, kv_cache_dtype, num_speculative_tokens):
     """Prefill and decode tokens/s for one stream (like llama-bench's pp/tg)."""
     from edgellm.benchmark import latency, random_prompt
 
     _greedy_only(which, temperature)
     engine = _engine(model, device=device, dtype=dtype if which == "edgellm" else "auto", threads=threads,
                      batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype,
-                     max_num_batched_tokens=max(2048, prompt_tokens), max_num_seqs=4)
+                     max_num_batched_tokens=max(2048, prompt_tokens), max_num_seqs=4,
+                     num_speculative_tokens=num_speculative_tokens)
     if which == "hf":
         from edgellm.benchmark_hf import hf_latency, load_hf
 
@@ -111,13 +116,14 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, temperature, a
               help="hf: transformers generate() in static batches of --max-num-seqs.")
 @engine_options
 def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_num_seqs, temperature, as_json,
-                   which, device, dtype, threads, batch_invariant, kv_cache_dtype):
+                   which, device, dtype, threads, batch_invariant, kv_cache_dtype, num_speculative_tokens):
     """Offline batch: every prompt submitted at once, tokens/s until all finish."""
     from edgellm.benchmark import load_prompts, random_prompt, throughput
 
     _greedy_only(which, temperature)
     engine = _engine(model, device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
-                     batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype)
+                     batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype,
+                     num_speculative_tokens=num_speculative_tokens)
     if prompts_path:
         prompts = load_prompts(prompts_path, engine, num_prompts, offset)
     else:

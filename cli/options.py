@@ -23,6 +23,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"  # the same as edgellm.catalog.DEFAULT_M
 
 DEVICES = ("auto", "cpu", "cuda", "rocm", "xpu", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SPECULATIVE_HELP = ("Speculative decoding by prompt lookup: up to K draft tokens a step for greedy requests, "
+                    "copied from where the last 2-4 tokens occurred earlier in the prompt or output and "
+                    "verified in the same step (default: 0, off).")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
@@ -105,9 +108,11 @@ _ENGINE = [
     click.option("--batch-invariant", is_flag=True, default=None,
                  help="Same output for a request alone or in any batch, at some cost in speed "
                       "(also $EDGELLM_BATCH_INVARIANT=1)."),
+    click.option("--num-speculative-tokens", type=click.IntRange(min=0), default=None, metavar="K",
+                 help=SPECULATIVE_HELP),
 ]
 ENGINE_KEYS = ("device", "dtype", "threads", "max_model_len", "kv_cache_memory", "kv_cache_dtype",
-               "batch_invariant")
+               "batch_invariant", "num_speculative_tokens")
 
 
 def engine_options(func: Callable) -> Callable:

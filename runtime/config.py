@@ -120,3 +120,9 @@ class EngineConfig:
     # while it has nothing to do, as vLLM and llama.cpp allocate theirs at start-up, so a burst of
     # requests does not pay for it (a fresh VM's first touch costs 0.7-2.7 s a GiB)
     kv_page_in: str = "lazy"
+    # speculative decoding by prompt lookup (vLLM's "ngram" method): up to this many draft tokens a
+    # step for greedy requests, copied from where the sequence's last prompt_lookup_min..max tokens
+    # occurred earlier in it, and verified in the same step (the output is the model's own argmax)
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4

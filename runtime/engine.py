@@ -17,6 +17,7 @@ from edgellm.detokenizer import IncrementalDetokenizer
 from edgellm.kv_cache import BlockManager
 from edgellm.model_runner import ModelRunner, StepLogits
 from edgellm.models import MODEL_REGISTRY
+from edgellm.ngram_proposer import NgramProposer
 from edgellm.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob, Usage
 from edgellm.quant.kv_int8 import row_bytes
 from edgellm.sampler import SampledToken, Sampler, SamplingRow
@@ -54,6 +55,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_draft_tokens: int = 0  # speculative tokens verified
+    spec_accepted_tokens: int = 0  # of which the model agreed with
 
 
 class LLMEngine:
@@ -66,6 +69,10 @@ class LLMEngine:
         self.config = config
         if config.kv_page_in not in ("lazy", "idle"):
             raise ValueError(f"kv_page_in must be 'lazy' or 'idle', not {config.kv_page_in!r}")
+        self.proposer = None
+        if config.num_speculative_tokens:
+            self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
+                                          config.prompt_lookup_max)
         t0 = time.perf_counter()
         if loaded is None:
             loaded = load_model(str(resolve_model(config.model)), dequantize=config.weights == "dequantize")
@@ -107,6 +114,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.spec_draft_tokens = self.spec_accepted_tokens = 0
         logger.info("engine ready in %.2fs: %s on %s/%s, %d KV blocks of %d tokens (%.0f MiB)",
                     time.perf_counter() - t0, self.model_name, self.backend.name, self.dtype, num_blocks,
                     bs, num_blocks * bytes_per_block / 2**20)
@@ -216,6 +224,8 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -226,8 +236,9 @@ class LLMEngine:
                 m.first_scheduled_time = now
         self.runner.ensure_resident(self.block_manager.high_water)
         head = self.runner.execute(sched)
-        self.scheduler.update_after_step(sched)
-        touched = self._sample_and_append(sched, head)
+        verified, rows = self._verify(sched, head)
+        self.scheduler.update_after_step(sched, {i: len(t) - 1 for i, t in verified.items()})
+        touched = self._sample_and_append(sched, head, verified, rows)
         outputs = []
         for req in touched:
             if req.finished:
@@ -238,9 +249,55 @@ class LLMEngine:
                 s.delta_text, s.delta_token_ids, s.delta_logprobs = "", [], []
         return outputs
 
-    def _sample_and_append(self, sched: SchedulerOutput, head: StepLogits) -> list[Request]:
+    def _propose(self) -> None:
+        """Draft tokens for each decoding sequence whose next tokens are plain argmaxes (greedy, and
+        nothing asked of its logits), within what it may still generate."""
+        for seq in self.scheduler.running:
+            seq.spec_token_ids = []
+            req, p = seq.request, seq.request.params
+            if seq.num_computed_tokens != seq.num_tokens - 1 or not _speculates(p) or (
+                    seq.num_output_tokens < p.min_tokens):
+                continue
+            limit = min(req.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
+            if limit > 0:
+                seq.spec_token_ids = self.proposer.propose(seq, limit)
+
+    def _verify(self, sched: SchedulerOutput, head: StepLogits) -> tuple[dict[int, list[int]], list[int]]:
+        """Check each sequence's drafts against the model's argmax at each of its rows: it takes the
+        argmaxes up to and including the first that differs from its draft (all of them, the last
+        one past the drafts, when every draft held). Returns those tokens by sequence id, and the
+        head row of every other sampling sequence, in schedule order."""
+        verified: dict[int, list[int]] = {}
+        rows: list[int] = []
+        r = 0
+        for s in sched.scheduled:
+            if not s.samples:
+                continue
+            if not s.drafts:
+                rows.append(r)
+                r += 1
+                continue
+            n = len(s.drafts) + 1
+            if head.greedy is not None:
+                best = head.greedy[r:r + n].tolist()
+            else:
+                best = head.logits[r:r + n].argmax(dim=-1).tolist()
+            a = 0
+            while a < n - 1 and s.drafts[a] == best[a]:
+                a += 1
+            verified[s.seq.seq_id] = best[:a + 1]
+            self.spec_draft_tokens += n - 1
+            self.spec_accepted_tokens += a
+            r += n
+        return verified, rows
+
+    def _sample_and_append(self, sched: SchedulerOutput, head: StepLogits, verified: dict[int, list[int]],
+                           rows: list[int]) -> list[Request]:
         seqs, row_logits = [], []
-        for i, s in enumerate(x for x in sched.scheduled if x.samples):
+        touched: dict[str, Request] = {}
+        now = time.time()
+        sampling = [s for s in sched.scheduled if s.samples and not s.drafts]
+        for i, s in zip(rows, sampling):
             seq, req = s.seq, s.seq.request
             targets = [seq]
             if req.params.n > 1 and not req.forked:
@@ -248,17 +305,21 @@ class LLMEngine:
             for t in targets:
                 seqs.append(t)
                 row_logits.append(i)
-        touched: dict[str, Request] = {}
+        for s in sched.scheduled:
+            for token in verified.get(s.seq.seq_id, ()) if s.drafts else ():
+                self._append(s.seq, SampledToken(token), now)
+                touched[s.seq.request.request_id] = s.seq.request
+                if s.seq.is_finished:  # a stop token or string, or the length: the rest is dropped
+                    break
         if seqs:
             out = head.greedy if head.greedy is not None else head.logits
-            if len(row_logits) != out.shape[0]:  # n > 1 forks sample several rows from one
+            if row_logits != list(range(out.shape[0])):  # n > 1 forks, or rows that verified drafts
                 out = out[torch.tensor(row_logits)]
             if head.greedy is not None:  # the head took every row's argmax already
                 tokens = [SampledToken(t) for t in out.tolist()]
             else:
                 tokens = self.sampler(out, [SamplingRow(t.request.params, t.request.prompt_token_ids,
                                                         t.output_token_ids, t.generator) for t in seqs])
-            now = time.time()
             for seq, tok in zip(seqs, tokens):
                 self._append(seq, tok, now)
                 touched[seq.request.request_id] = seq.request
@@ -339,4 +400,12 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             num_preemptions=sch.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            spec_draft_tokens=self.spec_draft_tokens, spec_accepted_tokens=self.spec_accepted_tokens,
         )
+
+
+def _speculates(p: SamplingParams) -> bool:
+    """Whether a request's tokens may be drafted and verified: each is the argmax of unedited logits
+    and nothing else of them is asked for (sampled requests decode one token a step)."""
+    return (p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)

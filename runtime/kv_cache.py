@@ -109,16 +109,19 @@ class BlockManager:
         """
         total = seq.num_computed_tokens + num_new_tokens
         need = self.blocks_needed(total) - len(seq.block_table)
+        # the block the next token goes to, when it already holds some (tables may run past it: slots
+        # of rejected drafts stay allocated for the tokens that come next)
+        cur = seq.num_computed_tokens // self.block_size
         partial = seq.num_computed_tokens % self.block_size
-        cow = partial != 0 and self.blocks[seq.block_table[-1]].ref_count > 1
+        cow = partial != 0 and self.blocks[seq.block_table[cur]].ref_count > 1
         if max(need, 0) + cow > len(self.free):
             return None
         copies = []
         if cow:
-            old = self.blocks[seq.block_table[-1]]
+            old = self.blocks[seq.block_table[cur]]
             new = self._take_free()
             old.ref_count -= 1
-            seq.block_table[-1] = new.block_id
+            seq.block_table[cur] = new.block_id
             copies.append((old.block_id, new.block_id))
         for _ in range(need):
             seq.block_table.append(self._take_free().block_id)
@@ -132,7 +135,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = seq.num_computed_tokens // bs
+        # accepted drafts count as computed before the engine appends them as tokens
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // bs
         if num_full <= seq.num_registered_blocks:
             return
         hashes = self._hashes(seq, num_full)

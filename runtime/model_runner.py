@@ -28,7 +28,7 @@ class ModelInput:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled
+    logits_indices: torch.Tensor  # rows of the hidden states whose next token is sampled (or verified)
 
 
 @dataclass
@@ -105,6 +105,7 @@ class ModelRunner:
                 slots.append(seq.block_table[start // bs] * bs + start % bs)
             else:
                 ids.extend(seq.token_ids[start:end])
+                ids.extend(s.drafts)  # verified after the known tokens, each row predicting the next
                 pos = np.arange(start, end, dtype=np.int64)
                 table = np.asarray(seq.block_table, dtype=np.int64)
                 positions.extend(pos.tolist())
@@ -113,7 +114,7 @@ class ModelRunner:
             seq_lens.append(end)
             max_blocks = max(max_blocks, len(seq.block_table))
             if s.samples:
-                logits_idx.append(qsl[-1] - 1)
+                logits_idx.extend(range(qsl[-1] - 1 - len(s.drafts), qsl[-1]))
         tables = np.zeros((len(seq_lens), max(max_blocks, 1)), dtype=np.int32)
         for i, s in enumerate(sched.scheduled):
             tables[i, : len(s.seq.block_table)] = s.seq.block_table

@@ -5,6 +5,12 @@ computed (a whole prompt chunk, or the one token sampled last step) and the sche
 step's token budget, running sequences first, then waiting ones in priority order. When the KV pool
 runs dry the lowest-priority running sequence is preempted: its blocks are freed and it is recomputed
 later (its prefix will often still be cached), so no request is ever lost.
+
+Speculative decoding: a decoding sequence may carry draft tokens (``Sequence.spec_token_ids``) to
+verify with the token it feeds back, as more rows of the same step. Drafts take what is left of the
+budget after the token itself and are the first thing dropped when the pool is short; after the
+step the engine tells ``update_after_step`` how many were accepted, and the cache slots of the rest
+are simply written over later (they are never counted as computed, so never hashed for reuse).
 """
 from __future__ import annotations
 
@@ -21,8 +27,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int  # tokens computed for it this step
+    num_tokens: int  # tokens computed for it this step (drafts included)
     samples: bool  # this step completes the sequence's known tokens, so it samples the next one
+    drafts: list[int] = field(default_factory=list)  # speculative tokens verified after the known ones
 
 
 @dataclass
@@ -83,7 +90,10 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert n > 0, "a running sequence always has a token to compute"
-            copies = self.bm.allocate_slots(seq, n)
+            drafts = seq.spec_token_ids[:budget - n] if seq.num_computed_tokens + n == seq.num_tokens else []
+            copies = self.bm.allocate_slots(seq, n + len(drafts))
+            if copies is None and drafts:
+                drafts, copies = [], self.bm.allocate_slots(seq, n)
             while copies is None:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -93,9 +103,10 @@ class Scheduler:
                 copies = self.bm.allocate_slots(seq, n)
             if copies is None:
                 break
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
+            samples = seq.num_computed_tokens + n == seq.num_tokens
+            out.scheduled.append(ScheduledSeq(seq, n + len(drafts), samples, drafts))
             out.copies.extend(copies)
-            budget -= n
+            budget -= n + len(drafts)
             i += 1
 
         # admit new work only if nothing had to make room this step (or it would thrash)
@@ -122,10 +133,12 @@ class Scheduler:
         out.scheduled.sort(key=lambda s: s.seq.num_computed_tokens < s.seq.num_prompt_tokens)
         return out
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance each scheduled sequence past the tokens the model just computed."""
+    def update_after_step(self, out: SchedulerOutput, accepted: dict[int, int] | None = None) -> None:
+        """Advance each scheduled sequence past the tokens the model just computed: for one that
+        verified drafts, the token it fed back and the ``accepted[seq_id]`` drafts that held."""
         for s in out.scheduled:
-            s.seq.num_computed_tokens += s.num_tokens
+            s.seq.num_computed_tokens += s.num_tokens - len(s.drafts) + (
+                accepted.get(s.seq.seq_id, 0) if s.drafts and accepted else 0)
             self.bm.register_computed(s.seq)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -43,6 +43,9 @@ class Sequence:
     detokenizer: Any = None
     logprobs: list[TokenLogprob] | None = None
     num_preemptions: int = 0
+    # speculative decoding: the drafts proposed for the next step, and the proposer's own state
+    spec_token_ids: list[int] = field(default_factory=list)
+    draft_state: Any = None
     # what the last step added, for streaming
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

@@ -126,3 +126,58 @@ def test_the_step_budget_defaults_to_the_backends_choice(make_tiny_hf_model, mon
     assert LLM(folder, device="cpu").engine.scheduler.max_num_batched_tokens == cpu_backend.CPU_STEP_TOKENS
     assert LLM(folder, device="cpu", max_num_batched_tokens=300).engine.scheduler.max_num_batched_tokens == 300
     assert LLM(folder, device="torch").engine.scheduler.max_num_batched_tokens == 2048
+
+
+def test_drafts_ride_after_the_fed_token_and_only_accepted_ones_count_as_computed():
+    bm = BlockManager(8, 4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
+    seq = make_seq([1, 2, 3])
+    sched.add(seq)
+    run_step(sched)  # the prompt; the "model" samples 1
+    seq.spec_token_ids = [5, 6, 7, 8, 9]
+    out = sched.schedule()
+    (s,) = out.scheduled
+    assert (s.num_tokens, s.samples, s.drafts) == (6, True, [5, 6, 7, 8, 9])
+    assert len(seq.block_table) == 3  # room for positions 3..8
+    sched.update_after_step(out, {seq.seq_id: 1})  # the fed token and draft 5 held, then 42
+    seq.token_ids += [5, 42]
+    assert seq.num_computed_tokens == 5
+    bm.register_computed(seq)
+    # only the block of computed tokens is hashed; the one that held rejected drafts is not
+    assert [bm.blocks[b].tokens for b in seq.block_table] == [(1, 2, 3, 1), None, None]
+    seq.spec_token_ids = []
+    out = sched.schedule()  # the slots past the accepted draft are written again, no new blocks
+    assert out.scheduled[0].num_tokens == 1 and len(seq.block_table) == 3
+    sched.update_after_step(out)
+    seq.token_ids.append(43)
+    seq.spec_token_ids = [44, 45]
+    out = sched.schedule()
+    sched.update_after_step(out, {seq.seq_id: 2})
+    seq.token_ids += [44, 45, 46]
+    bm.register_computed(seq)
+    assert seq.num_computed_tokens == 9
+    assert [bm.blocks[b].tokens for b in seq.block_table] == [(1, 2, 3, 1), (5, 42, 43, 44), None]
+
+
+def test_drafts_take_only_the_budget_left_and_go_first_when_blocks_run_short():
+    sched = Scheduler(BlockManager(2, 4), max_num_seqs=4, max_num_batched_tokens=4)
+    seq = make_seq([1, 2])
+    sched.add(seq)
+    run_step(sched)
+    seq.spec_token_ids = [7, 7, 7, 7, 7]
+    out = sched.schedule()
+    assert out.scheduled[0].drafts == [7, 7, 7] and out.num_tokens == 4  # the budget
+    sched.update_after_step(out, {seq.seq_id: 3})
+    seq.token_ids += [7, 7, 7, 8]
+    seq.spec_token_ids = [9, 9]
+    out = sched.schedule()  # 7 tokens computed, 2 blocks of 4: room for the fed token only
+    assert out.scheduled[0].drafts == [] and out.scheduled[0].num_tokens == 1 and not out.preempted
+
+
+def test_a_sequence_still_in_its_prompt_gets_no_drafts():
+    sched = Scheduler(BlockManager(8, 4), max_num_seqs=4, max_num_batched_tokens=5)
+    seq = make_seq(list(range(12)))
+    sched.add(seq)
+    seq.spec_token_ids = [1, 2]
+    out = sched.schedule()
+    assert out.scheduled[0].drafts == [] and out.scheduled[0].num_tokens == 5

@@ -59,6 +59,10 @@ class EngineCollector(Collector):
         yield counter("edgellm_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       s.prefix_cache_hits)
         yield counter("edgellm_num_preemptions", "Sequences preempted (recomputed later).", s.num_preemptions)
+        yield counter("edgellm_spec_decode_num_draft_tokens", "Speculative draft tokens verified.",
+                      s.spec_draft_tokens)
+        yield counter("edgellm_spec_decode_num_accepted_tokens", "Speculative draft tokens the model agreed with.",
+                      s.spec_accepted_tokens)
 
 
 class ServerMetrics:
