@@ -27,6 +27,12 @@ class Capabilities:
     # the engine's default token budget per step (EngineConfig.max_num_batched_tokens unset): how many
     # prompt tokens ride along with the decodes of a step before big steps cost more than they save
     step_tokens: int = 2048
+    # speculative decoding the engine turns on by itself (EngineConfig.num_speculative_tokens unset):
+    # draft tokens a step for greedy requests, 0 for none; and the most running sequences that still
+    # draft (EngineConfig.speculative_max_seqs unset; None: any number), as a verified row costs
+    # little next to a small step's weight reads and a share of a big step's arithmetic
+    speculative_tokens: int = 0
+    speculative_max_seqs: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 

@@ -246,6 +246,15 @@ class CPUBackend(TorchBackend):
         """Whether mid-sized int4 steps run on AMX tiles (the CPU has AMX-BF16; ``EDGELLM_AMX`` != 0)."""
         return self._amx_config is not None
 
+    @property
+    def _speculates(self) -> bool:
+        """Whether greedy requests draft tokens unasked: where decode steps run in one region
+        (``decode_step_spin``: AMX or AVX512-BF16, two threads or more), whose verified rows attend
+        and multiply as decodes do, so the tokens are those of plain decoding; never in batch-invariant
+        mode, whose outputs must not depend on how many run."""
+        return (self._fused_layers and self.threads > 1 and not self.batch_invariant
+                and (self.uses_amx or self._dpbf16) and bool(self._gemv_rows))
+
     def capabilities(self) -> Capabilities:
         return Capabilities(
             name=self.name,
@@ -255,6 +264,8 @@ class CPUBackend(TorchBackend):
             kv_cache_bytes_available=int(psutil.virtual_memory().available),
             native_quant_formats=("Q4_0", "Q4_1", "Q8_0"),
             step_tokens=2048 if self.uses_amx else CPU_STEP_TOKENS,
+            speculative_tokens=SPECULATIVE_TOKENS if self._speculates else 0,
+            speculative_max_seqs=SPECULATIVE_MAX_SEQS,
             notes={"isa": torch.backends.cpu.get_cpu_capability(), "threads": self.threads, "amx": self.uses_amx,
                    "avx512_bf16_kernels": self._dpbf16, "vnni_head": self._vnni},
         )
@@ -809,6 +820,12 @@ class CPUBackend(TorchBackend):
 
 
 GEMM_TILE_ROWS = 64
+# Speculative decoding by default (prompt lookup, ``engine.NgramProposer``): 2 drafts a step while at
+# most 2 sequences run. One greedy stream on a 2-vCPU AMX Xeon: 1.22-1.30x output tokens/s, the same
+# tokens (4 drafts: 1.14-1.16x); 4 streams drafting ran 0.86-0.95x and 32 0.81-0.96x, each extra row
+# of int4_gemv's costing ~0.7 ms at 2 threads (BENCHMARKS.md, round 40).
+SPECULATIVE_TOKENS = 2
+SPECULATIVE_MAX_SEQS = 2
 _NUMBA_DTYPES = (torch.float32, torch.bfloat16)
 _CACHE_DTYPES = (*_NUMBA_DTYPES, torch.int8)  # int8: rows with their scales (quant.kv_int8)
 

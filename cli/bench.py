@@ -6,7 +6,7 @@ from dataclasses import asdict
 
 import click
 
-from edgellm.cli.options import SPECULATIVE_HELP
+from edgellm.cli.options import SPECULATIVE_HELP, SPECULATIVE_SEQS_HELP
 
 
 def _engine(model: str, **opts):
@@ -31,6 +31,14 @@ def _table(rows: list[tuple[str, str]]) -> str:
 _TEMPERATURE = "0: greedy, as llama-bench; above 0 every token is sampled from the full logits (chat's default: 0.7)."
 
 
+def _speculation(engine) -> tuple[str, str]:
+    """The table's row on speculative decoding: its setting and how the run's drafts fared."""
+    if engine.proposer is None:
+        return "speculative", "off"
+    return "speculative", (f"{engine.proposer.num_tokens} drafts a step while at most {engine.spec_max_seqs} run: "
+                           f"{engine.spec_accepted_tokens} of {engine.spec_draft_tokens} accepted")
+
+
 def _greedy_only(which: str, temperature: float) -> None:
     if which == "hf" and temperature > 0:
         raise click.UsageError("--engine hf measures greedy generate() only: leave --temperature at 0")
@@ -46,6 +54,8 @@ _engine_options = [
                  help="K/V cache dtype (default: auto; int8 keeps per-row scales)."),
     click.option("--num-speculative-tokens", type=click.IntRange(min=0), default=None, metavar="K",
                  help=SPECULATIVE_HELP),
+    click.option("--speculative-max-seqs", type=click.IntRange(min=1), default=None, metavar="N",
+                 help=SPECULATIVE_SEQS_HELP),
 ]
 
 
@@ -71,7 +81,7 @@ def bench_group() -> None:
               help="hf: the Hugging Face transformers baseline on the same weights and prompts.")
 @engine_options
 def latency_cmd(model, prompt_tokens, output_tokens, repetitions, temperature, as_json, which, device, dtype,
-                threads, batch_invariant, kv_cache_dtype, num_speculative_tokens):
+                threads, batch_invariant, kv_cache_dtype, num_speculative_tokens, speculative_max_seqs):
     """Prefill and decode tokens/s for one stream (like llama-bench's pp/tg)."""
     from edgellm.benchmark import latency, random_prompt
 
@@ -79,7 +89,7 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, temperature, a
     engine = _engine(model, device=device, dtype=dtype if which == "edgellm" else "auto", threads=threads,
                      batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype,
                      max_num_batched_tokens=max(2048, prompt_tokens), max_num_seqs=4,
-                     num_speculative_tokens=num_speculative_tokens)
+                     num_speculative_tokens=num_speculative_tokens, speculative_max_seqs=speculative_max_seqs)
     if which == "hf":
         from edgellm.benchmark_hf import hf_latency, load_hf
 
@@ -89,6 +99,7 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, temperature, a
     else:
         r = latency(engine, prompt_tokens, output_tokens, repetitions, temperature=temperature)
         name, backend = engine.model_name, engine.backend.name
+        spec = _speculation(engine)
     if as_json:
         click.echo(json.dumps({"model": name, "backend": backend, "threads": engine.backend.threads,
                                **asdict(r)}, indent=2))
@@ -99,6 +110,7 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, temperature, a
         (f"decode tg{output_tokens}" + (f" (temperature {temperature:g})" if temperature else ""),
          f"{r.decode_tok_s:8.1f} tok/s ± {r.decode_tok_s_sd:.1f}"),
         ("TTFT / TPOT", f"{r.ttft_ms:.1f} ms / {r.tpot_ms:.2f} ms"),
+        *([spec] if which == "edgellm" else []),
     ]))
 
 
@@ -116,14 +128,15 @@ def latency_cmd(model, prompt_tokens, output_tokens, repetitions, temperature, a
               help="hf: transformers generate() in static batches of --max-num-seqs.")
 @engine_options
 def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_num_seqs, temperature, as_json,
-                   which, device, dtype, threads, batch_invariant, kv_cache_dtype, num_speculative_tokens):
+                   which, device, dtype, threads, batch_invariant, kv_cache_dtype, num_speculative_tokens,
+                   speculative_max_seqs):
     """Offline batch: every prompt submitted at once, tokens/s until all finish."""
     from edgellm.benchmark import load_prompts, random_prompt, throughput
 
     _greedy_only(which, temperature)
     engine = _engine(model, device=device, dtype=dtype, threads=threads, max_num_seqs=max_num_seqs,
                      batch_invariant=batch_invariant, kv_cache_dtype=kv_cache_dtype,
-                     num_speculative_tokens=num_speculative_tokens)
+                     num_speculative_tokens=num_speculative_tokens, speculative_max_seqs=speculative_max_seqs)
     if prompts_path:
         prompts = load_prompts(prompts_path, engine, num_prompts, offset)
     else:
@@ -136,6 +149,7 @@ def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_
         r = hf_throughput(hf, prompts, output_tokens, max_num_seqs, pad)
     else:
         r = throughput(engine, prompts, output_tokens, temperature=temperature)
+        spec = _speculation(engine)
     if as_json:
         click.echo(json.dumps(asdict(r), indent=2))
         return
@@ -145,6 +159,7 @@ def throughput_cmd(model, prompts_path, num_prompts, offset, output_tokens, max_
         ("throughput", f"{r.requests_per_s:.2f} req/s, {r.output_tok_s:.1f} output tok/s, "
                        f"{r.total_tok_s:.1f} total tok/s"),
         ("sampling", f"temperature {temperature:g}" if temperature else "greedy"),
+        *([spec] if which == "edgellm" else []),
     ]))
 
 

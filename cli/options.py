@@ -25,7 +25,9 @@ DEVICES = ("auto", "cpu", "cuda", "rocm", "xpu", "torch")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPECULATIVE_HELP = ("Speculative decoding by prompt lookup: up to K draft tokens a step for greedy requests, "
                     "copied from where the last 2-4 tokens occurred earlier in the prompt or output and "
-                    "verified in the same step (default: 0, off).")
+                    "verified in the same step; the tokens stay the model's argmax. 0 turns it off (default: "
+                    "the backend's, 2 on CPUs with AMX or AVX512-BF16 and 2+ threads).")
+SPECULATIVE_SEQS_HELP = "Draft only while at most N sequences run (default: the backend's, 2 on the CPU)."
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
@@ -110,9 +112,11 @@ _ENGINE = [
                       "(also $EDGELLM_BATCH_INVARIANT=1)."),
     click.option("--num-speculative-tokens", type=click.IntRange(min=0), default=None, metavar="K",
                  help=SPECULATIVE_HELP),
+    click.option("--speculative-max-seqs", type=click.IntRange(min=1), default=None, metavar="N",
+                 help=SPECULATIVE_SEQS_HELP),
 ]
 ENGINE_KEYS = ("device", "dtype", "threads", "max_model_len", "kv_cache_memory", "kv_cache_dtype",
-               "batch_invariant", "num_speculative_tokens")
+               "batch_invariant", "num_speculative_tokens", "speculative_max_seqs")
 
 
 def engine_options(func: Callable) -> Callable:

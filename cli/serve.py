@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from edgellm.cli.options import SPECULATIVE_HELP, MemorySize
+from edgellm.cli.options import SPECULATIVE_HELP, SPECULATIVE_SEQS_HELP, MemorySize
 from edgellm.server.settings import ServerSettings
 
 
@@ -44,6 +44,7 @@ def _origins(text: str) -> list[str]:
               help="same output for a request alone or among others, at some cost in speed")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), help="most sequences in one step (default: 256)")
 @click.option("--num-speculative-tokens", type=click.IntRange(min=0), metavar="K", help=SPECULATIVE_HELP)
+@click.option("--speculative-max-seqs", type=click.IntRange(min=1), metavar="N", help=SPECULATIVE_SEQS_HELP)
 @click.option("--max-num-batched-tokens", type=click.IntRange(min=1),
               help="token budget of one step, prompt chunks and decodes together (default: 2048; 512 on CPUs without AMX)")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
@@ -52,8 +53,8 @@ def serve_command(model: str, host: str, port: int, api_key: str | None, allowed
                   max_queue: int, drain_timeout: float, served_model_name: str | None,
                   max_model_len: int | None, kv_cache_memory: float | None, device: str, dtype: str,
                   threads: int | None, kv_cache_dtype: str, kv_page_in: str, batch_invariant: bool | None,
-                  max_num_seqs: int | None, num_speculative_tokens: int | None, max_num_batched_tokens: int | None,
-                  log_level: str) -> None:
+                  max_num_seqs: int | None, num_speculative_tokens: int | None, speculative_max_seqs: int | None,
+                  max_num_batched_tokens: int | None, log_level: str) -> None:
     """Serve MODEL (a catalog name, a .gguf file or a Hugging Face folder) over HTTP.
 
     OpenAI routes under /v1 (models, completions, chat/completions), Ollama routes under /api,
@@ -66,7 +67,8 @@ def serve_command(model: str, host: str, port: int, api_key: str | None, allowed
                       "dtype": dtype, "threads": threads, "kv_cache_dtype": kv_cache_dtype,
                       "kv_page_in": kv_page_in, "batch_invariant": batch_invariant, "max_num_seqs": max_num_seqs,
                       "max_num_batched_tokens": max_num_batched_tokens,
-                      "num_speculative_tokens": num_speculative_tokens}
+                      "num_speculative_tokens": num_speculative_tokens,
+                      "speculative_max_seqs": speculative_max_seqs}
     settings = ServerSettings(
         model=model, host=host, port=port, served_model_name=served_model_name, api_key=api_key or None,
         allowed_origins=_origins(allowed_origins), max_queue=max_queue or None, drain_timeout=drain_timeout,

@@ -122,7 +122,10 @@ class EngineConfig:
     kv_page_in: str = "lazy"
     # speculative decoding by prompt lookup (vLLM's "ngram" method): up to this many draft tokens a
     # step for greedy requests, copied from where the sequence's last prompt_lookup_min..max tokens
-    # occurred earlier in it, and verified in the same step (the output is the model's own argmax)
-    num_speculative_tokens: int = 0
+    # occurred earlier in it, and verified in the same step (the output is the model's own argmax).
+    # None: the backend's choice (2 on CPUs whose decode steps run in one region, else 0); 0: off.
+    num_speculative_tokens: int | None = None
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    # drafts only while at most this many sequences run (None: the backend's choice, 2 on the CPU)
+    speculative_max_seqs: int | None = None

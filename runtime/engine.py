@@ -69,10 +69,10 @@ class LLMEngine:
         self.config = config
         if config.kv_page_in not in ("lazy", "idle"):
             raise ValueError(f"kv_page_in must be 'lazy' or 'idle', not {config.kv_page_in!r}")
-        self.proposer = None
-        if config.num_speculative_tokens:
-            self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
-                                          config.prompt_lookup_max)
+        if config.num_speculative_tokens:  # bad settings fail before the model loads
+            NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+        if config.speculative_max_seqs is not None and config.speculative_max_seqs < 1:
+            raise ValueError(f"speculative_max_seqs must be at least 1, got {config.speculative_max_seqs}")
         t0 = time.perf_counter()
         if loaded is None:
             loaded = load_model(str(resolve_model(config.model)), dequantize=config.weights == "dequantize")
@@ -114,10 +114,25 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.proposer, self.spec_max_seqs = self._speculation()
         self.spec_draft_tokens = self.spec_accepted_tokens = 0
         logger.info("engine ready in %.2fs: %s on %s/%s, %d KV blocks of %d tokens (%.0f MiB)",
                     time.perf_counter() - t0, self.model_name, self.backend.name, self.dtype, num_blocks,
                     bs, num_blocks * bytes_per_block / 2**20)
+
+    def _speculation(self) -> tuple[NgramProposer | None, int]:
+        """The draft proposer (None: no speculative decoding) and the most running sequences that draft."""
+        config, caps = self.config, self.backend.capabilities()
+        k = caps.speculative_tokens if config.num_speculative_tokens is None else config.num_speculative_tokens
+        if k and self.backend.batch_invariant:
+            if config.num_speculative_tokens:
+                logger.warning("speculative decoding is off in batch-invariant mode: a request's tokens "
+                               "must not depend on how many others run")
+            k = 0
+        limit = config.speculative_max_seqs or caps.speculative_max_seqs or config.max_num_seqs
+        if not k:
+            return None, limit
+        return NgramProposer(k, config.prompt_lookup_min, config.prompt_lookup_max), limit
 
     def _kv_dtype(self) -> torch.dtype:
         if self.config.kv_cache_dtype == "int8":
@@ -251,9 +266,12 @@ class LLMEngine:
 
     def _propose(self) -> None:
         """Draft tokens for each decoding sequence whose next tokens are plain argmaxes (greedy, and
-        nothing asked of its logits), within what it may still generate."""
+        nothing asked of its logits), within what it may still generate, while few enough run."""
+        drafting = len(self.scheduler.running) <= self.spec_max_seqs
         for seq in self.scheduler.running:
             seq.spec_token_ids = []
+            if not drafting:
+                continue
             req, p = seq.request, seq.request.params
             if seq.num_computed_tokens != seq.num_tokens - 1 or not _speculates(p) or (
                     seq.num_output_tokens < p.min_tokens):

@@ -104,7 +104,7 @@ class ModelRunner:
                 positions.append(start)
                 slots.append(seq.block_table[start // bs] * bs + start % bs)
             else:
-                ids.extend(seq.token_ids[start:end])
+                ids.extend(seq.token_ids[start:end - len(s.drafts)])
                 ids.extend(s.drafts)  # verified after the known tokens, each row predicting the next
                 pos = np.arange(start, end, dtype=np.int64)
                 table = np.asarray(seq.block_table, dtype=np.int64)

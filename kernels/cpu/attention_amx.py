@@ -217,7 +217,7 @@ def _run_items_amx(out, q, kv, query_start_loc, seq_lens, block_tables, scale, w
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
-        if nq != 1:
+        if items[item, 7] < 0:
             _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                          items[item, 3], items[item, 1], scale32, window, cap32)
 

@@ -283,7 +283,7 @@ def _next_decode(kv, block_tables, query_start_loc, items, item):
     block_size = kv.shape[3]
     first = items[item, 4] // block_size
     count = (items[item, 5] - 1) // block_size + 1 - first
-    if query_start_loc[b + 1] - query_start_loc[b] != 1:
+    if items[item, 7] < 0:
         count = 0
     return block_tables[b], items[item, 1], first, count
 
@@ -324,11 +324,12 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
-        if nq == 1:
+        if items[item, 7] >= 0:
             nxt_table, nxt_hk, nxt_b0, nxt_nb = block_tables[b], 0, 0, 0
             if i + 1 < mine.shape[0]:
                 nxt_table, nxt_hk, nxt_b0, nxt_nb = _next_decode(kv, block_tables, query_start_loc, items, mine[i + 1])
-            _attend_decode_dp(out, q_flat, kv, kv_flat, block_tables[b], items[item, 4], items[item, 5], seq_q0,
+            _attend_decode_dp(out, q_flat, kv, kv_flat, block_tables[b], items[item, 4], items[item, 5],
+                              items[item, 7],
                               items[item, 1], scale32, cap32, partials, items[item, 6], n_heads, q2, q2_16, xq,
                               q_row, q_scales, k_scales, blk, scores, scores_flat, maxes, sums, acc,
                               nxt_table, nxt_hk, nxt_b0, nxt_nb)

@@ -10,7 +10,11 @@ items split among them as ``decode_layers_dp`` splits them among its threads, a 
 phases (~30 ns). Attention's plan is made once a step: every layer's is the same.
 
 Every row, panel and item is computed by the same code as in ``decode_layers_dp`` whichever worker
-takes it, so the output is the same bit for bit. For steps of decodes only (``decode_layers_dp``
+takes it, so the output is the same bit for bit. One difference: a sequence of up to ``ROW_DECODES``
+rows (the token it feeds back and the speculative drafts verified after it) attends row by row on
+the decode kernels here, each row over the keys up to its own, where the op-by-op path takes it as a
+prompt tile (8 two-row sequences among 32 added 13 ms to a step as tiles, 6-7 ms row by row), and
+each row's numbers are those of decoding it alone. For steps of decodes only (``decode_layers_dp``
 calls it for them): up to ``int4_gemv``'s rows on its kernel, each row range's int16 codes made once
 as a phase, past them on ``int4_dpbf16_matmul``'s panels. ``decode_layers_amx`` calls it with its
 AMX tile configuration: past ``int4_gemv``'s rows the matmuls take ``int4_amx_matmul``'s panels and
@@ -36,6 +40,7 @@ from edgellm.kernels.cpu.int4_gemv import GROUP, MAX_ROWS, _block_rows, quantize
 from edgellm.kernels.cpu.norm_rope import add_rms_norm, rope_neox_qk
 from edgellm.kernels.cpu.paged_attention import (
     DEFAULT_Q_TILE,
+    ROW_DECODES,
     _merge_partials,
     _plan,
     prefetch_slots,
@@ -268,7 +273,7 @@ def decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, l
     out = np.empty((t, first[9].shape[1]), np.uint16)
     coded = t if gemv else 0
     codes_d, codes_a, codes_i = _codes_for(coded, d), _codes_for(coded, n_heads * head_dim), _codes_for(coded, inter)
-    items, order, partials = _plan(starts, lens, n_k, DEFAULT_Q_TILE, window, n_heads // n_k, head_dim)
+    items, order, partials = _plan(starts, lens, n_k, DEFAULT_Q_TILE, window, n_heads // n_k, head_dim, ROW_DECODES)
     workers = max(1, min(n_threads, MAX_PARTS))
     sync = np.zeros(len(layers) * PHASES * SYNC_STRIDE, np.int64)
     for w in prange(workers):

@@ -33,11 +33,7 @@ CACHE_LINE = 64
 def decode_item(items, item, query_start_loc):
     """``(t, hk, lo, hi, slot)`` of a work item (``paged_attention._plan``): its query row, kv head, key
     range and partial slot; ``t = -1`` for a prompt tile, which the AVX-512 kernel takes."""
-    b = items[item, 0]
-    t = query_start_loc[b]
-    if query_start_loc[b + 1] - t != 1:
-        t = -1
-    return t, items[item, 1], items[item, 4], items[item, 5], items[item, 6]
+    return items[item, 7], items[item, 1], items[item, 4], items[item, 5], items[item, 6]
 
 
 @njit(cache=True, inline="always")

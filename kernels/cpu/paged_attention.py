@@ -37,6 +37,10 @@ DEFAULT_Q_TILE = 16
 # share (flash-decoding, ``_decode_range``), so no range holds more than DECODE_MAX_KEYS.
 DECODE_KEYS_PER_ITEM = 256
 DECODE_MAX_KEYS = 2 * DECODE_KEYS_PER_ITEM
+# In a step of decodes, a sequence with up to this many query rows (the token fed back and the
+# speculative drafts verified after it) attends row by row on the decode kernels, each row over the
+# keys before it: 8 two-row sequences among 32 cost 4-8 ms more a step as prompt tiles (30 layers)
+ROW_DECODES = 8
 
 
 def _block_f32(src, scratch):
@@ -331,7 +335,8 @@ def _merge_partials(out, q, items, partials, n_kv):
             i += 1
             continue
         j = i
-        while j < items.shape[0] and items[j, 0] == items[i, 0] and items[j, 1] == items[i, 1]:
+        while j < items.shape[0] and items[j, 0] == items[i, 0] and items[j, 1] == items[i, 1] and (
+                items[j, 2] == items[i, 2]):
             j += 1
         t, hk = items[i, 2], items[i, 1]
         for g in range(group):
@@ -369,14 +374,15 @@ def _decode_range(ctx: int, window: int) -> tuple[int, int, int]:
 
 @njit(cache=True)
 def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: int, window: int,
-          group: int, head_dim: int):
+          group: int, head_dim: int, row_decodes: int = 1):
     """Work items and the order to deal them out in.
 
-    An item is ``[sequence, kv head, first row, end row, first key, end key, partial slot]``. A
-    prefill chunk splits into tiles of ``q_tile`` query rows; a decode whose context holds
-    ``2 * DECODE_KEYS_PER_ITEM`` keys or more splits into key ranges (``_decode_range``; slot >= 0)
-    merged afterwards, so one long sequence still keeps every thread busy. How a sequence splits
-    depends only on its own length, never on the batch. The order is costliest first, so the
+    An item is ``[sequence, kv head, first row, end row, first key, end key, partial slot, decode
+    row]``. A prefill chunk splits into tiles of ``q_tile`` query rows (decode row -1); a decode whose
+    context holds ``2 * DECODE_KEYS_PER_ITEM`` keys or more splits into key ranges (``_decode_range``;
+    slot >= 0) merged afterwards, so one long sequence still keeps every thread busy. A sequence of up
+    to ``row_decodes`` rows is that many decodes, each row over the keys up to its own. How a sequence
+    splits depends only on its own length, never on the batch. The order is costliest first, so the
     snake-order deal in ``_run_items`` balances threads without dynamic scheduling. Returns
     ``(items, order, partials)``, the last with one ``[group, 2 + head_dim]`` slot per split item.
     """
@@ -384,32 +390,36 @@ def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: 
     n_items = 0
     for b in range(n_seqs):
         nq = query_start_loc[b + 1] - query_start_loc[b]
-        if nq == 1:
-            n_items += n_kv * _decode_range(seq_lens[b], window)[1]
+        if nq <= max(row_decodes, 1):
+            for r in range(nq):
+                n_items += n_kv * _decode_range(seq_lens[b] - r, window)[1]
         else:
             n_items += n_kv * ((nq + q_tile - 1) // q_tile)
-    items = np.empty((n_items, 7), np.int64)
+    items = np.empty((n_items, 8), np.int64)
     cost = np.empty(n_items, np.int64)
     it = 0
     slots = 0
     for b in range(n_seqs):
         end = query_start_loc[b + 1]
         ctx = seq_lens[b]
-        if end - query_start_loc[b] == 1:
-            lo, parts, size = _decode_range(ctx, window)
-            for hk in range(n_kv):
-                for p in range(parts):
-                    k0 = lo + p * size
-                    items[it, 0] = b
-                    items[it, 1] = hk
-                    items[it, 2] = end - 1
-                    items[it, 3] = end
-                    items[it, 4] = k0
-                    items[it, 5] = min(ctx, k0 + size)
-                    items[it, 6] = slots if parts > 1 else -1
-                    slots += 1 if parts > 1 else 0
-                    cost[it] = -(items[it, 5] - k0)
-                    it += 1
+        if end - query_start_loc[b] <= max(row_decodes, 1):
+            for t in range(query_start_loc[b], end):
+                keys = ctx - (end - 1 - t)  # the row's own and every key before it
+                lo, parts, size = _decode_range(keys, window)
+                for hk in range(n_kv):
+                    for p in range(parts):
+                        k0 = lo + p * size
+                        items[it, 0] = b
+                        items[it, 1] = hk
+                        items[it, 2] = t
+                        items[it, 3] = t + 1
+                        items[it, 4] = k0
+                        items[it, 5] = min(keys, k0 + size)
+                        items[it, 6] = slots if parts > 1 else -1
+                        items[it, 7] = t
+                        slots += 1 if parts > 1 else 0
+                        cost[it] = -(items[it, 5] - k0)
+                        it += 1
             continue
         while end > query_start_loc[b]:
             start = max(end - q_tile, query_start_loc[b])
@@ -422,6 +432,7 @@ def _plan(query_start_loc: np.ndarray, seq_lens: np.ndarray, n_kv: int, q_tile: 
                 items[it, 4] = 0
                 items[it, 5] = reach
                 items[it, 6] = -1
+                items[it, 7] = -1
                 cost[it] = -(end - start) * reach
                 it += 1
             end = start
@@ -466,9 +477,9 @@ def _run_items(out, q, kv, query_start_loc, seq_lens, block_tables, scale, windo
         b = items[item, 0]
         seq_q0 = query_start_loc[b]
         nq = query_start_loc[b + 1] - seq_q0
-        if nq == 1:
-            _attend_decode(out, q, kv, block_tables[b], items[item, 4], items[item, 5], seq_q0, items[item, 1],
-                           scale32, cap32, partials, items[item, 6])
+        if items[item, 7] >= 0:
+            _attend_decode(out, q, kv, block_tables[b], items[item, 4], items[item, 5], items[item, 7],
+                           items[item, 1], scale32, cap32, partials, items[item, 6])
             continue
         _attend_tile(out, q, kv, block_tables[b], seq_lens[b], seq_q0, nq, items[item, 2],
                      items[item, 3], items[item, 1], scale32, window, cap32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm.backends.base import Backend, DecoderLayer, DecoderShape
+from edgellm.backends.base import AttentionMetadata, Backend, DecoderLayer, DecoderShape
 from edgellm.backends.cpu import CPUBackend
 from edgellm.kernels.cpu.amx import request_amx
 from edgellm.kernels.cpu.decode_layers import decode_layers_dp
@@ -235,3 +235,42 @@ def test_switched_off_by_environment(monkeypatch):
     (out, _, _), (want, _, _) = _both(cpu, layers, DecoderShape(H, HKV, D, 1e-5, D ** -0.5), [(9, 1)],
                                       torch.bfloat16)
     assert not cpu._stacks and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_rows_verified_together_give_the_numbers_of_decoding_them_one_by_one(kv_dtype):
+    """A step whose sequences feed back a token plus speculative drafts (a few rows each) against
+    the same rows decoded one step at a time: on the one-region path every row attends as a decode
+    over the keys up to its own and takes ``int4_gemv`` as one row would, so outputs, residuals and
+    caches match bit for bit (what makes greedy speculative decoding say what plain decoding says)."""
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, None)
+    seqs = [(37, 1), (300, 3), (600, 2), (20, 2)]  # 8 rows: int4_gemv's on every CPU that has it
+    meta, caches, h, positions, cos_sin = _step(seqs, kv_dtype)
+    stack = cpu._layer_stack(layers, shape, caches, cos_sin)
+    if stack is None or stack[0] not in (decode_layers_amx, decode_layers_dp):
+        pytest.skip("rows attend one by one on the one-region path (AMX or AVX512-BF16 CPUs)")
+    meta.num_decode_tokens = h.shape[0]
+    together = [c.clone() for c in caches]
+    cpu.begin_step(meta)
+    out, res = cpu.decoder_layers(h, layers, shape, together, positions, cos_sin, meta)
+
+    apart = [c.clone() for c in caches]
+    starts, slots = meta.query_start_loc_list, meta.slot_mapping
+    got_out, got_res = torch.empty_like(out), torch.empty_like(res)
+    for i in range(max(nq for _, nq in seqs)):
+        rows = [starts[b] + i for b, (_, nq) in enumerate(seqs) if nq > i]
+        picked = [b for b, (_, nq) in enumerate(seqs) if nq > i]
+        lens = [ctx - (nq - 1 - i) for ctx, nq in (seqs[b] for b in picked)]
+        step = AttentionMetadata(
+            slot_mapping=slots[rows], query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
+            seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=meta.block_tables[picked],
+            block_size=meta.block_size, max_query_len=1, max_seq_len=max(lens), num_decode_tokens=len(rows),
+            query_start_loc_list=list(range(len(rows) + 1)), seq_lens_list=lens)
+        cpu.begin_step(step)
+        o, r = cpu.decoder_layers(h[rows].contiguous(), layers, shape, apart, positions[rows].contiguous(), cos_sin,
+                                  step)
+        got_out[rows], got_res[rows] = o, r
+    assert torch.equal(out, got_out) and torch.equal(res, got_res)
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
