@@ -273,7 +273,7 @@ class LLMEngine:
             if not drafting:
                 continue
             req, p = seq.request, seq.request.params
-            if seq.num_computed_tokens != seq.num_tokens - 1 or not _speculates(p) or (
+            if seq.num_computed_tokens != seq.num_tokens - 1 or not p.argmax_only or (
                     seq.num_output_tokens < p.min_tokens):
                 continue
             limit = min(req.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
@@ -299,7 +299,7 @@ class LLMEngine:
             if head.greedy is not None:
                 best = head.greedy[r:r + n].tolist()
             else:
-                best = head.logits[r:r + n].argmax(dim=-1).tolist()
+                best = head.logits[r:r + n, :self.vocab_size].argmax(dim=-1).tolist()
             a = 0
             while a < n - 1 and s.drafts[a] == best[a]:
                 a += 1
@@ -420,10 +420,3 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             spec_draft_tokens=self.spec_draft_tokens, spec_accepted_tokens=self.spec_accepted_tokens,
         )
-
-
-def _speculates(p: SamplingParams) -> bool:
-    """Whether a request's tokens may be drafted and verified: each is the argmax of unedited logits
-    and nothing else of them is asked for (sampled requests decode one token a step)."""
-    return (p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0)

@@ -47,9 +47,7 @@ def _wants_invariance(params) -> bool:
 def _argmax_only(s) -> bool:
     """Whether only the argmax of this row's logits is used: greedy, no logprobs, nothing edits them."""
     p = s.seq.request.params
-    return (p.greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-            and s.seq.num_output_tokens >= p.min_tokens)
+    return p.argmax_only and s.seq.num_output_tokens >= p.min_tokens
 
 
 class ModelRunner:

@@ -69,3 +69,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
+
+    @property
+    def argmax_only(self) -> bool:
+        """Each token is the argmax of unedited logits and nothing else of them is asked for (past
+        ``min_tokens``, which masks EOS): a head may return argmaxes only, and drafts may be verified."""
+        return (self.greedy and self.logprobs is None and not self.logit_bias and self.repetition_penalty == 1.0
+                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0)
