@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -29,8 +30,14 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None)
 
 def cos_sin_table(head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """``[max_positions, head_dim]``: cos of each frequency in the first half, sin in the second."""
-    inv_freq = inv_frequencies(head_dim, theta, scaling)
-    pos = torch.arange(max_positions, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+    """``[max_positions, head_dim]``: cos of each frequency in the first half, sin in the second.
+
+    The angles are float32 products, as transformers makes them; their cos and sin are taken in
+    float64 by numpy on one thread and rounded once. (torch's float32 ``cos`` splits a table this
+    big among threads, and the elements where a thread's range starts or ends take the scalar
+    tail instead of the vector body, a last bit apart: with another process busy, 1 process in ~15
+    got a different table, and then different answers.)"""
+    inv_freq = inv_frequencies(head_dim, theta, scaling).numpy()
+    freqs = np.outer(np.arange(max_positions, dtype=np.float32), inv_freq).astype(np.float64)
+    table = np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1).astype(np.float32)
+    return torch.from_numpy(table).to(device)
