@@ -38,6 +38,14 @@ def cos_sin_table(head_dim: int, max_positions: int, theta: float, scaling: dict
     tail instead of the vector body, a last bit apart: with another process busy, 1 process in ~15
     got a different table, and then different answers.)"""
     inv_freq = inv_frequencies(head_dim, theta, scaling).numpy()
-    freqs = np.outer(np.arange(max_positions, dtype=np.float32), inv_freq).astype(np.float64)
-    table = np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1).astype(np.float32)
+    half = inv_freq.shape[0]
+    table = np.empty((max_positions, 2 * half), np.float32)
+    for p0 in range(0, max_positions, ROPE_ROWS):  # float64 a slice at a time (a 128k context: 4 MB, not 130)
+        pos = np.arange(p0, min(max_positions, p0 + ROPE_ROWS), dtype=np.float32)
+        freqs = np.outer(pos, inv_freq).astype(np.float64)
+        table[p0:p0 + pos.shape[0], :half] = np.cos(freqs)
+        table[p0:p0 + pos.shape[0], half:] = np.sin(freqs)
     return torch.from_numpy(table).to(device)
+
+
+ROPE_ROWS = 8192
