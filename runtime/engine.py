@@ -22,7 +22,7 @@ from edgellm.outputs import CompletionOutput, RequestMetrics, RequestOutput, Tok
 from edgellm.quant.kv_int8 import row_bytes
 from edgellm.sampler import SampledToken, Sampler, SamplingRow
 from edgellm.sampling_params import SamplingParams
-from edgellm.scheduler import Scheduler, SchedulerOutput
+from edgellm.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from edgellm.sequence import Request, Sequence
 
 logger = logging.getLogger(__name__)
@@ -280,19 +280,20 @@ class LLMEngine:
             if limit > 0:
                 seq.spec_token_ids = self.proposer.propose(seq, limit)
 
-    def _verify(self, sched: SchedulerOutput, head: StepLogits) -> tuple[dict[int, list[int]], list[int]]:
+    def _verify(self, sched: SchedulerOutput, head: StepLogits
+                ) -> tuple[dict[int, list[int]], list[tuple[ScheduledSeq, int]]]:
         """Check each sequence's drafts against the model's argmax at each of its rows: it takes the
         argmaxes up to and including the first that differs from its draft (all of them, the last
-        one past the drafts, when every draft held). Returns those tokens by sequence id, and the
-        head row of every other sampling sequence, in schedule order."""
+        one past the drafts, when every draft held). Returns those tokens by sequence id, and every
+        other sampling sequence with its head row, in schedule order."""
         verified: dict[int, list[int]] = {}
-        rows: list[int] = []
+        rows: list[tuple[ScheduledSeq, int]] = []
         r = 0
         for s in sched.scheduled:
             if not s.samples:
                 continue
             if not s.drafts:
-                rows.append(r)
+                rows.append((s, r))
                 r += 1
                 continue
             n = len(s.drafts) + 1
@@ -310,12 +311,11 @@ class LLMEngine:
         return verified, rows
 
     def _sample_and_append(self, sched: SchedulerOutput, head: StepLogits, verified: dict[int, list[int]],
-                           rows: list[int]) -> list[Request]:
+                           rows: list[tuple[ScheduledSeq, int]]) -> list[Request]:
         seqs, row_logits = [], []
         touched: dict[str, Request] = {}
         now = time.time()
-        sampling = [s for s in sched.scheduled if s.samples and not s.drafts]
-        for i, s in zip(rows, sampling):
+        for s, i in rows:
             seq, req = s.seq, s.seq.request
             targets = [seq]
             if req.params.n > 1 and not req.forked:

@@ -139,7 +139,6 @@ class Scheduler:
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_tokens - len(s.drafts) + (
                 accepted.get(s.seq.seq_id, 0) if s.drafts and accepted else 0)
-            s.seq.spec_token_ids = []  # verified (or not scheduled): a later step drafts afresh
             self.bm.register_computed(s.seq)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -134,7 +134,7 @@ def _attend_decodes_amx(out, q, kv, query_start_loc, block_tables, scale, soft_c
     v_off = kv.shape[1] * kv.shape[2] * block_size * HEAD_DIM  # kv[1] starts here
     configured = False
     for m in range(mine.shape[0]):
-        t, hk, lo, hi, slot = decode_item(items, mine[m], query_start_loc)
+        t, hk, lo, hi, slot = decode_item(items, mine[m])
         if t < 0:
             continue
         if not configured:

@@ -70,7 +70,7 @@ def attend_decodes_amx_int8(out, q, kv, query_start_loc, block_tables, scale, so
     v_off = kv.shape[1] * kv.shape[2] * kv.shape[3] * ROW  # kv[1] starts here
     configured = False
     for m in range(mine.shape[0]):
-        t, hk, lo, hi, slot = decode_item(items, mine[m], query_start_loc)
+        t, hk, lo, hi, slot = decode_item(items, mine[m])
         if t < 0:
             continue
         if not configured:

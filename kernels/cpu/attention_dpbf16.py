@@ -275,7 +275,7 @@ def _attend_decode_dp(out, q_flat, kv, kv_flat, table, lo, hi, t, hk, scale, sof
 
 
 @njit(cache=True, inline="always")
-def _next_decode(kv, block_tables, query_start_loc, items, item):
+def _next_decode(kv, block_tables, items, item):
     """The blocks ``(table, kv head, first block, count)`` of decode item ``item``, which the item
     before it prefetches: its first ``PREFETCH_BLOCKS`` (bf16), or a share at a time (int8). Count 0
     for a prompt tile, whose reads are few."""
@@ -327,7 +327,7 @@ def _run_items_dp(out, q, kv, query_start_loc, seq_lens, block_tables, scale, wi
         if items[item, 7] >= 0:
             nxt_table, nxt_hk, nxt_b0, nxt_nb = block_tables[b], 0, 0, 0
             if i + 1 < mine.shape[0]:
-                nxt_table, nxt_hk, nxt_b0, nxt_nb = _next_decode(kv, block_tables, query_start_loc, items, mine[i + 1])
+                nxt_table, nxt_hk, nxt_b0, nxt_nb = _next_decode(kv, block_tables, items, mine[i + 1])
             _attend_decode_dp(out, q_flat, kv, kv_flat, block_tables[b], items[item, 4], items[item, 5],
                               items[item, 7],
                               items[item, 1], scale32, cap32, partials, items[item, 6], n_heads, q2, q2_16, xq,

@@ -30,7 +30,7 @@ CACHE_LINE = 64
 
 
 @njit(cache=True, inline="always")
-def decode_item(items, item, query_start_loc):
+def decode_item(items, item):
     """``(t, hk, lo, hi, slot)`` of a work item (``paged_attention._plan``): its query row, kv head, key
     range and partial slot; ``t = -1`` for a prompt tile, which the AVX-512 kernel takes."""
     return items[item, 7], items[item, 1], items[item, 4], items[item, 5], items[item, 6]

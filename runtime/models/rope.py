@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
+ROPE_ROWS = 8192  # positions whose cos and sin are taken in float64 at a time
+
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -47,5 +49,3 @@ def cos_sin_table(head_dim: int, max_positions: int, theta: float, scaling: dict
         table[p0:p0 + pos.shape[0], half:] = np.sin(freqs)
     return torch.from_numpy(table).to(device)
 
-
-ROPE_ROWS = 8192
