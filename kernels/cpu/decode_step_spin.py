@@ -73,12 +73,12 @@ def _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_
 @njit(cache=True)
 def _matmul_amx(sync, phase, worker, n_workers, x, packed, sz, out, cfg):
     """``int4_amx_matmul`` as a phase: its workers' ranges of 32-column panels are the parts. ``x``
-    has whole 16-row A tiles (``out``'s rows, then padding)."""
+    has whole 16-row A tiles (``out``'s rows, then padding), so no partial block needs a tail."""
     n_panels = out.shape[1] // 32
     parts = max(1, min(n_workers, n_panels))
     p = take(sync, phase, worker, parts)
     while p >= 0:
-        _amx_panels(x, packed, sz, out, out.shape[0], cfg, p * n_panels // parts, (p + 1) * n_panels // parts)
+        _amx_panels(x, x, packed, sz, out, out.shape[0], cfg, p * n_panels // parts, (p + 1) * n_panels // parts)
         p = done_and_take(sync, phase, worker, parts)
 
 

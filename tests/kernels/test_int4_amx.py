@@ -79,6 +79,19 @@ def test_any_row_count_matches_the_expanded_gemm(m, threads):
     assert_matches_expanded_gemm(amx_mm(x, w, threads), x, w)
 
 
+@pytest.mark.parametrize("m", [17, 100])
+def test_rows_of_a_wider_array_are_read_as_the_rows_they_are(m):
+    """A strided ``x`` (the first 576 of 640 columns), its partial last tile among them."""
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=3))
+    wide = torch.randn(m, 640, generator=torch.Generator().manual_seed(m)).bfloat16()
+    x = wide[:, :576]
+    out = torch.empty(m, 960, dtype=torch.bfloat16)
+    packed, sz = w.amx_operands
+    int4_amx_matmul(x.view(torch.uint16).numpy(), packed, sz, out.view(torch.uint16).numpy(), make_config(), 2)
+    assert torch.equal(out.view(torch.int16), amx_mm(x.contiguous(), w).view(torch.int16))
+    assert_matches_expanded_gemm(out, x, w)
+
+
 @pytest.mark.parametrize("k", [576, 2048])
 def test_the_backend_routes_mid_sized_steps_to_amx(k, monkeypatch):
     """Tiles from AMX_MIN_ROWS rows to AMX_MAX_ROWS, then on while the activations fit in L2 (all of
