@@ -117,8 +117,9 @@ INT4_KERNEL_MAX_ROWS = 32
 # On CPUs with AMX, linears of AMX_MIN_ROWS..AMX_MAX_ROWS rows widen each int4 weight once per call
 # onto AMX tiles instead (kernels/cpu/int4_amx.py): at 576x3072, 4.8x ATen's kernel at 32 rows and 2x
 # the expansion + GEMM at 64-128 rows. One decode stream keeps ATen's kernel (2.2x faster at one row).
-# Decode-only steps of up to AMX_MAX_ROWS rows run their layers in one call (``decode_layers``), and
-# greedy steps up to it take the AMX int8 head.
+# Decode steps of up to AMX_MAX_ROWS rows run their layers in one call (``decode_layers``), as do steps
+# with prompt rows whose every linear stays on the tiles (``_tiles_take``); greedy steps up to it take
+# the AMX int8 head.
 AMX_MIN_ROWS = 10
 AMX_MAX_ROWS = 256
 # Past AMX_MAX_ROWS, up to AMX_MATMUL_MAX_ROWS, the tiles keep a linear while its activations fit in
@@ -390,28 +391,29 @@ class CPUBackend(TorchBackend):
         rows (``int4_gemv``'s) on any CPU with it, more where the AVX512-BF16 or AMX kernels take them
         (AMX: up to ``AMX_MAX_ROWS``, bf16 cache). The same kernels as the ops one by one, without
         ~10 us of Python and dispatch around each of 5-10 calls a layer. Steps with prompt rows take
-        it on AVX512-BF16 CPUs without AMX (``_prompts_fuse``), else the ops."""
+        it on AMX (two threads or more) and AVX512-BF16 CPUs (``_prompts_fuse``), else the ops."""
         t = h.shape[0]
         stack = None
         prompts = meta.num_decode_tokens < t
         if (self._fused_layers and 1 <= t and not self._invariant and h.dim() == 2
                 and h.dtype in _NUMBA_DTYPES and h.is_contiguous()
-                and (t <= self._gemv_rows or self._dpbf16 or (self.uses_amx and t <= AMX_MAX_ROWS))
+                and (t <= self._gemv_rows or self._dpbf16
+                     or (self.uses_amx and (t <= AMX_MAX_ROWS or (prompts and self._tiles_take(layers, t)))))
                 and (not prompts or self._prompts_fuse(shape, kv_caches, t))):
             stack = self._layer_stack(layers, shape, kv_caches, cos_sin)
             if stack is not None and t > self._gemv_rows and stack[0] is decode_layers:
                 stack = None
-            if stack is not None and prompts and stack[0] is not decode_layers_dp:
+            if stack is not None and prompts and stack[0] is not (decode_layers_amx if self.uses_amx else
+                                                                  decode_layers_dp):
                 stack = None
         if stack is None:
             return super().decoder_layers(h, layers, shape, kv_caches, positions, cos_sin, meta)
         kernel, typed = stack
         extra = ()
-        if kernel is decode_layers_amx:
-            extra = (self._amx_config,)
-        elif kernel is decode_layers_dp:  # how many sequences decode: they come first
+        if kernel in (decode_layers_amx, decode_layers_dp):  # how many sequences decode: they come first
             qsl = meta.query_start_loc_list or meta.query_start_loc.tolist()
-            extra = (qsl.index(meta.num_decode_tokens) if prompts else len(qsl) - 1,)
+            n_dec = qsl.index(meta.num_decode_tokens) if prompts else len(qsl) - 1
+            extra = (self._amx_config, n_dec) if kernel is decode_layers_amx else (n_dec,)
         residual, res_np = _new_array(h.shape, torch.float32)
         slots, starts, lens, tables = self._meta_arrays(meta)
         work = meta.num_decode_tokens * shape.num_heads * meta.max_seq_len
@@ -423,13 +425,26 @@ class CPUBackend(TorchBackend):
         out._edgellm_np = x
         return out, residual
 
+    def _tiles_take(self, layers: list[DecoderLayer], t: int) -> bool:
+        """Whether every linear of a ``t``-row step stays on AMX tiles op by op (``_takes_batched``), so
+        that one region running them all there gives the ops' numbers: prompt steps up to 682 rows
+        for SmolLM2 (its down projection's 1,536 inputs), 1.1-1.3x the ops at 300-682 rows."""
+        first = layers[0] if layers else None
+        return first is not None and all(self._takes_batched(t, w.shape[1]) for w in (
+            first.qkv, first.o_proj, first.gate_up, first.down))
+
     def _prompts_fuse(self, shape: DecoderShape, kv_caches: list[torch.Tensor], t: int) -> bool:
-        """Whether a step with prompt rows runs in ``decode_layers_dp`` too: the kernels ``attention``
-        would take op by op for it (AVX512-BF16 prompt attention, no sliding window), past
-        ``int4_gemv``'s rows."""
-        return (self._dpbf16 and not self.uses_amx and t > self._gemv_rows and not shape.sliding_window
-                and bool(kv_caches) and prompt_dp_supports(self._kv_view(kv_caches[0]),
-                                                           shape.num_heads // shape.num_kv_heads))
+        """Whether a step with prompt rows runs in one call too, with the kernels ``attention`` would
+        take op by op for it (no sliding window): on AMX in ``decode_layers_amx``'s one parallel region
+        (two threads or more; AMX prompt attention), else in ``decode_layers_dp`` past ``int4_gemv``'s
+        rows (AVX512-BF16 prompt attention). A joining request's step then costs its decodes no more
+        than a step of decodes alone does, plus its prompt's rows."""
+        if shape.sliding_window or not kv_caches:
+            return False
+        kv, group = self._kv_view(kv_caches[0]), shape.num_heads // shape.num_kv_heads
+        if self.uses_amx:
+            return self.threads > 1 and prompt_amx_supports(kv, group)
+        return self._dpbf16 and t > self._gemv_rows and prompt_dp_supports(kv, group)
 
     def _layer_stack(self, layers: list[DecoderLayer], shape: DecoderShape, kv_caches: list[torch.Tensor],
                      cos_sin: torch.Tensor) -> tuple | None:

@@ -63,13 +63,15 @@ def _layer_amx(h, residual, has_residual, layer, positions, cos_sin, slots, star
 
 @njit(cache=True)
 def decode_layers_amx(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window, eps,
-                      n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, cfg):
+                      n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, cfg, n_dec=-1):
     """``decode_layers_dp``'s contract on AMX CPUs (bf16 cache of head size 64, ``attention_amx.supports``),
-    with the tile configuration ``cfg`` (``amx.make_config()``) last. On more than one thread the
-    step runs in one parallel region (``decode_layers_spin``): the same kernels and numbers."""
+    with the tile configuration ``cfg`` (``amx.make_config()``), then ``n_dec``. On more than one
+    thread the step runs in one parallel region (``decode_layers_spin``): the same kernels and
+    numbers; there the sequences from ``n_dec`` on (when 0 or more) may be prompt chunks. On one
+    thread every sequence is a decode."""
     if n_threads > 1:
         return decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale, window,
-                                  eps, n_heads, head_dim, n_threads, gemv_rows, cfg)
+                                  eps, n_heads, head_dim, n_threads, gemv_rows, cfg, n_dec)
     x = _layer_amx(h, residual, False, layers[0], positions, cos_sin, slots, starts, lens, tables, scale, window,
                    eps, n_heads, head_dim, n_threads, attn_threads, gemv_rows, norm_threads, cfg)
     for i in range(1, len(layers)):

@@ -249,6 +249,49 @@ def _attend_item(out, q_flat, kv, kv32, table, q0, n, ctx, hk, r0, r1, scale, kt
                 store_bf16_32(obuf, o + 32, out_flat, dst + 32)
 
 
+@njit(cache=True)
+def prompt_width(lens, s0, s1):
+    """Score columns for sequences ``s0:s1``: their longest context rounded up to a whole P tile."""
+    max_keys = 0
+    for s in range(s0, s1):
+        max_keys = max(max_keys, lens[s])
+    return (max_keys + KEY_CHUNK - 1) // KEY_CHUNK * KEY_CHUNK
+
+
+@njit(cache=True)
+def prompt_scratch(kv, width):
+    """One worker's flat scratch for ``attend_prompt_items`` over contexts of up to ``width`` keys
+    (``prompt_width``), made once (each view or reshape costs Numba 35-80 ns)."""
+    int8 = kv.itemsize == 1
+    deq = np.empty((2, 1, kv.shape[2] if int8 else 1, width if int8 else 2, HEAD_DIM), np.uint16)  # int8 only
+    return (np.empty(width // KEY_TILE * K_TILE_WORDS, np.uint32), np.empty(width // KEY_CHUNK * V_CHUNK_HALVES, np.uint16),
+            np.empty(HEAD_DIM, np.float32), np.zeros(ROWS * HEAD_DIM, np.uint16), np.empty(ROWS * width, np.float32),
+            np.zeros(ROWS * width, np.uint16), np.empty(ROWS * HEAD_DIM, np.float32), np.empty(ROWS, np.float32),
+            np.empty(KEY_TILE, np.int64), np.zeros(HEAD_DIM, np.uint16), deq, deq.reshape(-1).view(np.uint32),
+            np.zeros(1, np.int32), np.full((2, kv.shape[2]), -1, np.int64))
+
+
+@njit(cache=True)
+def attend_prompt_items(out, q, kv, starts, lens, block_tables, scale, items, order, part, parts, scratch, cfg):
+    """The items of ``order`` (``prompt_attention_dp._plan``'s) dealt to ``part`` of ``parts``, on
+    tiles configured here with ``cfg``; ``scratch`` from ``prompt_scratch``. ``decode_step_spin`` runs
+    them as part of a step's attention phase, ``prompt_attention_amx`` one part a thread."""
+    kt, vt, qrow, qa, scores, pa, obuf, inv, k_rows, zero_row, deq, deq32, table0, held = scratch
+    held[:] = -1  # a new call may be another layer's cache: nothing dequantized is reused
+    kv32 = kv.reshape(-1).view(np.uint32)
+    q_flat = q.reshape(-1)
+    s32 = np.float32(scale)
+    mine = dealt_items(order, part, parts)
+    if mine.shape[0]:
+        tile_config(cfg)
+        for i in range(mine.shape[0]):
+            s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
+            _attend_item(out, q_flat, kv, kv32, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s],
+                         hk, r0, r1, s32, kt, vt, qrow, qa, scores, pa, obuf, inv, k_rows, zero_row, deq,
+                         deq32, table0, s, held)
+        tile_release()
+
+
 @njit(cache=True, parallel=True)
 def prompt_attention_amx(out, q, kv, starts, lens, block_tables, s0, s1, scale, cfg, n_threads):
     """Causal attention of prompt chunks ``s0:s1`` (rows ``starts[s]:starts[s + 1]`` of ``q [T, H, D]``
@@ -256,36 +299,7 @@ def prompt_attention_amx(out, q, kv, starts, lens, block_tables, s0, s1, scale, 
     D]`` (bf16 bits), ``cfg`` the tile configuration (``amx.make_config``)."""
     items, order = _plan(starts, lens, s0, s1, kv.shape[2])
     workers = max(1, min(n_threads, order.shape[0]))
-    max_keys = 0
-    for s in range(s0, s1):
-        max_keys = max(max_keys, lens[s])
-    width = (max_keys + KEY_CHUNK - 1) // KEY_CHUNK * KEY_CHUNK
-    s32 = np.float32(scale)
+    width = prompt_width(lens, s0, s1)
     for w in prange(workers):
-        # flat scratch made once per thread (each view or reshape costs Numba 35-80 ns)
-        kt = np.empty(width // KEY_TILE * K_TILE_WORDS, np.uint32)
-        vt = np.empty(width // KEY_CHUNK * V_CHUNK_HALVES, np.uint16)
-        qrow = np.empty(HEAD_DIM, np.float32)
-        qa = np.zeros(ROWS * HEAD_DIM, np.uint16)
-        scores = np.empty(ROWS * width, np.float32)
-        pa = np.zeros(ROWS * width, np.uint16)
-        obuf = np.empty(ROWS * HEAD_DIM, np.float32)
-        inv = np.empty(ROWS, np.float32)
-        k_rows = np.empty(KEY_TILE, np.int64)
-        zero_row = np.zeros(HEAD_DIM, np.uint16)
-        kv32 = kv.reshape(-1).view(np.uint32)
-        int8 = kv.itemsize == 1
-        deq = np.empty((2, 1, kv.shape[2] if int8 else 1, width if int8 else 2, HEAD_DIM), np.uint16)  # int8 only
-        deq32 = deq.reshape(-1).view(np.uint32)
-        table0 = np.zeros(1, np.int32)
-        held = np.full((2, kv.shape[2]), -1, np.int64)
-        q_flat = q.reshape(-1)
-        mine = dealt_items(order, w, workers)
-        if mine.shape[0]:
-            tile_config(cfg)
-            for i in range(mine.shape[0]):
-                s, hk, r0, r1 = items[mine[i], 0], items[mine[i], 1], items[mine[i], 2], items[mine[i], 3]
-                _attend_item(out, q_flat, kv, kv32, block_tables[s], starts[s], starts[s + 1] - starts[s], lens[s],
-                             hk, r0, r1, s32, kt, vt, qrow, qa, scores, pa, obuf, inv, k_rows, zero_row, deq,
-                             deq32, table0, s, held)
-            tile_release()
+        attend_prompt_items(out, q, kv, starts, lens, block_tables, scale, items, order, w, workers,
+                            prompt_scratch(kv, width), cfg)

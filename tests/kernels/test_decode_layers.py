@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgellm.backends import cpu as cpu_backend
 from edgellm.backends.base import AttentionMetadata, Backend, DecoderLayer, DecoderShape
 from edgellm.backends.cpu import CPUBackend
 from edgellm.kernels.cpu.amx import request_amx
@@ -200,6 +201,28 @@ def test_steps_with_prompt_rows_in_one_call_give_the_ops_numbers(seqs, kv_dtype,
     assert cpu._stacks[id(layers)][2][0] is decode_layers_dp, "the step should have taken the one-call path"
     assert torch.equal(out, want) and torch.equal(res, want_res)
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+@pytest.mark.skipif(not request_amx(), reason="needs AMX-BF16")
+@pytest.mark.parametrize("seqs", MIXED_BATCHES + [[(9, 1), (4, 3)], [(5, 5)], [(300, 1), (250, 2), (40, 40)],
+                                           [(30, 1), (400, 290)]],
+                         ids=lambda s: f"{len(s)}seqs-{sum(n for _, n in s)}rows")
+def test_steps_with_prompt_rows_in_one_region_on_amx_give_the_ops_numbers(seqs, monkeypatch):
+    """On AMX CPUs (two threads) a step with prompt chunks runs in ``decode_layers_amx``'s one region:
+    decodes on the decode tiles, prompts on ``prompt_attention_amx``'s, the numbers and caches of the
+    ops one by one; one thread takes the ops."""
+    monkeypatch.setenv("EDGELLM_AMX", "1")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5)
+    calls = []
+    monkeypatch.setattr(cpu_backend, "decode_layers_amx", lambda *a: calls.append(a[-1]) or decode_layers_amx(*a))
+    (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, seqs, torch.bfloat16)
+    assert calls == [sum(1 for _, n in seqs if n == 1)], "the step should have taken the one-region path"
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+    one = CPUBackend(threads=1, warmup=False)
+    assert not one._prompts_fuse(shape, kv, len(seqs))
 
 
 @pytest.mark.parametrize("seqs", [[(40, 1), (70, 30)], [(c, 1) for c in range(20, 29)]], ids=["prompt", "9rows"])
