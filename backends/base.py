@@ -129,6 +129,11 @@ class Backend(ABC):
     @abstractmethod
     def capabilities(self) -> Capabilities: ...
 
+    def step_tokens(self, model: Any, kv_caches: list[torch.Tensor]) -> int:
+        """The engine's default token budget a step for this model and cache (``Capabilities.step_tokens``
+        unless a backend knows better for them)."""
+        return self.capabilities().step_tokens
+
     def resolve_dtype(self, dtype: str | torch.dtype) -> torch.dtype:
         if isinstance(dtype, torch.dtype):
             return dtype

@@ -181,6 +181,10 @@ Q8_0_GEMM_TILE_ROWS = 1024  # 2.4 MB of float32 at K=576: the tile stays in L2 b
 # p50 of 2.6 / 1.5 / 0.9 / 0.74 s: new prompts join the decodes a few at a time instead of in one
 # multi-second step that all the streams wait for.
 CPU_STEP_TOKENS = 512
+# On AMX the default step budget is the most rows a step with prompts runs in the one region, where
+# that is at least this many (``CPUBackend.step_tokens``); smaller limits (a 1B model's 8,192-input down
+# projection allows 128 rows) keep 2,048-token steps on oneDNN's GEMM.
+FUSED_STEP_MIN_TOKENS = 512
 
 
 class CPUBackend(TorchBackend):
@@ -432,6 +436,23 @@ class CPUBackend(TorchBackend):
         first = layers[0] if layers else None
         return first is not None and all(self._takes_batched(t, w.shape[1]) for w in (
             first.qkv, first.o_proj, first.gate_up, first.down))
+
+    def step_tokens(self, model: Any, kv_caches: list[torch.Tensor]) -> int:
+        """On AMX, the most rows a step with prompt rows runs in the one-region step (every linear on
+        tiles, ``_tiles_take``) where that is ``FUSED_STEP_MIN_TOKENS`` or more: 682 for SmolLM2. 32 chat
+        prompts arriving together then prefill in such steps beside the decodes of those already in,
+        instead of in 2,048-token steps op by op: 1.04x the output at 32 (BENCHMARKS.md, round 41)."""
+        base = self.capabilities().step_tokens
+        layers, shape = getattr(model, "layers", None), getattr(model, "shape", None)
+        if not (self.uses_amx and layers and isinstance(shape, DecoderShape) and self._fused_layers
+                and not self.batch_invariant and self._prompts_fuse(shape, kv_caches, 0)):
+            return base
+        stack = self._layer_stack(layers, shape, kv_caches, model.cos_sin)
+        if stack is None or stack[0] is not decode_layers_amx:  # an int8 cache's steps: the ops
+            return base
+        rows = min([AMX_MATMUL_MAX_ROWS] + [AMX_MATMUL_MAX_ELEMENTS // w.shape[1] for w in (
+            layers[0].qkv, layers[0].o_proj, layers[0].gate_up, layers[0].down)])
+        return rows if rows >= FUSED_STEP_MIN_TOKENS and self._tiles_take(layers, rows) else base
 
     def _prompts_fuse(self, shape: DecoderShape, kv_caches: list[torch.Tensor], t: int) -> bool:
         """Whether a step with prompt rows runs in one call too, with the kernels ``attention`` would

@@ -105,7 +105,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory: int | float | None = None  # bytes, or a fraction of free memory
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: the backend's choice (2048; 512 on CPUs without AMX)
+    max_num_batched_tokens: int | None = None  # None: the backend's choice (Backend.step_tokens)
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     threads: int | None = None

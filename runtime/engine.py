@@ -106,7 +106,7 @@ class LLMEngine:
         self.kv_caches = self.backend.allocate_kv_cache(mc.num_layers, num_blocks, bs, mc.num_kv_heads,
                                                         mc.head_dim, kv_dtype)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        budget = config.max_num_batched_tokens or self.backend.capabilities().step_tokens
+        budget = config.max_num_batched_tokens or self.backend.step_tokens(self.model, self.kv_caches)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(self.model, self.backend, self.kv_caches, bs, self.vocab_size)
         self._idle_since: float | None = None

@@ -1,6 +1,8 @@
 """A decode step's layers in one Numba call give the numbers of the ops one by one."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numba
 import numpy as np
 import pytest
@@ -207,22 +209,42 @@ def test_steps_with_prompt_rows_in_one_call_give_the_ops_numbers(seqs, kv_dtype,
 @pytest.mark.parametrize("seqs", MIXED_BATCHES + [[(9, 1), (4, 3)], [(5, 5)], [(300, 1), (250, 2), (40, 40)],
                                            [(30, 1), (400, 290)]],
                          ids=lambda s: f"{len(s)}seqs-{sum(n for _, n in s)}rows")
-def test_steps_with_prompt_rows_in_one_region_on_amx_give_the_ops_numbers(seqs, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_steps_with_prompt_rows_in_one_region_on_amx_give_the_ops_numbers(seqs, kv_dtype, monkeypatch):
     """On AMX CPUs (two threads) a step with prompt chunks runs in ``decode_layers_amx``'s one region:
-    decodes on the decode tiles, prompts on ``prompt_attention_amx``'s, the numbers and caches of the
-    ops one by one; one thread takes the ops."""
+    decodes on the decode tiles, prompts on ``prompt_attention_amx``'s (an int8 cache's rows
+    dequantized as it does op by op), the numbers and caches of the ops one by one; one thread takes
+    the ops."""
     monkeypatch.setenv("EDGELLM_AMX", "1")
     cpu = CPUBackend(threads=2, warmup=False)
     layers = _layers(cpu)
     shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5)
     calls = []
     monkeypatch.setattr(cpu_backend, "decode_layers_amx", lambda *a: calls.append(a[-1]) or decode_layers_amx(*a))
-    (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, seqs, torch.bfloat16)
+    (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, seqs, kv_dtype)
     assert calls == [sum(1 for _, n in seqs if n == 1)], "the step should have taken the one-region path"
     assert torch.equal(out, want) and torch.equal(res, want_res)
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
     one = CPUBackend(threads=1, warmup=False)
     assert not one._prompts_fuse(shape, kv, len(seqs))
+
+
+@pytest.mark.skipif(not request_amx(), reason="needs AMX-BF16")
+def test_the_step_budget_on_amx_is_what_one_region_takes(monkeypatch):
+    """The engine's default budget: the most rows whose every linear stays on tiles (here 2**20 //
+    384 inputs of the down projection, capped at 1,024), where the one region takes prompt steps."""
+    monkeypatch.setenv("EDGELLM_AMX", "1")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    _, caches, _, _, cos_sin = _step([(40, 1)], torch.bfloat16)
+    model = SimpleNamespace(layers=layers, shape=DecoderShape(H, HKV, D, 1e-5, D ** -0.5), cos_sin=cos_sin)
+    assert cpu.step_tokens(model, caches) == cpu_backend.AMX_MATMUL_MAX_ROWS == 1024
+    assert cpu._tiles_take(layers, 1024) and not cpu._tiles_take(layers, 1025)
+    model.shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, 20)  # a sliding window: prompt steps go op by op
+    assert cpu.step_tokens(model, caches) == cpu.capabilities().step_tokens == 2048
+    one = CPUBackend(threads=1, warmup=False)
+    model = SimpleNamespace(layers=_layers(one), shape=DecoderShape(H, HKV, D, 1e-5, D ** -0.5), cos_sin=cos_sin)
+    assert one.step_tokens(model, caches) == 2048
 
 
 @pytest.mark.parametrize("seqs", [[(40, 1), (70, 30)], [(c, 1) for c in range(20, 29)]], ids=["prompt", "9rows"])
