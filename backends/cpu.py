@@ -450,9 +450,10 @@ class CPUBackend(TorchBackend):
         stack = self._layer_stack(layers, shape, kv_caches, model.cos_sin)
         if stack is None or stack[0] is not decode_layers_amx:  # an int8 cache's steps: the ops
             return base
-        rows = min([AMX_MATMUL_MAX_ROWS] + [AMX_MATMUL_MAX_ELEMENTS // w.shape[1] for w in (
-            layers[0].qkv, layers[0].o_proj, layers[0].gate_up, layers[0].down)])
-        return rows if rows >= FUSED_STEP_MIN_TOKENS and self._tiles_take(layers, rows) else base
+        # the largest such step, found by ``_tiles_take`` itself (at most 513 checks, once at start-up)
+        rows = next((t for t in range(AMX_MATMUL_MAX_ROWS, FUSED_STEP_MIN_TOKENS - 1, -1)
+                     if self._tiles_take(layers, t)), 0)
+        return rows or base
 
     def _prompts_fuse(self, shape: DecoderShape, kv_caches: list[torch.Tensor], t: int) -> bool:
         """Whether a step with prompt rows runs in one call too, with the kernels ``attention`` would

@@ -48,4 +48,3 @@ def cos_sin_table(head_dim: int, max_positions: int, theta: float, scaling: dict
         table[p0:p0 + pos.shape[0], :half] = np.cos(freqs)
         table[p0:p0 + pos.shape[0], half:] = np.sin(freqs)
     return torch.from_numpy(table).to(device)
-

@@ -20,4 +20,3 @@ def test_entries_are_the_rounded_cos_and_sin_of_float32_angles():
         angle = float(np.float32(np.float32(pos) * inv[i]))  # the float32 product transformers takes
         assert table[pos, i].item() == float(np.float32(math.cos(angle)))
         assert table[pos, 32 + i].item() == float(np.float32(math.sin(angle)))
-
