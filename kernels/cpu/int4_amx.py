@@ -166,15 +166,22 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
     K = 576) and multiplied on up to four accumulator tiles per 32 rows of ``x``. Up to 32 rows,
     widening a group overlaps the tile products of the one before (1.35x faster than widening the
     whole panel first); more rows widen the panel first and reuse it for every 32-row chunk.
+
+    A chunk's float32 sums, stored from the tiles, are rounded to bf16 into ``out`` two rows a group
+    during the next chunk's products (or the next panel's): converted straight after its own, the
+    loads waited for the tile stores, which waited for the last products, while the tiles sat idle
+    (30 % of a 682 x 576 -> 3,072 product).
     """
     k = x.shape[1]
     n = out.shape[1]
     groups = k // GROUP
     tiles = np.empty((groups, 16, 32), np.uint32)
-    cbuf = np.empty((MAX_ROWS, 32), np.float32)
+    cbuf = np.empty((2 * MAX_ROWS, 32), np.float32)  # two chunks' sums: one being stored, one converted
     scale = np.empty(32, np.float32)
     zero = np.empty(32, np.float32)
     tile_config(cfg)
+    mine = 0  # where this chunk's sums go; the other half holds the last chunk's, ``pend_rows`` of them
+    pend_rows = pend_r0 = pend_n0 = 0
     for p in range(p0, p1):
         block = p // 2
         shift = 4 * (p % 2)
@@ -187,6 +194,7 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
             # A tiles read whole 16-row blocks: a partial last block comes from ``tail``
             a0, o0 = (x, r0 * k) if r0 + 16 <= x.shape[0] else (tail, 0)
             a1, o1 = (x, (r0 + 16) * k) if r0 + 32 <= x.shape[0] else (tail, 0)
+            other = MAX_ROWS * 32 - mine
             tile_zero(0)
             tile_zero(1)
             if two:
@@ -204,13 +212,20 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
                     tile_load(5, a1, o1 + g * GROUP, 2 * k)
                     tile_dp_bf16(2, 5, 6)
                     tile_dp_bf16(3, 5, 7)
-            tile_store(0, cbuf, 0, 128)
-            tile_store(1, cbuf, 16, 128)
+                for i in range(2 * g, min(2 * g + 2, pend_rows)):
+                    store_bf16_32(cbuf, other + 32 * i, out, (pend_r0 + i) * n + pend_n0)
+            for i in range(2 * groups, pend_rows):  # K < 512: more rows than two a group
+                store_bf16_32(cbuf, other + 32 * i, out, (pend_r0 + i) * n + pend_n0)
+            tile_store(0, cbuf, mine, 128)
+            tile_store(1, cbuf, mine + 16, 128)
             if two:
-                tile_store(2, cbuf, 512, 128)
-                tile_store(3, cbuf, 528, 128)
-            for i in range(rows):
-                store_bf16_32(cbuf, 32 * i, out, (r0 + i) * n + n0)
+                tile_store(2, cbuf, mine + 512, 128)
+                tile_store(3, cbuf, mine + 528, 128)
+            pend_rows, pend_r0, pend_n0 = rows, r0, n0
+            mine = other
+    other = MAX_ROWS * 32 - mine
+    for i in range(pend_rows):
+        store_bf16_32(cbuf, other + 32 * i, out, (pend_r0 + i) * n + pend_n0)
     tile_release()
 
 

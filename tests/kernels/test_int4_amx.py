@@ -79,6 +79,18 @@ def test_any_row_count_matches_the_expanded_gemm(m, threads):
     assert_matches_expanded_gemm(amx_mm(x, w, threads), x, w)
 
 
+@pytest.mark.parametrize("k", [32, 64, 480])
+@pytest.mark.parametrize("m", [20, 32, 33, 100])
+def test_each_chunk_is_rounded_out_during_the_next_ones_products(k, m):
+    """A chunk's sums reach ``out`` two rows a group while the next chunk (or panel) multiplies, the
+    rest after it (K under 512: fewer than two rows a group), the last after the worker's final one:
+    on one thread every panel and chunk but the last hands its rows on."""
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 192, k, seed=k))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+    for threads in (1, 2):
+        assert_matches_expanded_gemm(amx_mm(x, w, threads), x, w)
+
+
 @pytest.mark.parametrize("m", [17, 100])
 def test_rows_of_a_wider_array_are_read_as_the_rows_they_are(m):
     """A strided ``x`` (the first 576 of 640 columns), its partial last tile among them."""
