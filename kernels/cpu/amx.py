@@ -20,7 +20,7 @@ import functools
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -133,6 +133,17 @@ def tile_zero(typingctx, t):
         return context.get_dummy_value()
 
     return types.void(t), codegen
+
+
+@njit(inline="always")
+def zero_accumulators(two):
+    """Zero C tiles 0 and 1, and 2 and 3 where ``two``: the sums of one or two 16-row blocks by two
+    16-column tiles, as the matmuls on tiles keep them."""
+    tile_zero(0)
+    tile_zero(1)
+    if two:
+        tile_zero(2)
+        tile_zero(3)
 
 
 def _load_store(name):

@@ -28,7 +28,7 @@ from edgellm.kernels.cpu.amx import (
     tile_load,
     tile_release,
     tile_store,
-    tile_zero,
+    zero_accumulators,
 )
 
 MAX_ROWS = 32
@@ -177,11 +177,7 @@ def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, block, shift, n0, scale,
     a1, o1 = (x, (r0 + 16) * k) if r0 + 32 <= x.shape[0] else (tail, 0)
     done_rows, done_r0, done_n0, done = pend[0], pend[1], pend[2], pend[3] * MAX_ROWS * 32
     mine = MAX_ROWS * 32 - done
-    tile_zero(0)
-    tile_zero(1)
-    if two:
-        tile_zero(2)
-        tile_zero(3)
+    zero_accumulators(two)
     for g in range(groups):
         if widen:
             widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])

@@ -26,7 +26,7 @@ from edgellm.kernels.cpu.amx import (
     tile_load,
     tile_release,
     tile_store,
-    tile_zero,
+    zero_accumulators,
 )
 
 GROUP = 32  # k per tile product
@@ -78,11 +78,7 @@ def _panels(xt, qw, scale, out, m, cfg, p0, p1):
             _widen_group(qw, n0, g, a[g])
         for r0 in range(0, m, CHUNK):
             two = m - r0 > 16
-            tile_zero(0)
-            tile_zero(1)
-            if two:
-                tile_zero(2)
-                tile_zero(3)
+            zero_accumulators(two)
             for g in range(groups):
                 if m <= CHUNK:
                     _widen_group(qw, n0, g, a[g])
