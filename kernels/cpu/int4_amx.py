@@ -34,7 +34,7 @@ from edgellm.kernels.cpu.amx import (
 MAX_ROWS = 32
 GROUP = 32
 # widened weights a thread keeps for steps of more than MAX_ROWS rows: half the 2 MiB L2 of the AMX
-# Xeons measured (a 682-row prompt step: 0.75 MiB 1.14x, 1 MiB 1.16x, 1.5 MiB 1.13x)
+# Xeons measured (a 682-row prompt step op by op: 0.75 MiB 1.13x, 1 MiB 1.16x, 1.5 MiB 1.15x)
 WIDENED_BYTES = 1 << 20
 # inputs up to this many bytes stay in L2 through a panel at a time, whose widened weight then stays in
 # L1 (256 rows x 576: runs of panels 0.79-1.11x a linear)
@@ -214,7 +214,7 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
     the whole panel first). More rows widen a panel first and take every chunk through it; where ``x``
     is over ``X_RUN_BYTES``, as many panels as ``WIDENED_BYTES`` holds are widened first and each
     chunk taken through all of them: ``x`` is read once per such run of panels, not once a panel
-    (682 rows: 0.8-2.1 MB, more than L2 holds beside the rest; a 682-row prompt step 1.16x faster).
+    (682 rows: 0.8-2.1 MB, more than L2 holds beside the rest; a 682-row prompt step 1.07-1.16x faster).
 
     A chunk's float32 sums, stored from the tiles, are rounded to bf16 into ``out`` two rows a group
     during the next chunk's products (or the next panel's): converted straight after its own, the
