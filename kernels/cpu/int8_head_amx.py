@@ -30,7 +30,7 @@ from edgellm.kernels.cpu.amx import (
     tile_load,
     tile_release,
     tile_store,
-    tile_zero,
+    zero_accumulators,
 )
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, prefetch_l2
 from edgellm.kernels.cpu.vec16 import transpose16
@@ -145,11 +145,7 @@ def _weight_tiles(qw, hi, lo, s_pad, scale, out, m, cfg, t0, t1):
             two = m - c0 > 16
             b0 = c0 // 16 * kt_n * 1024  # the chunk's first B tile (bytes)
             b1 = b0 + kt_n * 1024
-            tile_zero(0)
-            tile_zero(1)
-            if two:
-                tile_zero(2)
-                tile_zero(3)
+            zero_accumulators(two)
             for kt in range(kt_n):
                 if c0 == 0 and t + PREFETCH_TILES < t1:
                     for i in range(16):
