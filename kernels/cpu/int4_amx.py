@@ -162,9 +162,15 @@ def widen_group(packed, sz, block, shift, n0, g, scale, zero, b32):
     _widen_panel(packed, block, shift, g * GROUP, scale, zero, b32)
 
 
+@njit(cache=True, inline="always")
+def _panel_at(p):
+    """``(block, shift, n0)`` of panel ``p``: its 64-column block, nibble half and first column."""
+    return p // 2, 4 * (p % 2), 64 * (p // 2) + 32 * (p % 2)
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, block, shift, n0, scale, zero, cbuf, pend, out):
-    """One chunk of up to 32 rows from ``r0`` times one panel's widened groups ``tiles`` (widened here,
+def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, p, scale, zero, cbuf, pend, out):
+    """One chunk of up to 32 rows from ``r0`` times panel ``p``'s widened groups ``tiles`` (widened here,
     group by group, where ``widen``), its sums stored into the half of ``cbuf`` that ``pend[3]`` does
     not name; the chunk before, which ``pend`` names (``[rows, r0, n0, half]``), is rounded to bf16
     into ``out`` two rows a group meanwhile. ``pend`` then names this one."""
@@ -172,6 +178,7 @@ def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, block, shift, n0, scale,
     n = out.shape[1]
     groups = k // GROUP
     two = rows > 16
+    block, shift, n0 = _panel_at(p)
     # A tiles read whole 16-row blocks: a partial last block comes from ``tail``
     a0, o0 = (x, r0 * k) if r0 + 16 <= x.shape[0] else (tail, 0)
     a1, o1 = (x, (r0 + 16) * k) if r0 + 32 <= x.shape[0] else (tail, 0)
@@ -224,28 +231,26 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
     groups = x.shape[1] // GROUP
     big = m > MAX_ROWS and 2 * m * x.shape[1] > X_RUN_BYTES
     per_run = max(1, WIDENED_BYTES // (groups * 2048)) if big else 1
-    runs = max(1, -(-(p1 - p0) // per_run))
     tiles = np.empty((min(per_run, p1 - p0), groups, 16, 32), np.uint32)
     cbuf = np.empty((2 * MAX_ROWS, 32), np.float32)  # two chunks' sums: one being stored, one converted
     scale = np.empty(32, np.float32)
     zero = np.empty(32, np.float32)
     pend = np.zeros(4, np.int64)
     tile_config(cfg)
+    if m <= MAX_ROWS:
+        for p in range(p0, p1):
+            _chunk(x, tail, 0, m, tiles[0], True, packed, sz, p, scale, zero, cbuf, pend, out)
+    runs = 0 if m <= MAX_ROWS else -(-(p1 - p0) // per_run)
     for run in range(runs):  # runs of panels as even as they come
         q0, q1 = p0 + run * (p1 - p0) // runs, p0 + (run + 1) * (p1 - p0) // runs
-        if m <= MAX_ROWS:
-            for p in range(q0, q1):
-                _chunk(x, tail, 0, m, tiles[0], True, packed, sz, p // 2, 4 * (p % 2), 64 * (p // 2) + 32 * (p % 2),
-                       scale, zero, cbuf, pend, out)
-            continue
         for p in range(q0, q1):
+            block, shift, n0 = _panel_at(p)
             for g in range(groups):
-                widen_group(packed, sz, p // 2, 4 * (p % 2), 64 * (p // 2) + 32 * (p % 2), g, scale, zero,
-                            tiles[p - q0, g])
+                widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[p - q0, g])
         for r0 in range(0, m, MAX_ROWS):
             for p in range(q0, q1):
-                _chunk(x, tail, r0, min(MAX_ROWS, m - r0), tiles[p - q0], False, packed, sz, p // 2, 4 * (p % 2),
-                       64 * (p // 2) + 32 * (p % 2), scale, zero, cbuf, pend, out)
+                _chunk(x, tail, r0, min(MAX_ROWS, m - r0), tiles[p - q0], False, packed, sz, p, scale, zero, cbuf,
+                       pend, out)
     done = pend[3] * MAX_ROWS * 32
     for i in range(pend[0]):
         store_bf16_32(cbuf, done + 32 * i, out, (pend[1] + i) * out.shape[1] + pend[2])

@@ -229,15 +229,18 @@ def test_steps_with_prompt_rows_in_one_region_on_amx_give_the_ops_numbers(seqs, 
     assert not one._prompts_fuse(shape, kv, len(seqs))
 
 
-@pytest.mark.skipif(not request_amx(), reason="needs AMX-BF16")
 def test_the_step_budget_on_amx_is_what_one_region_takes(monkeypatch):
-    """The engine's default budget: the most rows whose every linear stays on tiles (here 2**20 //
-    384 inputs of the down projection, capped at 1,024), where the one region takes prompt steps."""
+    """The engine's default budget: on AMX the most rows whose every linear stays on tiles (here 2**20
+    // 384 inputs of the down projection, capped at 1,024), where the one region takes prompt steps;
+    elsewhere (no AMX, a sliding window, one thread) the backend's own."""
     monkeypatch.setenv("EDGELLM_AMX", "1")
     cpu = CPUBackend(threads=2, warmup=False)
     layers = _layers(cpu)
     _, caches, _, _, cos_sin = _step([(40, 1)], torch.bfloat16)
     model = SimpleNamespace(layers=layers, shape=DecoderShape(H, HKV, D, 1e-5, D ** -0.5), cos_sin=cos_sin)
+    if not request_amx():  # no one-region prompt steps to size the budget for
+        assert cpu.step_tokens(model, caches) == cpu.capabilities().step_tokens
+        return
     assert cpu.step_tokens(model, caches) == cpu_backend.AMX_MATMUL_MAX_ROWS == 1024
     assert cpu._tiles_take(layers, 1024) and not cpu._tiles_take(layers, 1025)
     model.shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, 20)  # a sliding window: prompt steps go op by op
