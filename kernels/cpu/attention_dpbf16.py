@@ -17,9 +17,10 @@ registers); prompt tiles stay on ``paged_attention._attend_tile``.
 Paged blocks are scattered 2 KiB pieces that the hardware prefetchers barely help with, and a decode
 step's cache comes from DRAM. Each block's scoring asks for the K and V rows ``PREFETCH_BLOCKS``
 blocks ahead (into the next item's blocks at an item's end), two cache lines after each key's dot
-products, a share with each query head (``_prefetch_plan``, ``prefetch.spread_prefetches``). Asked
-for in bursts of a block, the same prefetches stalled the dot products' loads: 32 streams' decode
-attention over a cold cache took 1.45-1.55x as long (``bench_kernels attention``). An int8 cache
+products, a share with each query head (``_prefetch_plan``, ``prefetch.spread_prefetches``), into
+L2. Asked for in bursts of a block, the same prefetches stalled the dot products' loads: 32 streams'
+decode attention over a cold cache took 1.45-1.55x as long (``bench_kernels attention``); asked into
+L1 they held its few miss buffers, 1.3-1.4x as long on a Zen 4. An int8 cache
 keeps the burst scheme (``_prefetch_blocks``), which measured better for its shorter rows.
 """
 from __future__ import annotations

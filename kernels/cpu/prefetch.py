@@ -32,6 +32,11 @@ def emit_prefetch(builder, ptr, locality: int) -> None:
 # Prefetches a decode scoring intrinsic spreads between its 16 keys (two after each): a burst of them
 # stalls the loads of the dot products behind it (``spread_prefetches``).
 SPREAD_PER_KEY = 2
+# ...into L2 only (``prefetcht1``): one into every level holds an L1 miss buffer until its line arrives,
+# and a core has few of those, so fewer lines were in flight. 32 streams' decode attention over a cold
+# bf16 cache on a Zen 4 (``bench_kernels attention``, 30 layers in turn), three rounds alternating: 401-587
+# against 571-722 us a layer at 256 keys, 726-1,166 against 995-1,514 at 512.
+SPREAD_LOCALITY = 2
 
 
 def spread_plan(context, builder, types_, values):
@@ -44,8 +49,8 @@ def spread_plan(context, builder, types_, values):
 
 
 def spread_prefetches(builder, plan, key: int, keys: int) -> None:
-    """For a scoring intrinsic's codegen, after key ``key`` of ``keys``: prefetch (into every level)
-    its share of cache lines ``l0:l1`` of two chunks of ``chunk_lines`` lines, line ``l`` at byte
+    """For a scoring intrinsic's codegen, after key ``key`` of ``keys``: prefetch (into L2,
+    ``SPREAD_LOCALITY``) its share of cache lines ``l0:l1`` of two chunks of ``chunk_lines`` lines, line ``l`` at byte
     ``k_byte + 64 l`` while ``l < chunk_lines`` and at ``v_byte + 64 (l - chunk_lines)`` after: a
     later block's K and V rows, asked for between the dot products instead of in one burst. Each key
     takes ``SPREAD_PER_KEY`` lines; the last one takes whatever is left."""
@@ -57,7 +62,7 @@ def spread_prefetches(builder, plan, key: int, keys: int) -> None:
         is_k = builder.icmp_signed("<", line, chunk_lines)
         at = builder.select(is_k, builder.add(k_byte, builder.mul(line, line_bytes)),
                             builder.add(v_byte, builder.mul(builder.sub(line, chunk_lines), line_bytes)))
-        emit_prefetch(builder, builder.gep(base, [at]), 3)
+        emit_prefetch(builder, builder.gep(base, [at]), SPREAD_LOCALITY)
 
     first = builder.add(l0, ir.Constant(i64, SPREAD_PER_KEY * key))
     with builder.if_then(builder.icmp_signed("<", first, l1)):
