@@ -32,8 +32,8 @@ def emit_prefetch(builder, ptr, locality: int) -> None:
 # Prefetches a decode scoring intrinsic spreads between its 16 keys (two after each): a burst of them
 # stalls the loads of the dot products behind it (``spread_prefetches``).
 SPREAD_PER_KEY = 2
-# ...into L2 only (``prefetcht1``): one into every level holds an L1 miss buffer until its line arrives,
-# and a core has few of those, so fewer lines were in flight. 32 streams' decode attention over a cold
+# They go into L2 only (``prefetcht1``): one into every level holds an L1 miss buffer until its line
+# arrives, and a core has few of those, so fewer lines were in flight. 32 streams' decode attention over a cold
 # bf16 cache on a Zen 4 (``bench_kernels attention``, 30 layers in turn), three rounds alternating: 401-587
 # against 571-722 us a layer at 256 keys, 726-1,166 against 995-1,514 at 512.
 SPREAD_LOCALITY = 2
@@ -50,10 +50,10 @@ def spread_plan(context, builder, types_, values):
 
 def spread_prefetches(builder, plan, key: int, keys: int) -> None:
     """For a scoring intrinsic's codegen, after key ``key`` of ``keys``: prefetch (into L2,
-    ``SPREAD_LOCALITY``) its share of cache lines ``l0:l1`` of two chunks of ``chunk_lines`` lines, line ``l`` at byte
-    ``k_byte + 64 l`` while ``l < chunk_lines`` and at ``v_byte + 64 (l - chunk_lines)`` after: a
-    later block's K and V rows, asked for between the dot products instead of in one burst. Each key
-    takes ``SPREAD_PER_KEY`` lines; the last one takes whatever is left."""
+    ``SPREAD_LOCALITY``) its share of cache lines ``l0:l1`` of two chunks of ``chunk_lines`` lines,
+    line ``l`` at byte ``k_byte + 64 l`` while ``l < chunk_lines`` and at ``v_byte + 64 (l -
+    chunk_lines)`` after: a later block's K and V rows, asked for between the dot products instead of
+    in one burst. Each key takes ``SPREAD_PER_KEY`` lines; the last one takes whatever is left."""
     base, k_byte, v_byte, l0, l1, chunk_lines = plan
     i64 = ir.IntType(64)
     line_bytes = ir.Constant(i64, CACHE_LINE)
