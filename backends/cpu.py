@@ -347,7 +347,7 @@ class CPUBackend(TorchBackend):
             return super().norm_linear(x, norm_weight, eps, residual, weight, bias, norm_dtype)
         res = residual if residual is not None else torch.empty(x.shape, dtype=torch.float32)
         out, out_np = _new_array((x.shape[0], weight.shape[0]), torch.bfloat16)
-        packed, sz = weight.amx_operands
+        packed, sz = weight.gemv_operands
         norm_int4_gemv(_as_numpy(x), res.numpy(), norm_weight.numpy(), float(eps), residual is not None, packed, sz,
                        out_np, self.threads)
         return out, res
@@ -357,8 +357,7 @@ class CPUBackend(TorchBackend):
         if not (act == "silu" and x.dtype == torch.bfloat16 and self._gemv_step(x, weight)):
             return super().act_linear(x, act, weight)
         out, out_np = _new_array((x.shape[0], weight.shape[0]), torch.bfloat16)
-        packed, sz = weight.amx_operands
-        silu_int4_gemv(_as_numpy(x), packed, sz, out_np, self.threads)
+        silu_int4_gemv(_as_numpy(x), *weight.gemv_operands, out_np, self.threads)
         return out
 
     def rotary(self, q, k, positions, cos_sin):
@@ -484,7 +483,8 @@ class CPUBackend(TorchBackend):
         if ok:
             kvs = [self._kv_view(c) for c in kv_caches]
             typed = layer_list([(layer.input_norm.numpy(), *layer.qkv.amx_operands, *layer.o_proj.amx_operands,
-                                 layer.post_norm.numpy(), *layer.gate_up.amx_operands, *layer.down.amx_operands, kv)
+                                 layer.post_norm.numpy(), *layer.gate_up.amx_operands, *layer.down.amx_operands, kv,
+                                 *(w.gemv_operands[1] for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)))
                                 for layer, kv in zip(layers, kvs)])
             group = shape.num_heads // shape.num_kv_heads
             kernel = (decode_layers_amx if self._amx_decodes(kvs[0], group) else
@@ -531,7 +531,7 @@ class CPUBackend(TorchBackend):
         out, out_np = _new_array((x.shape[0], w.shape[0]), torch.bfloat16)
         packed, sz = w.amx_operands
         if x.shape[0] <= self._gemv_rows:
-            int4_gemv(x.view(torch.uint16).numpy(), packed, sz, out_np, self.threads)
+            int4_gemv(x.view(torch.uint16).numpy(), *w.gemv_operands, out_np, self.threads)
         elif self._amx_config is not None:
             int4_amx_matmul(x.view(torch.uint16).numpy(), packed, sz, out_np, self._amx_config, self.threads)
         else:

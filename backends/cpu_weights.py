@@ -21,6 +21,7 @@ from edgellm.backends.cpu_hugepages import on_huge_pages, tensor_on_huge_pages
 from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
 from edgellm.kernels.cpu.dpbf16 import int8_to_bf16_panels
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
+from edgellm.kernels.cpu.int4_gemv import block_scale_zeros
 from edgellm.kernels.cpu.int8_head_vnni import vnni_panels
 from edgellm.kernels.cpu.q4_repack import q4_blocks_to_int4pack
 from edgellm.kernels.cpu.q8_0 import q8_0_row_int8, repack_q8_0
@@ -67,6 +68,14 @@ class Int4PackedWeight:
         pairs = self.scale_zeros.view(torch.int32).squeeze(-1).numpy().view(np.uint32)
         return self.packed.numpy().reshape(n // 64, k, 32), pairs
 
+    @functools.cached_property
+    def gemv_operands(self) -> tuple[np.ndarray, np.ndarray]:
+        """``amx_operands`` for ``int4_gemv``: the same packed weight, and a copy of the scale-zeros
+        block by block (``block_scale_zeros``, ``[N/64, K/32, 64]``; a quarter of the nibbles' bytes), which
+        one decode stream reads 1.3-2x as fast as ATen's layout. Built on first use."""
+        packed, sz = self.amx_operands
+        return packed, on_huge_pages(block_scale_zeros(sz))
+
     @property
     def expandable(self) -> bool:
         """Whether the expansion kernels handle this weight (whole 64-row blocks only)."""
@@ -92,7 +101,9 @@ class Int4PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.scale_zeros.numel() * self.scale_zeros.element_size()
+        gemv = self.__dict__.get("gemv_operands")
+        return (self.packed.numel() * self.packed.element_size()
+                + self.scale_zeros.numel() * self.scale_zeros.element_size() + (gemv[1].nbytes if gemv else 0))
 
 
 @dataclass

@@ -8,7 +8,9 @@ inside one Numba function, on the same arrays, so the numbers are those of the o
 
 The layers come as one typed list of per-layer tuples (``layer_list``), built once per model and
 cache: ``(input_norm, qkv packed, qkv sz, o packed, o sz, post_norm, gate_up packed, gate_up sz,
-down packed, down sz, kv)``, the int4 weights as ``Int4PackedWeight.amx_operands``.
+down packed, down sz, kv, qkv sz, o sz, gate_up sz, down sz)``, the int4 weights as
+``Int4PackedWeight.amx_operands`` and the last four the scale-zeros ``int4_gemv`` reads
+(``Int4PackedWeight.gemv_operands``).
 
 ``decode_layers_dp`` and ``decode_layers`` differ only in their attention kernel, and must stay two
 functions: one holding ``vdpbf16ps`` code would not compile on a CPU without AVX512-BF16.
@@ -73,7 +75,7 @@ def _append(items, item):
 def _qkv(h, residual, has_residual, layer, eps, n_threads):
     """The block's input norm (adding ``h`` to the residual stream) and its qkv projection."""
     qkv = np.empty((h.shape[0], layer[2].shape[1]), np.uint16)
-    norm_int4_gemv(h, residual, layer[0], eps, has_residual, layer[1], layer[2], qkv, n_threads)
+    norm_int4_gemv(h, residual, layer[0], eps, has_residual, layer[1], layer[11], qkv, n_threads)
     return qkv
 
 
@@ -83,11 +85,11 @@ def _out_and_mlp(attn, residual, layer, eps, n_threads):
     output (bf16 bits), its sum with the residual stream left for the next block's norm."""
     t = attn.shape[0]
     o = np.empty((t, layer[4].shape[1]), np.uint16)
-    int4_gemv(attn.reshape(t, attn.shape[1] * attn.shape[2]), layer[3], layer[4], o, n_threads)
+    int4_gemv(attn.reshape(t, attn.shape[1] * attn.shape[2]), layer[3], layer[12], o, n_threads)
     gate_up = np.empty((t, layer[7].shape[1]), np.uint16)
-    norm_int4_gemv(o, residual, layer[5], eps, True, layer[6], layer[7], gate_up, n_threads)
+    norm_int4_gemv(o, residual, layer[5], eps, True, layer[6], layer[13], gate_up, n_threads)
     out = np.empty((t, layer[9].shape[1]), np.uint16)
-    silu_int4_gemv(gate_up, layer[8], layer[9], out, n_threads)
+    silu_int4_gemv(gate_up, layer[8], layer[14], out, n_threads)
     return out
 
 

@@ -155,9 +155,11 @@ def _gemv(sync, phase, worker, n_workers, codes, packed, sz, out):
 
 
 @njit(cache=True)
-def _linear(sync, phase, worker, n_workers, gemv, x, codes, packed, sz, out, nxt_packed, nxt_sz, cfg):
+def _linear(sync, phase, worker, n_workers, gemv, x, codes, packed, sz, gemv_sz, out, nxt_packed, nxt_sz, cfg):
+    """A linear as a phase: ``_gemv`` (on the scale-zeros ``gemv_sz``, block by block) where ``gemv``,
+    else ``_batched`` (on ATen's ``sz``)."""
     if gemv:
-        _gemv(sync, phase, worker, n_workers, codes, packed, sz, out)
+        _gemv(sync, phase, worker, n_workers, codes, packed, gemv_sz, out)
     else:
         _batched(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, cfg)
 
@@ -238,8 +240,8 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
             _norm(sync, ph, worker, rows, h, residual, layer[0], eps, x, codes_d, False, kv, slots, True)
         else:
             _norm(sync, ph, worker, rows, out, residual, layer[0], eps, x, codes_d, True, kv, slots, True)
-        _linear(sync, ph + 1, worker, n_workers, gemv, x, codes_d, layer[1], layer[2], qkv, layer[3], layer[4],
-                cfg)
+        _linear(sync, ph + 1, worker, n_workers, gemv, x, codes_d, layer[1], layer[2], layer[11], qkv, layer[3],
+                layer[4], cfg)
         _attention(sync, ph + 2, worker, n_workers, qkv, positions, cos_sin, kv, slots, starts, lens, tables, scale,
                    window, q_rot, k_rot, attn, items, order, partials, prompts, scratch, cfg)
         if gemv:
@@ -247,10 +249,10 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
             while p >= 0:
                 _codes(attn2d, codes_a, p * t // rows, (p + 1) * t // rows)
                 p = done_and_take(sync, ph + 5, worker, rows)
-        _linear(sync, ph + 6, worker, n_workers, gemv, attn2d, codes_a, layer[3], layer[4], o, layer[6], layer[7],
-                cfg)
+        _linear(sync, ph + 6, worker, n_workers, gemv, attn2d, codes_a, layer[3], layer[4], layer[12], o, layer[6],
+                layer[7], cfg)
         _norm(sync, ph + 7, worker, rows, o, residual, layer[5], eps, x, codes_d, True, kv, slots, False)
-        _linear(sync, ph + 8, worker, n_workers, gemv, x, codes_d, layer[6], layer[7], gate_up, layer[8],
+        _linear(sync, ph + 8, worker, n_workers, gemv, x, codes_d, layer[6], layer[7], layer[13], gate_up, layer[8],
                 layer[9], cfg)
         p = take(sync, ph + 9, worker, rows)
         while p >= 0:
@@ -258,8 +260,8 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
             silu_and_mul(gate_up[r0:r1], act[r0:r1])
             _codes(act, codes_i, r0, r1)
             p = done_and_take(sync, ph + 9, worker, rows)
-        _linear(sync, ph + 10, worker, n_workers, gemv, act, codes_i, layer[8], layer[9], out, nxt[1], nxt[2],
-                cfg)
+        _linear(sync, ph + 10, worker, n_workers, gemv, act, codes_i, layer[8], layer[9], layer[14], out, nxt[1],
+                nxt[2], cfg)
 
 
 @njit(cache=True)

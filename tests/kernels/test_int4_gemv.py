@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not supported(), reason="this CPU has neither AV
 
 def gemv(x: torch.Tensor, w: Int4PackedWeight, threads: int = 2) -> torch.Tensor:
     out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=torch.bfloat16)
-    packed, sz = w.amx_operands
+    packed, sz = w.gemv_operands
     int4_gemv(x.bfloat16().contiguous().view(torch.uint16).numpy(), packed, sz, out.view(torch.uint16).numpy(),
               threads)
     return out
@@ -101,7 +101,7 @@ def test_the_avx2_body_gives_the_avx512_bodys_bits(m, n, k):
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).bfloat16()
     want = gemv(x, w)
     got = torch.full_like(want, float("nan"))
-    packed, sz = w.amx_operands
+    packed, sz = w.gemv_operands
     _gemv_avx2(x.view(torch.uint16).numpy(), packed, sz, got.view(torch.uint16).numpy())
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
@@ -175,3 +175,17 @@ def test_fused_ops_fall_back_to_the_two_ops_off_their_path(monkeypatch):
     y, _ = backend.norm_linear(many[:1], torch.ones(32), 1e-6, None, w, torch.ones(64), torch.bfloat16)  # a bias
     assert y.shape == (1, 64)
     assert backend.act_linear(torch.randn(1, 64).bfloat16(), "gelu_tanh", w).shape == (1, 64)
+
+
+def test_the_gemv_scale_zeros_are_atens_block_by_block():
+    """``gemv_operands``: the same packed weight, and ATen's scale-zeros ``[K/32, N]`` laid out as
+    ``[N/64, K/32, 64]``, counted in the weight's bytes once built."""
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 192, 96, seed=5))
+    packed, sz = w.amx_operands
+    before = w.nbytes
+    gemv_packed, blocks = w.gemv_operands
+    assert np.shares_memory(gemv_packed, packed) and blocks.shape == (3, 3, 64) and blocks.dtype == np.uint32
+    for b in range(3):
+        for g in range(3):
+            assert np.array_equal(blocks[b, g], sz[g, 64 * b:64 * (b + 1)])
+    assert w.nbytes == before + blocks.nbytes

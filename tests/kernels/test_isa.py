@@ -131,7 +131,7 @@ def test_the_avx2_kernels_give_the_host_kernels_bits(tmp_path):
     g = np.random.default_rng(0)
     w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=3))
     x = (g.standard_normal((9, 576)) * 3).astype(np.float32)
-    packed, sz = w.amx_operands
+    packed, sz = w.gemv_operands
     data = {"x": x, "xb": torch.from_numpy(x).bfloat16().view(torch.uint16).numpy(), "packed": packed, "sz": sz,
             "qw": g.integers(-127, 128, (1000, 576), dtype=np.int8),
             "scale": g.random(1000, dtype=np.float32) * 0.01 + 1e-3,
