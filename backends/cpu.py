@@ -1,7 +1,8 @@
 """The CPU backend: packed int4 weights, Numba kernels, and oneDNN for the big steps.
 
-- Linear: a few rows (up to 8-9) meet the int4 nibbles as integers with int16 activations on
-  AVX512-VNNI (``kernels/cpu/int4_gemv.py``), or else go through ATen's int4 kernel. On CPUs with
+- Linear: a few rows (up to 8-9; 16 on AVX2) meet the int4 nibbles as integers with int16 activations
+  on AVX512-VNNI or AVX2 (``kernels/cpu/int4_gemv.py``, reading a block-by-block copy of the
+  scale-zeros, ``Int4PackedWeight.gemv_operands``), or else go through ATen's int4 kernel. On CPUs with
   AMX, steps of 10-256 rows widen each int4 weight once onto AMX tiles (``kernels/cpu/int4_amx.py``,
   ATen's int4 layout read in place); without AMX but with AVX512-BF16 (Zen 4), bigger steps widen
   it once into registers' bf16 pairs for ``vdpbf16ps`` (``kernels/cpu/dpbf16.py``). Other big steps expand each
