@@ -100,10 +100,15 @@ class Int4PackedWeight:
         return out
 
     @property
-    def nbytes(self) -> int:
+    def cache_nbytes(self) -> int:
+        """Bytes of the copies built on first use (``gemv_operands``' scale-zeros)."""
         gemv = self.__dict__.get("gemv_operands")
+        return gemv[1].nbytes if gemv else 0
+
+    @property
+    def nbytes(self) -> int:
         return (self.packed.numel() * self.packed.element_size()
-                + self.scale_zeros.numel() * self.scale_zeros.element_size() + (gemv[1].nbytes if gemv else 0))
+                + self.scale_zeros.numel() * self.scale_zeros.element_size() + self.cache_nbytes)
 
 
 @dataclass
