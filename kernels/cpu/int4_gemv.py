@@ -71,7 +71,8 @@ def supported() -> bool:
 def _block_rows_types(rows, packed, xq, xs, xsum, sz, out) -> bool:
     arrays = (packed, xq, xs, xsum, sz, out)
     dtypes = (types.uint8, types.int16, types.float32, types.float32, types.uint32, types.uint16)
-    return isinstance(rows, types.Integer) and all(
+    # the scale-zeros block by block are 3-D: ATen's 2-D layout (``amx_operands``) does not type here
+    return isinstance(rows, types.Integer) and sz.ndim == 3 and all(
         isinstance(a, types.Array) and a.layout == "C" and a.dtype == d for a, d in zip(arrays, dtypes))
 
 
@@ -397,9 +398,12 @@ def int4_gemv(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, out: np.ndarray
     pair as uint32) block by block, ``[N/64, K/32, 64]`` (``block_scale_zeros``):
     ``Int4PackedWeight.gemv_operands``. Each thread takes a run of 64-column blocks.
     """
+    blocks = packed.shape[0]
+    if (x.shape[1] != packed.shape[1] or out.shape[0] != x.shape[0] or out.shape[1] != 64 * blocks
+            or sz.shape[0] != blocks or sz.shape[1] * GROUP != packed.shape[1] or sz.shape[2] != 64):
+        raise ValueError("int4_gemv: x [M, K], packed [N/64, K, 32], sz [N/64, K/32, 64] and out [M, N] disagree")
     xq, xs, xsum = quantize_groups_int16(x)
     m = x.shape[0]
-    blocks = packed.shape[0]
     workers = max(1, min(n_threads, blocks))
     for w in prange(workers):
         for b in range(w * blocks // workers, (w + 1) * blocks // workers):

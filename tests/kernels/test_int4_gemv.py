@@ -189,3 +189,17 @@ def test_the_gemv_scale_zeros_are_atens_block_by_block():
         for g in range(3):
             assert np.array_equal(blocks[b, g], sz[g, 64 * b:64 * (b + 1)])
     assert w.nbytes == before + blocks.nbytes
+
+
+def test_operands_that_disagree_are_refused_not_overrun():
+    """A wrong output width or ATen's 2-D scale-zeros (``amx_operands``) is an error, not a write past
+    the output or a read of the wrong scales."""
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 128, 64, seed=1))
+    x = np.zeros((1, 64), np.uint16)
+    packed, sz = w.gemv_operands
+    with pytest.raises(ValueError, match="disagree"):
+        int4_gemv(x, packed, sz, np.empty((1, 64), np.uint16), 2)
+    with pytest.raises(ValueError, match="disagree"):
+        int4_gemv(np.zeros((1, 32), np.uint16), packed, sz, np.empty((1, 128), np.uint16), 2)
+    with pytest.raises(Exception, match="(?i)typ"):  # Numba's typing error: no kernel for 2-D scale-zeros
+        int4_gemv(x, packed, w.amx_operands[1], np.empty((1, 128), np.uint16), 2)
