@@ -26,7 +26,7 @@ from edgellm.kernels.cpu.amx import _BFloat, element_ptr, emit_cases
 from edgellm.kernels.cpu.int4_amx import store_bf16_32, widen_group
 from edgellm.kernels.cpu.int8_amx import vnni_transpose, widen_int8_32
 from edgellm.kernels.cpu.isa import has
-from edgellm.kernels.cpu.prefetch import CACHE_LINE, prefetch_l2
+from edgellm.kernels.cpu.prefetch import CACHE_LINE, emit_prefetch, prefetch_l2
 
 BLOCK_ROWS = 8  # broadcast rows per register block: 8 x 2 accumulators + 2 weight vectors + 1 broadcast
 PANEL = 32  # output columns per widened panel (int4) / weight rows per pass (int8)
@@ -57,8 +57,8 @@ def _dot_codegen(context, builder, sig, args):
     zero = ir.Constant(v16f, None)
     prefetch = None
     if len(args) > 10:  # one cache line of ``pf`` a pair, from byte pf0, for the first ``pf_lines`` pairs
-        t_pf, t_pf0, t_pfn = sig.args[10:]
-        v_pf, v_pf0, v_pfn = args[10:]
+        t_pf, t_pf0, t_pfn = sig.args[10:13]
+        v_pf, v_pf0, v_pfn = args[10:13]
         i8p = ir.IntType(8).as_pointer()
         pf_base = builder.bitcast(context.make_array(t_pf)(context, builder, v_pf).data, i8p)
         pf0, pf_lines = as64(v_pf0, t_pf0), as64(v_pfn, t_pfn)
@@ -69,6 +69,8 @@ def _dot_codegen(context, builder, sig, args):
             with builder.if_then(builder.icmp_signed("<", p, pf_lines)):
                 at = builder.gep(pf_base, [builder.add(pf0, builder.mul(p, ir.Constant(i64, CACHE_LINE)))])
                 builder.call(fn, [at, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+
+    runs = _run_stream(context, builder, sig.args[13:], args[13:]) if len(args) > 13 else None
 
     def body(n_rows, n_vecs):
         accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_vecs)] for _ in range(n_rows)]
@@ -87,6 +89,10 @@ def _dot_codegen(context, builder, sig, args):
                     builder.store(builder.call(dp, [builder.load(accs[r][v]), bc, wv[v]]), accs[r][v])
             if prefetch is not None:
                 prefetch(p)
+            if runs is not None:
+                runs.prefetch(p)
+        if runs is not None:
+            runs.store()
         for r in range(n_rows):
             for v in range(n_vecs):
                 ptr = element_ptr(context, builder, t_c, v_c, ir.Constant(i64, 16 * (n_vecs * r + v)), types.int64,
@@ -97,6 +103,42 @@ def _dot_codegen(context, builder, sig, args):
     emit_cases(builder, n_vecs_v, (1, 2), lambda n_vecs: emit_cases(
         builder, n_rows_v, range(1, BLOCK_ROWS + 1), lambda n_rows: body(n_rows, n_vecs)))
     return context.get_dummy_value()
+
+
+class _run_stream:
+    """For ``_dot_block_runs``' codegen: one cache line a pair, for the first ``cur[2]`` pairs, walking
+    the runs ``runs [R, 3]`` (byte offset into ``pf``, lines, -) from run ``cur[0]``, line ``cur[1]``;
+    where the walk stopped goes back into ``cur[0:2]`` (``store``), so the next call goes on from there."""
+
+    def __init__(self, context, builder, tys, vals):
+        t_pf, t_runs, t_cur = tys
+        v_pf, v_runs, v_cur = vals
+        i64 = ir.IntType(64)
+        self.builder, self.i64 = builder, i64
+        self.base = builder.bitcast(context.make_array(t_pf)(context, builder, v_pf).data, ir.IntType(8).as_pointer())
+        self.runs = builder.bitcast(context.make_array(t_runs)(context, builder, v_runs).data, i64.as_pointer())
+        self.cur = builder.bitcast(context.make_array(t_cur)(context, builder, v_cur).data, i64.as_pointer())
+        at = lambda i: builder.gep(self.cur, [ir.Constant(i64, i)])  # noqa: E731
+        self.run = cgutils.alloca_once_value(builder, builder.load(at(0)))
+        self.line = cgutils.alloca_once_value(builder, builder.load(at(1)))
+        self.count = builder.load(at(2))
+
+    def prefetch(self, p):
+        b, i64 = self.builder, self.i64
+        with b.if_then(b.icmp_signed("<", p, self.count)):
+            run, line = b.load(self.run), b.load(self.line)
+            row = b.gep(self.runs, [b.mul(run, ir.Constant(i64, 3))])
+            byte = b.add(b.load(row), b.mul(line, ir.Constant(i64, CACHE_LINE)))
+            emit_prefetch(b, b.gep(self.base, [byte]), 2)
+            nxt = b.add(line, ir.Constant(i64, 1))
+            done = b.icmp_signed("==", nxt, b.load(b.gep(row, [ir.Constant(i64, 1)])))
+            b.store(b.select(done, b.add(run, ir.Constant(i64, 1)), run), self.run)
+            b.store(b.select(done, ir.Constant(i64, 0), nxt), self.line)
+
+    def store(self):
+        b = self.builder
+        b.store(b.load(self.run), b.gep(self.cur, [ir.Constant(self.i64, 0)]))
+        b.store(b.load(self.line), b.gep(self.cur, [ir.Constant(self.i64, 1)]))
 
 
 def _dot_types_ok(a, rows, b, vecs, c) -> bool:
@@ -130,6 +172,21 @@ def _dot_block_pf(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs
     return types.void(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c, pf, pf0, pf_lines), _dot_codegen
 
 
+@intrinsic
+def _dot_block_runs(typingctx, a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c, pf, pf0, pf_lines, kv, runs,
+                    cur):
+    """``_dot_block_pf`` that also asks for ``cur[2]`` cache lines of ``kv`` into L2, one a pair, along
+    the runs ``runs [R, 3]`` (``_run_stream``): the next layer's cache blocks, which its attention
+    would otherwise read from DRAM, streamed in while these products keep the cores busy."""
+    if not (_dot_types_ok(a, rows, b, vecs, c) and isinstance(pf, types.Array) and pf.layout == "C"
+            and isinstance(pf0, types.Integer) and isinstance(pf_lines, types.Integer)
+            and isinstance(kv, types.Array) and kv.layout == "C"
+            and all(isinstance(t, types.Array) and t.layout == "C" and t.dtype == types.int64 for t in (runs, cur))):
+        return None
+    return types.void(a, a0, a_stride, rows, b, b0, b_stride, vecs, pairs, c, pf, pf0, pf_lines, kv, runs,
+                      cur), _dot_codegen
+
+
 @njit(inline="always")
 def _lookahead_share(lines, m, r0):
     """``(first, count)``: the share of a look-ahead of ``lines`` cache lines that the row block at
@@ -140,7 +197,46 @@ def _lookahead_share(lines, m, r0):
 
 
 @njit(cache=True)
-def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1):
+def kv_runs(kv, lens, tables, n_seqs, window):
+    """The cache blocks decode attention reads for sequences ``0:n_seqs`` (each ``lens[s]`` keys over
+    ``tables[s]``, the last ``window`` of them where ``window > 0``), as runs of cache lines of one
+    layer's ``kv [2, blocks, ...]``: ``[R, 3]`` int64 of (byte offset, lines, lines before it), K's
+    blocks then V's, consecutive blocks merged. Every layer's cache has the same layout and block
+    tables, so one plan serves a step's layers."""
+    block_bytes = kv.strides[1]
+    plane_bytes = kv.strides[0]
+    bs = kv.shape[3]
+    n_blocks = 0
+    for s in range(n_seqs):
+        n_blocks += (lens[s] + bs - 1) // bs - (max(0, lens[s] - window) // bs if window > 0 else 0)
+    runs = np.empty((2 * n_blocks, 3), np.int64)
+    r = 0
+    total = 0
+    for plane in range(2):
+        for s in range(n_seqs):
+            prev = -2
+            for j in range(max(0, lens[s] - window) // bs if window > 0 else 0, (lens[s] + bs - 1) // bs):
+                b = tables[s, j]
+                if b == prev + 1 and r > 0:
+                    runs[r - 1, 1] += block_bytes // CACHE_LINE
+                else:
+                    runs[r, 0] = plane * plane_bytes + b * block_bytes
+                    runs[r, 1] = block_bytes // CACHE_LINE
+                    runs[r, 2] = total
+                    r += 1
+                total += block_bytes // CACHE_LINE
+                prev = b
+    return runs[:r]
+
+
+@njit(cache=True)
+def run_lines(runs):
+    """How many cache lines ``runs`` (``kv_runs``) cover."""
+    return runs[-1, 1] + runs[-1, 2] if runs.shape[0] else 0
+
+
+@njit(cache=True)
+def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, runs, g0, g1):
     """Output columns ``32 p0 : 32 p1`` of ``out [M, N]`` (bf16 bits): each panel widened once into
     ``tiles [K/32, 16, 32]`` (``[K/2, 32]`` pairs), then every 8 rows of ``x32`` against it.
 
@@ -149,8 +245,16 @@ def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1):
     this model at 32 cold rows 0.68 against 0.75 ms, no change from 128 rows up, where the arithmetic
     hides DRAM anyway. While the first one's are, panels ``q0:q1`` of the weight the next call takes
     (``nxt_packed``, ``nxt_sz``: this worker's share of it) stream in, so that call starts warm too.
+    And lines ``g0:g1`` of the cache runs ``runs`` of ``kv`` (``kv_runs``: the blocks the next layer's
+    decode attention reads) stream into L2 over the row blocks, a line a pair (``_dot_block_runs``).
     """
     m, half_k = x32.shape
+    cur = np.zeros(3, np.int64)
+    if g1 > g0:
+        cur[0] = np.searchsorted(runs[:, 2], g0, "right") - 1
+        cur[1] = g0 - runs[cur[0], 2]
+    calls_left = (p1 - p0) * -(-m // BLOCK_ROWS)
+    kv_left = g1 - g0
     n = out.shape[1]
     groups = 2 * half_k // GROUP
     tiles = np.empty((groups, 16, PANEL), np.uint32)
@@ -189,16 +293,22 @@ def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1):
             widen_group(packed, sz, block, 4 * (p % 2), n0, g, scale, zero, tiles[g])
         for r0 in range(0, m, BLOCK_ROWS):
             rows = min(BLOCK_ROWS, m - r0)
+            cur[2] = min(half_k, -(-kv_left // calls_left))
+            kv_left -= cur[2]
+            calls_left -= 1
             if share:
                 first, lines = _lookahead_share(share, m, r0)
-                _dot_block_pf(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf, nxt_packed,
-                              (share0 + first) * CACHE_LINE, lines)
+                _dot_block_runs(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf, nxt_packed,
+                                (share0 + first) * CACHE_LINE, lines, kv, runs, cur)
             else:
                 first, lines = _lookahead_share(block_lines if ahead else 0, m, r0)
-                _dot_block_pf(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf, packed,
-                              ((block + 1) * block_lines + first) * CACHE_LINE, lines)
+                _dot_block_runs(x32, r0 * half_k, half_k, rows, tiles, 0, PANEL, 2, half_k, cbuf, packed,
+                                ((block + 1) * block_lines + first) * CACHE_LINE, lines, kv, runs, cur)
             for i in range(rows):
                 store_bf16_32(cbuf, PANEL * i, out, (r0 + i) * n + n0)
+
+
+_NO_RUNS = np.zeros((0, 3), np.int64)
 
 
 @njit(cache=True, parallel=True)
@@ -216,7 +326,7 @@ def int4_dpbf16_matmul_then(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, o
         q0 = w * nxt_panels // nxt_workers if then and w < nxt_workers else 0
         q1 = (w + 1) * nxt_panels // nxt_workers if then and w < nxt_workers else 0
         _int4_panels(x32, packed, sz, out, w * n_panels // workers, (w + 1) * n_panels // workers, nxt_packed,
-                     nxt_sz, q0, q1)
+                     nxt_sz, q0, q1, packed, _NO_RUNS, 0, 0)
 
 
 @njit(cache=True)

@@ -9,16 +9,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 from edgellm.backends import cpu as cpu_backend
 from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.kernels.cpu.dpbf16 import (
+    _dot_block_runs,
+    _int4_panels,
     bf16_panels_matmul,
     int4_dpbf16_matmul,
     int4_dpbf16_matmul_then,
     int8_dpbf16_matmul,
     int8_to_bf16_panels,
+    kv_runs,
+    run_lines,
     supported,
 )
 from edgellm.quant import QuantizedTensor
@@ -72,6 +77,86 @@ def test_streaming_in_the_next_weight_changes_no_result(nxt_n, nxt_k, m, threads
         got = np.full((m, 960), 0xFFFF, np.uint16)
         int4_dpbf16_matmul_then(x, packed, sz, got, threads, *nxt.amx_operands, then)
         assert np.array_equal(got, want)
+
+
+def _kv(blocks: int, dtype=np.uint16) -> np.ndarray:
+    return np.zeros((2, blocks, 3, 16, 64), dtype)  # [K/V, blocks, kv heads, block size, head dim]
+
+
+def _lines_of(kv: np.ndarray, runs: np.ndarray) -> list[int]:
+    """Every cache line the runs name, as byte offsets, in order."""
+    return [int(off) + 64 * i for off, n, _ in runs for i in range(int(n))]
+
+
+def test_kv_runs_name_each_decodes_blocks_once_merging_neighbours():
+    kv = _kv(40)
+    tables = np.array([[5, 6, 7, 0], [9, 3, 4, 0], [20, 0, 0, 0]], np.int32)
+    lens = np.array([40, 33, 5], np.int32)  # 3 blocks, 3 blocks, 1 block
+    runs = kv_runs(kv, lens, tables, 3, 0)
+    block, plane = kv.strides[1], kv.strides[0]
+    want = [(p * plane + b * block, n) for p in (0, 1) for b, n in ((5, 3), (9, 1), (3, 2), (20, 1))]
+    assert [(int(r[0]), int(r[1]) * 64 // block) for r in runs] == want
+    assert list(runs[:, 2]) == list(np.cumsum([0] + [int(r[1]) for r in runs[:-1]]))
+    assert run_lines(runs) == 2 * 7 * block // 64
+    # only the first n sequences, and only the blocks a sliding window still reads
+    assert _lines_of(kv, kv_runs(kv, lens, tables, 1, 0)) == _lines_of(kv, runs[[0, 4]])
+    windowed = kv_runs(kv, lens, tables, 2, 17)  # keys 23:40 and 16:33: blocks 1-2 of each
+    assert [(int(r[0]), int(r[1]) * 64 // block) for r in windowed] == [
+        (p * plane + b * block, n) for p in (0, 1) for b, n in ((6, 2), (3, 2))]
+    assert run_lines(kv_runs(kv, lens, tables, 0, 0)) == 0
+
+
+@pytest.mark.parametrize("m, threads", [(9, 1), (32, 2), (33, 3)])
+@pytest.mark.parametrize("take", [(0, 1), (0.3, 0.9), (0, 0.5), (1, 1)])
+def test_streaming_in_cache_runs_changes_no_result(m, threads, take):
+    """Lines ``l0:l1`` of a cache's runs ride along with a decode step's products (any share, ragged
+    runs, more lines than a call has pairs for): the outputs stay ``int4_dpbf16_matmul``'s."""
+    w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=2))
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16().view(torch.uint16).numpy()
+    packed, sz = w.amx_operands
+    want = np.empty((m, 960), np.uint16)
+    int4_dpbf16_matmul(x, packed, sz, want, threads)
+    kv = _kv(400)
+    tables = np.arange(1, 401, dtype=np.int32).reshape(20, 20)[:, ::-1].copy()  # no two neighbours merge
+    runs = kv_runs(kv, np.full(20, 317, np.int32), tables, 20, 0)
+    lines = run_lines(runs)
+    got = np.full((m, 960), 0xFFFF, np.uint16)
+    panels = 960 // 32
+    for w in range(threads):  # each worker's panels with its share of the lines, as the decode step deals them
+        l0, l1 = int(take[0] * lines), int(take[1] * lines)
+        _int4_panels(x.view(np.uint32), packed, sz, got, w * panels // threads, (w + 1) * panels // threads, packed,
+                     sz, 0, 0, kv, runs, l0 + w * (l1 - l0) // threads, l0 + (w + 1) * (l1 - l0) // threads)
+    assert np.array_equal(got, want)
+
+
+@njit
+def _walk(kv, runs, counts, pairs):
+    """Where ``_dot_block_runs``' prefetch stream stands after calls asking ``counts[i]`` lines each."""
+    a = np.zeros(8 * pairs, np.uint32)
+    b = np.zeros(32 * pairs, np.uint32)
+    c = np.zeros(256, np.float32)
+    cur = np.zeros(3, np.int64)
+    seen = np.zeros((counts.shape[0], 2), np.int64)
+    for i in range(counts.shape[0]):
+        cur[2] = counts[i]
+        _dot_block_runs(a, 0, pairs, 8, b, 0, 32, 2, pairs, c, b, 0, 0, kv, runs, cur)
+        seen[i, 0], seen[i, 1] = cur[0], cur[1]
+    return seen
+
+
+def test_the_cache_stream_walks_its_runs_a_line_a_pair():
+    """Each call asks for its count of lines (at most one a pair) and the next goes on from there,
+    across run boundaries: the cursor ends where counting the lines says, never past the last run."""
+    kv = _kv(64)
+    tables = np.array([[3, 4, 10], [30, 31, 32]], np.int32)
+    runs = kv_runs(kv, np.array([48, 20], np.int32), tables, 2, 0)  # per plane: blocks 3-4, 10, 30-31
+    starts = [int(r[2]) for r in runs]
+    counts = np.array([5, 0, 96, 200, 300, 150, 150, 100, 63, 96], np.int64)  # 200 and 300: 150 pairs
+    done = np.cumsum(np.minimum(counts, 150))
+    assert done[-1] == run_lines(runs)
+    for (run, line), n in zip(_walk(kv, runs, counts, 150), done):
+        want = max(i for i, s0 in enumerate(starts) if s0 <= n) if n < done[-1] else len(starts)
+        assert (run, line) == ((want, n - starts[want]) if n < done[-1] else (len(starts), 0))
 
 
 def test_the_backend_routes_batched_steps_to_the_kernel(monkeypatch):
