@@ -13,7 +13,7 @@ Past ``int4_gemv``'s rows the matmuls keep the cores busy while DRAM idles, and 
 attention then waits on DRAM for its cache blocks. So the gate/up and down matmuls also stream in the
 next layer's decode blocks (``dpbf16.kv_runs``, a cache line a pair of products, into L2): attention
 finds them in cache. 32 decodes at 262 keys on a Zen 4, in one process alternating: 28.1-29.4 against
-29.7-30.7 ms a step (1.6-2.4 ms at 512 keys); the numbers are unchanged.
+29.7-30.7 ms a step (38.8 against 41.2 at 512 keys); the numbers are unchanged.
 
 Every row, panel and item is computed by the same code as in ``decode_layers_dp`` whichever worker
 takes it, so the output is the same bit for bit. One difference: a sequence of up to ``ROW_DECODES``
