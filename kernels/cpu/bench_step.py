@@ -15,6 +15,7 @@ import torch
 
 from edgellm.backends.base import AttentionMetadata, DecoderLayer, DecoderShape
 from edgellm.backends.cpu import CPUBackend
+from edgellm.models.rope import cos_sin_table
 from edgellm.quant import QuantizedTensor
 
 LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 576, 1536, 9, 3, 64, 16
@@ -65,8 +66,7 @@ def bench_step(backend: CPUBackend, runs: int = 12, n_layers: int = LAYERS,
     shape = DecoderShape(HEADS, KV_HEADS, HEAD_DIM, 1e-5, HEAD_DIM ** -0.5)
     blocks = 1 + SEQS * -(-max(contexts) // BLOCK)
     caches = [torch.randn(2, blocks, KV_HEADS, BLOCK, HEAD_DIM).bfloat16() for _ in range(n_layers)]
-    ang = torch.arange(1024)[:, None] * (10000.0 ** (-torch.arange(HEAD_DIM // 2) / (HEAD_DIM // 2)))
-    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1).float().contiguous()
+    cos_sin = cos_sin_table(HEAD_DIM, 1024, 10000.0, None)
     lines = []
     for ctx in contexts:
         meta = decode_meta(ctx)

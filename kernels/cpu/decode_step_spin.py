@@ -240,14 +240,14 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
     rows = min(n_workers, t)
     attn2d = attn.reshape(attn.shape[0], attn.shape[1] * attn.shape[2])
     scratch = prompt_scratch(layers[0][10], prompts[2])  # made once, used by every layer
-    # the next layer's cache blocks stream in during this one's gate/up (2/3 of them) and down
-    lines = run_lines(runs) if not gemv and cfg is None else 0
-    split = 2 * lines // 3
+    lines = run_lines(runs)
     for i in range(n):
         layer = layers[i]
         nxt = layers[(i + 1) % n]
         kv = layer[10]
+        # the next layer's cache blocks stream in during this one's gate/up (2/3 of them) and down
         ask = lines if i + 1 < n else 0
+        split = 2 * ask // 3
         ph = i * PHASES
         if i == 0:
             _norm(sync, ph, worker, rows, h, residual, layer[0], eps, x, codes_d, False, kv, slots, True)
@@ -266,7 +266,7 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
                 layer[7], kv, runs, 0, 0, cfg)
         _norm(sync, ph + 7, worker, rows, o, residual, layer[5], eps, x, codes_d, True, kv, slots, False)
         _linear(sync, ph + 8, worker, n_workers, gemv, x, codes_d, layer[6], layer[7], layer[13], gate_up, layer[8],
-                layer[9], nxt[10], runs, 0, min(ask, split), cfg)
+                layer[9], nxt[10], runs, 0, split, cfg)
         p = take(sync, ph + 9, worker, rows)
         while p >= 0:
             r0, r1 = p * t // rows, (p + 1) * t // rows
@@ -274,7 +274,7 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
             _codes(act, codes_i, r0, r1)
             p = done_and_take(sync, ph + 9, worker, rows)
         _linear(sync, ph + 10, worker, n_workers, gemv, act, codes_i, layer[8], layer[9], layer[14], out, nxt[1],
-                nxt[2], nxt[10], runs, min(ask, split), ask, cfg)
+                nxt[2], nxt[10], runs, split, ask, cfg)
 
 
 @njit(cache=True)
@@ -322,7 +322,8 @@ def decode_layers_spin(h, residual, layers, positions, cos_sin, slots, starts, l
     p_items, p_order = _prompt_plan(starts, lens, nd, n_seqs, n_k)
     prompts = (p_items, p_order, prompt_width(lens, nd, n_seqs))
     workers = max(1, min(n_threads, MAX_PARTS))
-    runs = kv_runs(first[10], lens, tables, nd, window)
+    # the decodes' cache blocks, for the batched int4 matmuls to stream in (none for int4_gemv or AMX)
+    runs = kv_runs(first[10], lens, tables, nd, window) if not gemv and cfg is None else np.zeros((0, 3), np.int64)
     sync = np.zeros(len(layers) * PHASES * SYNC_STRIDE, np.int64)
     for w in prange(workers):
         _worker(w, workers, sync, gemv, h, residual, layers, positions, cos_sin, slots, starts, lens, tables, scale,

@@ -206,18 +206,21 @@ def kv_runs(kv, lens, tables, n_seqs, window):
     block_bytes = kv.strides[1]
     plane_bytes = kv.strides[0]
     bs = kv.shape[3]
+    first = np.zeros(n_seqs, np.int64)  # each sequence's first block attention reads
     n_blocks = 0
     for s in range(n_seqs):
-        n_blocks += (lens[s] + bs - 1) // bs - (max(0, lens[s] - window) // bs if window > 0 else 0)
+        if window > 0:
+            first[s] = max(0, lens[s] - window) // bs
+        n_blocks += (lens[s] + bs - 1) // bs - first[s]
     runs = np.empty((2 * n_blocks, 3), np.int64)
     r = 0
     total = 0
     for plane in range(2):
         for s in range(n_seqs):
-            prev = -2
-            for j in range(max(0, lens[s] - window) // bs if window > 0 else 0, (lens[s] + bs - 1) // bs):
+            prev = -2  # a sequence's first block starts a run
+            for j in range(first[s], (lens[s] + bs - 1) // bs):
                 b = tables[s, j]
-                if b == prev + 1 and r > 0:
+                if b == prev + 1:
                     runs[r - 1, 1] += block_bytes // CACHE_LINE
                 else:
                     runs[r, 0] = plane * plane_bytes + b * block_bytes
