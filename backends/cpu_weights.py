@@ -6,6 +6,8 @@ weights tile by tile from the same packed bytes; steps with many rows expand a w
 into a scratch buffer shared by all weights of one shape, multiply with oneDNN's bf16 GEMM, and drop
 it. The one dense copy is an output head's, widened to bf16 by the first greedy step of 32+ rows on a
 CPU with AVX512-BF16 (``RowInt8Head.bf16_panels``; 56 MB for SmolLM2), where it saves ~1 ms a step.
+On those CPUs (without AMX) the int4 linears of batched decode steps also read copies widened to bf16
+(``Int4PackedWeight.wide_panels``), within a budget (``CPUBackend``; 212 MB for SmolLM2).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from edgellm.backends.cpu_hugepages import on_huge_pages, tensor_on_huge_pages
 from edgellm.kernels.cpu.bf16_expand import int4pack_to_bf16_t
-from edgellm.kernels.cpu.dpbf16 import int8_to_bf16_panels
+from edgellm.kernels.cpu.dpbf16 import int4_to_bf16_panels, int8_to_bf16_panels
 from edgellm.kernels.cpu.int4_dequant import int4pack_to_f32_t
 from edgellm.kernels.cpu.int4_gemv import block_scale_zeros
 from edgellm.kernels.cpu.int8_head_vnni import vnni_panels
@@ -76,6 +78,13 @@ class Int4PackedWeight:
         packed, sz = self.amx_operands
         return packed, on_huge_pages(block_scale_zeros(sz))
 
+    @functools.cached_property
+    def wide_panels(self) -> np.ndarray:
+        """The weight widened to bf16 pairs in panels of 32 columns (``int4_to_bf16_panels``, 4x the
+        packed bytes), which a batched decode step's matmuls then read instead of widening each panel
+        at every call. Built on first use, only where the backend's budget allows (``CPUBackend``)."""
+        return on_huge_pages(int4_to_bf16_panels(*self.amx_operands))
+
     @property
     def expandable(self) -> bool:
         """Whether the expansion kernels handle this weight (whole 64-row blocks only)."""
@@ -101,9 +110,9 @@ class Int4PackedWeight:
 
     @property
     def cache_nbytes(self) -> int:
-        """Bytes of the copies built on first use (``gemv_operands``' scale-zeros)."""
-        gemv = self.__dict__.get("gemv_operands")
-        return gemv[1].nbytes if gemv else 0
+        """Bytes of the copies built on first use (``gemv_operands``' scale-zeros, ``wide_panels``)."""
+        gemv, wide = self.__dict__.get("gemv_operands"), self.__dict__.get("wide_panels")
+        return (gemv[1].nbytes if gemv else 0) + (wide.nbytes if wide is not None else 0)
 
     @property
     def nbytes(self) -> int:

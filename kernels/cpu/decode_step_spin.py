@@ -13,7 +13,10 @@ Past ``int4_gemv``'s rows the matmuls keep the cores busy while DRAM idles, and 
 attention then waits on DRAM for its cache blocks. So the gate/up and down matmuls also stream in the
 next layer's decode blocks (``dpbf16.kv_runs``, a cache line a pair of products, into L2): attention
 finds them in cache. 32 decodes at 262 keys on a Zen 4, in one process alternating: 28.1-29.4 against
-29.7-30.7 ms a step (38.8 against 41.2 at 512 keys); the numbers are unchanged.
+29.7-30.7 ms a step (38.8 against 41.2 at 512 keys); the numbers are unchanged. Those matmuls also
+read the weights widened to bf16 beforehand where the backend keeps such copies (``layer[15:19]``,
+``Int4PackedWeight.wide_panels``) instead of widening every panel at every step: ~15 % of their time at
+32 rows (a 32-decode step at ~250 keys 34.3 -> 30.4 ms median over a batch on a Zen 4), the same bits.
 
 Every row, panel and item is computed by the same code as in ``decode_layers_dp`` whichever worker
 takes it, so the output is the same bit for bit. One difference: a sequence of up to ``ROW_DECODES``
@@ -66,9 +69,10 @@ PHASES = 11  # a layer's: norm, qkv, rotary and cache rows, attention, merge, at
 
 
 @njit(cache=True)
-def _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1):
+def _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, wide, nxt_wide):
     """``int4_dpbf16_matmul_then`` as a phase: its workers' panel ranges are the parts, each also
-    streaming in its share of lines ``l0:l1`` of the cache runs ``runs`` of ``kv``."""
+    streaming in its share of lines ``l0:l1`` of the cache runs ``runs`` of ``kv``; on the panels
+    widened beforehand where ``wide`` has them (``nxt_wide``: the next weight's)."""
     x32 = x.view(np.uint32)
     n_panels = out.shape[1] // PANEL
     parts = max(1, min(n_workers, n_panels))
@@ -79,7 +83,7 @@ def _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_
         q0 = p * nxt_panels // nxt_parts if p < nxt_parts else 0
         q1 = (p + 1) * nxt_panels // nxt_parts if p < nxt_parts else 0
         _int4_panels(x32, packed, sz, out, p * n_panels // parts, (p + 1) * n_panels // parts, nxt_packed, nxt_sz,
-                     q0, q1, kv, runs, l0 + p * (l1 - l0) // parts, l0 + (p + 1) * (l1 - l0) // parts)
+                     q0, q1, kv, runs, l0 + p * (l1 - l0) // parts, l0 + (p + 1) * (l1 - l0) // parts, wide, nxt_wide)
         p = done_and_take(sync, phase, worker, parts)
 
 
@@ -95,7 +99,8 @@ def _matmul_amx(sync, phase, worker, n_workers, x, packed, sz, out, cfg):
         p = done_and_take(sync, phase, worker, parts)
 
 
-def _batched(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, cfg):
+def _batched(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, wide, nxt_wide,
+             cfg):
     """The matmul of a step past ``int4_gemv``'s rows as a phase: on AMX tiles where ``cfg`` is a tile
     configuration, else on ``int4_dpbf16_matmul``'s panels (streaming in lines ``l0:l1`` of the cache
     runs ``runs`` of ``kv``). Chosen when compiled, so tile code is only generated for AMX CPUs."""
@@ -103,12 +108,14 @@ def _batched(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt
 
 
 @overload(_batched)
-def _batched_impl(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, cfg):
+def _batched_impl(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, wide,
+                  nxt_wide, cfg):
     if isinstance(cfg, (types.NoneType, types.Omitted)):
-        return (lambda sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, cfg:
-                _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1))
-    return (lambda sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, cfg:
-            _matmul_amx(sync, phase, worker, n_workers, x, packed, sz, out, cfg))
+        return (lambda sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, wide,
+                nxt_wide, cfg: _matmul(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs,
+                                       l0, l1, wide, nxt_wide))
+    return (lambda sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, wide,
+            nxt_wide, cfg: _matmul_amx(sync, phase, worker, n_workers, x, packed, sz, out, cfg))
 
 
 def _items(attn, q_rot, kv, starts, lens, tables, scale, window, items, order, partials, part, parts, cfg):
@@ -163,14 +170,15 @@ def _gemv(sync, phase, worker, n_workers, codes, packed, sz, out):
 
 @njit(cache=True)
 def _linear(sync, phase, worker, n_workers, gemv, x, codes, packed, sz, gemv_sz, out, nxt_packed, nxt_sz, kv, runs,
-            l0, l1, cfg):
+            l0, l1, wide, nxt_wide, cfg):
     """A linear as a phase: ``_gemv`` (on the scale-zeros ``gemv_sz``, block by block) where ``gemv``,
     else ``_batched`` (on ATen's ``sz``; streaming in lines ``l0:l1`` of the cache runs ``runs`` of
     ``kv``)."""
     if gemv:
         _gemv(sync, phase, worker, n_workers, codes, packed, gemv_sz, out)
     else:
-        _batched(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, cfg)
+        _batched(sync, phase, worker, n_workers, x, packed, sz, out, nxt_packed, nxt_sz, kv, runs, l0, l1, wide,
+                 nxt_wide, cfg)
 
 
 @njit(cache=True)
@@ -254,7 +262,7 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
         else:
             _norm(sync, ph, worker, rows, out, residual, layer[0], eps, x, codes_d, True, kv, slots, True)
         _linear(sync, ph + 1, worker, n_workers, gemv, x, codes_d, layer[1], layer[2], layer[11], qkv, layer[3],
-                layer[4], kv, runs, 0, 0, cfg)
+                layer[4], kv, runs, 0, 0, layer[15], layer[16], cfg)
         _attention(sync, ph + 2, worker, n_workers, qkv, positions, cos_sin, kv, slots, starts, lens, tables, scale,
                    window, q_rot, k_rot, attn, items, order, partials, prompts, scratch, cfg)
         if gemv:
@@ -263,10 +271,10 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
                 _codes(attn2d, codes_a, p * t // rows, (p + 1) * t // rows)
                 p = done_and_take(sync, ph + 5, worker, rows)
         _linear(sync, ph + 6, worker, n_workers, gemv, attn2d, codes_a, layer[3], layer[4], layer[12], o, layer[6],
-                layer[7], kv, runs, 0, 0, cfg)
+                layer[7], kv, runs, 0, 0, layer[16], layer[17], cfg)
         _norm(sync, ph + 7, worker, rows, o, residual, layer[5], eps, x, codes_d, True, kv, slots, False)
         _linear(sync, ph + 8, worker, n_workers, gemv, x, codes_d, layer[6], layer[7], layer[13], gate_up, layer[8],
-                layer[9], nxt[10], runs, 0, split, cfg)
+                layer[9], nxt[10], runs, 0, split, layer[17], layer[18], cfg)
         p = take(sync, ph + 9, worker, rows)
         while p >= 0:
             r0, r1 = p * t // rows, (p + 1) * t // rows
@@ -274,7 +282,7 @@ def _worker(worker, n_workers, sync, gemv, h, residual, layers, positions, cos_s
             _codes(act, codes_i, r0, r1)
             p = done_and_take(sync, ph + 9, worker, rows)
         _linear(sync, ph + 10, worker, n_workers, gemv, act, codes_i, layer[8], layer[9], layer[14], out, nxt[1],
-                nxt[2], nxt[10], runs, split, ask, cfg)
+                nxt[2], nxt[10], runs, split, ask, layer[18], nxt[15], cfg)
 
 
 @njit(cache=True)

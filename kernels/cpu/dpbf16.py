@@ -238,8 +238,19 @@ def run_lines(runs):
     return runs[-1, 1] + runs[-1, 2] if runs.shape[0] else 0
 
 
+@njit(cache=True, inline="always")
+def _run_cursor(runs, g0, g1):
+    """``_dot_block_runs``' cursor ``[run, line, lines this call]`` at line ``g0`` of the runs (where
+    ``g1 > g0``: any lines to stream at all)."""
+    cur = np.zeros(3, np.int64)
+    if g1 > g0:
+        cur[0] = np.searchsorted(runs[:, 2], g0, "right") - 1
+        cur[1] = g0 - runs[cur[0], 2]
+    return cur
+
+
 @njit(cache=True)
-def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, runs, g0, g1):
+def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, runs, g0, g1, wide, nxt_wide):
     """Output columns ``32 p0 : 32 p1`` of ``out [M, N]`` (bf16 bits): each panel widened once into
     ``tiles [K/32, 16, 32]`` (``[K/2, 32]`` pairs), then every 8 rows of ``x32`` against it.
 
@@ -250,12 +261,16 @@ def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, r
     (``nxt_packed``, ``nxt_sz``: this worker's share of it) stream in, so that call starts warm too.
     And lines ``g0:g1`` of the cache runs ``runs`` of ``kv`` (``kv_runs``: the blocks the next layer's
     decode attention reads) stream into L2 over the row blocks, a line a pair (``_dot_block_runs``).
+
+    Where ``wide`` holds the weight widened beforehand (``int4_to_bf16_panels``; else it has no
+    panels) the panels are read from it instead, the next one streaming in meanwhile (the last one's
+    successor is panel ``q0`` of ``nxt_wide``, where that has panels): the same products.
     """
+    if wide.shape[0]:
+        _wide_panels(x32, wide, out, p0, p1, nxt_wide, q0, q1, kv, runs, g0, g1)
+        return
     m, half_k = x32.shape
-    cur = np.zeros(3, np.int64)
-    if g1 > g0:
-        cur[0] = np.searchsorted(runs[:, 2], g0, "right") - 1
-        cur[1] = g0 - runs[cur[0], 2]
+    cur = _run_cursor(runs, g0, g1)
     calls_left = (p1 - p0) * -(-m // BLOCK_ROWS)
     kv_left = g1 - g0
     n = out.shape[1]
@@ -311,7 +326,58 @@ def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, r
                 store_bf16_32(cbuf, PANEL * i, out, (r0 + i) * n + n0)
 
 
+@njit(cache=True)
+def _wide_panels(x32, wide, out, p0, p1, nxt_wide, q0, q1, kv, runs, g0, g1):
+    """``_int4_panels`` on the panels widened beforehand, ``wide [N/32, K/2, 32]``: every 8 rows of
+    ``x32`` against each, streaming in the next panel (this worker's first of ``nxt_wide`` after its
+    last, where ``q1 > q0``) and lines ``g0:g1`` of the cache runs, both over the row blocks."""
+    m, half_k = x32.shape
+    n = out.shape[1]
+    cur = _run_cursor(runs, g0, g1)
+    calls_left = (p1 - p0) * -(-m // BLOCK_ROWS)
+    kv_left = g1 - g0
+    cbuf = np.empty((BLOCK_ROWS, PANEL), np.float32)
+    panel_lines = half_k * PANEL * 4 // CACHE_LINE
+    nxt_lines = nxt_wide.shape[1] * PANEL * 4 // CACHE_LINE if q1 > q0 and nxt_wide.shape[0] else 0
+    for p in range(p0, p1):
+        n0 = p * PANEL
+        for r0 in range(0, m, BLOCK_ROWS):
+            rows = min(BLOCK_ROWS, m - r0)
+            cur[2] = min(half_k, -(-kv_left // calls_left))
+            kv_left -= cur[2]
+            calls_left -= 1
+            if p + 1 < p1:
+                first, lines = _lookahead_share(panel_lines, m, r0)
+                _dot_block_runs(x32, r0 * half_k, half_k, rows, wide, p * half_k * PANEL, PANEL, 2, half_k, cbuf,
+                                wide, ((p + 1) * panel_lines + first) * CACHE_LINE, lines, kv, runs, cur)
+            else:
+                first, lines = _lookahead_share(nxt_lines, m, r0)
+                _dot_block_runs(x32, r0 * half_k, half_k, rows, wide, p * half_k * PANEL, PANEL, 2, half_k, cbuf,
+                                nxt_wide, (q0 * nxt_lines + first) * CACHE_LINE, lines, kv, runs, cur)
+            for i in range(rows):
+                store_bf16_32(cbuf, PANEL * i, out, (r0 + i) * n + n0)
+
+
+@njit(cache=True, parallel=True)
+def int4_to_bf16_panels(packed: np.ndarray, sz: np.ndarray) -> np.ndarray:
+    """An int4 weight (``packed [N/64, K, 32]``, ``sz [K/32, N]``: ``Int4PackedWeight.amx_operands``)
+    widened once into the panels ``_int4_panels`` widens at every call: ``[N/32, K/2, 32]`` uint32,
+    bf16 pairs, the same bits (4x the packed bytes)."""
+    n = sz.shape[1]
+    k = packed.shape[1]
+    groups = k // GROUP
+    wide = np.empty((n // PANEL, k // 2, PANEL), np.uint32)
+    tiles = wide.reshape(n // PANEL, groups, 16, PANEL)
+    for p in prange(n // PANEL):
+        scale = np.empty(PANEL, np.float32)
+        zero = np.empty(PANEL, np.float32)
+        for g in range(groups):
+            widen_group(packed, sz, p // 2, 4 * (p % 2), 64 * (p // 2) + 32 * (p % 2), g, scale, zero, tiles[p, g])
+    return wide
+
+
 _NO_RUNS = np.zeros((0, 3), np.int64)
+NO_PANELS = np.zeros((0, 0, PANEL), np.uint32)  # ``_int4_panels``' ``wide`` where nothing is widened
 
 
 @njit(cache=True, parallel=True)
@@ -329,7 +395,7 @@ def int4_dpbf16_matmul_then(x: np.ndarray, packed: np.ndarray, sz: np.ndarray, o
         q0 = w * nxt_panels // nxt_workers if then and w < nxt_workers else 0
         q1 = (w + 1) * nxt_panels // nxt_workers if then and w < nxt_workers else 0
         _int4_panels(x32, packed, sz, out, w * n_panels // workers, (w + 1) * n_panels // workers, nxt_packed,
-                     nxt_sz, q0, q1, packed, _NO_RUNS, 0, 0)
+                     nxt_sz, q0, q1, packed, _NO_RUNS, 0, 0, NO_PANELS, NO_PANELS)
 
 
 @njit(cache=True)

@@ -94,7 +94,9 @@ def test_one_call_gives_the_ops_numbers(seqs, kv_dtype, window, dpbf16, monkeypa
     shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, window)
     (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, seqs, kv_dtype)
     if len(seqs) <= cpu._gemv_rows or (kv_dtype != torch.float32 and cpu._dpbf16):
-        assert cpu._stacks[id(layers)][2] is not None, "the step should have taken the one-call path"
+        assert cpu._stacks[(id(layers), False)][2] is not None, "the step should have taken the one-call path"
+    if len(seqs) > cpu._gemv_rows and kv_dtype != torch.float32 and cpu._dpbf16:  # on the widened weights
+        assert all(layer[15].shape[0] for layer in cpu._stacks[(id(layers), True)][2][1])
     assert out.dtype == want.dtype == torch.bfloat16 and out.shape == (len(seqs), HIDDEN)
     assert torch.equal(out, want) and torch.equal(res, want_res)
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
@@ -169,9 +171,42 @@ def test_one_call_on_amx_gives_the_ops_numbers(seqs, window, monkeypatch):
     layers = _layers(cpu)
     shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5, window)
     (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, seqs, torch.bfloat16)
-    assert cpu._stacks[id(layers)][2][0] is decode_layers_amx
+    assert cpu._stacks[(id(layers), False)][2][0] is decode_layers_amx
     assert torch.equal(out, want) and torch.equal(res, want_res)
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+@pytest.mark.skipif(not dpbf16_supported(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("fit", [0, 1, LAYERS])
+def test_batched_decode_steps_widen_the_layers_their_budget_holds(fit, monkeypatch):
+    """A batched decode step reads the first layers' projections widened to bf16, as many as the
+    budget holds (the rest widen panel by panel as before): the ops' numbers either way. One stream
+    alone never widens anything."""
+    monkeypatch.setenv("EDGELLM_AMX", "0")
+    cpu = CPUBackend(threads=2, warmup=False)
+    layers = _layers(cpu)
+    per_layer = sum(2 * w.shape[0] * w.shape[1] for w in (layers[0].qkv, layers[0].o_proj, layers[0].gate_up,
+                                                         layers[0].down))
+    monkeypatch.setattr(cpu_backend, "wide_weights_budget", lambda: fit * per_layer + per_layer // 2)
+    shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5)
+    _both(cpu, layers, shape, [(37, 1)], torch.bfloat16)
+    assert not any("wide_panels" in w.__dict__ for layer in layers for w in (layer.qkv, layer.down))
+    (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, shape, DECODE_BATCHES[-2], torch.bfloat16)
+    typed = cpu._stacks[(id(layers), True)][2][1]
+    assert [typed[i][15].shape[0] > 0 for i in range(LAYERS)] == [i < fit for i in range(LAYERS)]
+    assert sum(w.cache_nbytes - w.gemv_operands[1].nbytes for layer in layers
+               for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)) == fit * per_layer
+    assert torch.equal(out, want) and torch.equal(res, want_res)
+    assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
+
+
+def test_wide_weights_budget_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("EDGELLM_WIDE_WEIGHTS_MB", "0")
+    assert cpu_backend.wide_weights_budget() == 0
+    monkeypatch.setenv("EDGELLM_WIDE_WEIGHTS_MB", "300")
+    assert cpu_backend.wide_weights_budget() == 300 << 20
+    monkeypatch.delenv("EDGELLM_WIDE_WEIGHTS_MB")
+    assert 0 < cpu_backend.wide_weights_budget() <= 1 << 30
 
 
 def test_new_caches_rebuild_the_stack(monkeypatch):
@@ -200,7 +235,7 @@ def test_steps_with_prompt_rows_in_one_call_give_the_ops_numbers(seqs, kv_dtype,
     layers = _layers(cpu)
     (out, res, kv), (want, want_res, want_kv) = _both(cpu, layers, DecoderShape(H, HKV, D, 1e-5, D ** -0.5), seqs,
                                                       kv_dtype)
-    assert cpu._stacks[id(layers)][2][0] is decode_layers_dp, "the step should have taken the one-call path"
+    assert cpu._stacks[(id(layers), False)][2][0] is decode_layers_dp, "the step should have taken the one-call path"
     assert torch.equal(out, want) and torch.equal(res, want_res)
     assert all(torch.equal(a, b) for a, b in zip(kv, want_kv))
 
@@ -260,7 +295,7 @@ def test_other_steps_take_the_ops(seqs, monkeypatch):
     layers = _layers(cpu)
     (out, res, _), (want, want_res, _) = _both(cpu, layers, DecoderShape(H, HKV, D, 1e-5, D ** -0.5), seqs,
                                                torch.bfloat16)
-    assert id(layers) not in cpu._stacks
+    assert (id(layers), False) not in cpu._stacks
     assert torch.equal(out, want) and torch.equal(res, want_res)
 
 
@@ -272,7 +307,7 @@ def test_unsupported_layers_fall_back(monkeypatch):
     layers[1].qkv_bias = torch.zeros((H + 2 * HKV) * D, dtype=torch.bfloat16)
     (out, _, _), (want, _, _) = _both(cpu, layers, DecoderShape(H, HKV, D, 1e-5, D ** -0.5), [(9, 1)],
                                       torch.bfloat16)
-    assert cpu._stacks[id(layers)][2] is None
+    assert cpu._stacks[(id(layers), False)][2] is None
     assert torch.equal(out, want)
 
 

@@ -15,11 +15,13 @@ from edgellm.backends import cpu as cpu_backend
 from edgellm.backends.cpu import CPUBackend
 from edgellm.backends.cpu_weights import Int4PackedWeight, Q8_0Weight
 from edgellm.kernels.cpu.dpbf16 import (
+    NO_PANELS,
     _dot_block_runs,
     _int4_panels,
     bf16_panels_matmul,
     int4_dpbf16_matmul,
     int4_dpbf16_matmul_then,
+    int4_to_bf16_panels,
     int8_dpbf16_matmul,
     int8_to_bf16_panels,
     kv_runs,
@@ -106,12 +108,29 @@ def test_kv_runs_name_each_decodes_blocks_once_merging_neighbours():
     assert run_lines(kv_runs(kv, lens, tables, 0, 0)) == 0
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("n, k", [(64, 32), (960, 576), (576, 1536)])
+def test_widened_panels_hold_the_expanded_weight_in_pairs(fmt, n, k):
+    """``int4_to_bf16_panels`` (``Int4PackedWeight.wide_panels``): panel ``p``'s word ``[i, c]`` holds
+    column ``32 p + c``'s bf16 weights at ``k = 2i`` (low half) and ``2i + 1``, as the expansion has them."""
+    w = Int4PackedWeight.from_quantized(quantized(fmt, n, k, seed=4))
+    wide = int4_to_bf16_panels(*w.amx_operands)
+    bits = w.expand_f32_t().bfloat16().view(torch.int16).numpy().view(np.uint16).astype(np.uint32)  # [K, N]
+    want = (bits[0::2] | bits[1::2] << 16).reshape(k // 2, n // 32, 32).transpose(1, 0, 2)
+    assert wide.shape == (n // 32, k // 2, 32) and np.array_equal(wide, want)
+    assert w.wide_panels is w.wide_panels and w.cache_nbytes >= wide.nbytes
+
+
 @pytest.mark.parametrize("m, threads", [(9, 1), (32, 2), (33, 3)])
 @pytest.mark.parametrize("take", [(0, 1), (0.3, 0.9), (0, 0.5), (1, 1)])
-def test_streaming_in_cache_runs_changes_no_result(m, threads, take):
+@pytest.mark.parametrize("wide", [False, True], ids=["widened-per-call", "widened-before"])
+def test_streaming_in_cache_runs_changes_no_result(m, threads, take, wide):
     """Lines ``l0:l1`` of a cache's runs ride along with a decode step's products (any share, ragged
-    runs, more lines than a call has pairs for): the outputs stay ``int4_dpbf16_matmul``'s."""
+    runs, more lines than a call has pairs for), on panels widened per call or beforehand (streaming
+    in the next weight's first panel after the last): the outputs stay ``int4_dpbf16_matmul``'s."""
     w = Int4PackedWeight.from_quantized(quantized("Q4_1", 960, 576, seed=2))
+    nxt = Int4PackedWeight.from_quantized(quantized("Q4_0", 576, 1536, seed=3))
+    panels, nxt_panels = (w.wide_panels, nxt.wide_panels) if wide else (NO_PANELS, NO_PANELS)
     x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16().view(torch.uint16).numpy()
     packed, sz = w.amx_operands
     want = np.empty((m, 960), np.uint16)
@@ -121,11 +140,13 @@ def test_streaming_in_cache_runs_changes_no_result(m, threads, take):
     runs = kv_runs(kv, np.full(20, 317, np.int32), tables, 20, 0)
     lines = run_lines(runs)
     got = np.full((m, 960), 0xFFFF, np.uint16)
-    panels = 960 // 32
+    n_panels = 960 // 32
     for w in range(threads):  # each worker's panels with its share of the lines, as the decode step deals them
         l0, l1 = int(take[0] * lines), int(take[1] * lines)
-        _int4_panels(x.view(np.uint32), packed, sz, got, w * panels // threads, (w + 1) * panels // threads, packed,
-                     sz, 0, 0, kv, runs, l0 + w * (l1 - l0) // threads, l0 + (w + 1) * (l1 - l0) // threads)
+        q0, q1 = w * 18 // threads, (w + 1) * 18 // threads  # its share of the next weight's 18 panels
+        _int4_panels(x.view(np.uint32), packed, sz, got, w * n_panels // threads, (w + 1) * n_panels // threads,
+                     packed, sz, q0, q1, kv, runs, l0 + w * (l1 - l0) // threads, l0 + (w + 1) * (l1 - l0) // threads,
+                     panels, nxt_panels)
     assert np.array_equal(got, want)
 
 
