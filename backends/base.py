@@ -134,6 +134,10 @@ class Backend(ABC):
         unless a backend knows better for them)."""
         return self.capabilities().step_tokens
 
+    def prepare_batching(self, model: Any, kv_caches: list[torch.Tensor], max_num_seqs: int) -> None:  # noqa: B027
+        """Optional: ready at start-up what steps of up to ``max_num_seqs`` decodes will read (copies of
+        weights built on first use), so that the first busy step does not pay for it."""
+
     def resolve_dtype(self, dtype: str | torch.dtype) -> torch.dtype:
         if isinstance(dtype, torch.dtype):
             return dtype

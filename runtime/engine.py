@@ -109,6 +109,7 @@ class LLMEngine:
         budget = config.max_num_batched_tokens or self.backend.step_tokens(self.model, self.kv_caches)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         self.runner = ModelRunner(self.model, self.backend, self.kv_caches, bs, self.vocab_size)
+        self.backend.prepare_batching(self.model, self.kv_caches, config.max_num_seqs)
         self._idle_since: float | None = None
         self.sampler = Sampler(self.vocab_size, sorted(self.eos_token_ids))
         self.requests: dict[str, Request] = {}
