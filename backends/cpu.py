@@ -413,7 +413,7 @@ class CPUBackend(TorchBackend):
         if stack is None:
             return super().decoder_layers(h, layers, shape, kv_caches, positions, cos_sin, meta)
         kernel, typed = stack
-        if kernel is decode_layers_dp and not prompts and t > self._gemv_rows:
+        if not prompts and self._reads_wide(kernel, t):
             kernel, typed = self._layer_stack(layers, shape, kv_caches, cos_sin, wide=True)
         extra = ()
         if kernel in (decode_layers_amx, decode_layers_dp):  # how many sequences decode: they come first
@@ -444,11 +444,15 @@ class CPUBackend(TorchBackend):
         streams than ``int4_gemv``'s rows), widen them now: ~0.5 s for SmolLM2 on 2 cores, which the
         first such step would otherwise add to its streams' latency."""
         layers, shape = getattr(model, "layers", None), getattr(model, "shape", None)
-        if (max_num_seqs > self._gemv_rows and self._fused_layers and not self.batch_invariant and layers
-                and isinstance(shape, DecoderShape)):
+        if self._fused_layers and not self.batch_invariant and layers and isinstance(shape, DecoderShape):
             stack = self._layer_stack(layers, shape, kv_caches, model.cos_sin)
-            if stack is not None and stack[0] is decode_layers_dp:
+            if stack is not None and self._reads_wide(stack[0], max_num_seqs):
                 self._layer_stack(layers, shape, kv_caches, model.cos_sin, wide=True)
+
+    def _reads_wide(self, kernel: Any, decodes: int) -> bool:
+        """Whether a step of ``decodes`` decodes alone on ``kernel`` reads widened weights: the one-region
+        step (``decode_layers_spin``: two threads or more) past ``int4_gemv``'s rows on AVX512-BF16."""
+        return kernel is decode_layers_dp and self.threads > 1 and decodes > self._gemv_rows
 
     def step_tokens(self, model: Any, kv_caches: list[torch.Tensor]) -> int:
         """On AMX, the most rows a step with prompt rows runs in the one-region step (every linear on
@@ -513,13 +517,13 @@ class CPUBackend(TorchBackend):
 
     def _wide_layers(self, layers: list[DecoderLayer]) -> int:
         """How many of the first layers' int4 projections a batched decode step reads widened to bf16
-        (``Int4PackedWeight.wide_panels``): as many as fit ``wide_weights_budget()``. Widening a panel
+        (``Int4PackedWeight.wide_panels``): as many as fit ``wide_weights_budget()``, counting copies
+        already built too (a stack rebuilt for new caches widens the same layers). Widening a panel
         at every call cost a 32-row step's matmuls ~15 % (SmolLM2 on a Zen 4: 120 matmuls at 32 cold
         rows 19.2 against 21.9 ms read widened), for 4x the packed bytes kept beside them."""
         budget, count = wide_weights_budget(), 0
         for layer in layers:
-            need = sum(2 * w.shape[0] * w.shape[1] for w in _projections(layer)
-                       if "wide_panels" not in w.__dict__)
+            need = sum(2 * w.shape[0] * w.shape[1] for w in _projections(layer))
             if need > budget:
                 break
             budget -= need
@@ -914,7 +918,7 @@ def _projections(layer: DecoderLayer) -> tuple:
 
 
 def wide_weights_budget() -> int:
-    """Bytes of int4 weights a process may keep widened to bf16 beside the packed ones:
+    """Bytes of int4 weights a model's layers may keep widened to bf16 beside the packed ones:
     ``$EDGELLM_WIDE_WEIGHTS_MB`` (0: none), else a sixteenth of the machine's memory, at most 1 GiB
     (SmolLM2's 212 MB fit; a 1B model's first layers do)."""
     env = os.environ.get("EDGELLM_WIDE_WEIGHTS_MB")

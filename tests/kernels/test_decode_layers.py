@@ -201,23 +201,29 @@ def test_batched_decode_steps_widen_the_layers_their_budget_holds(fit, monkeypat
 
 
 @pytest.mark.skipif(not dpbf16_supported(), reason="needs AVX512-BF16")
-@pytest.mark.parametrize("max_num_seqs", [1, 32])
-def test_engines_that_batch_widen_their_weights_at_start(max_num_seqs, monkeypatch):
+@pytest.mark.parametrize("max_num_seqs, threads", [(1, 2), (32, 2), (32, 1)])
+def test_engines_that_batch_widen_their_weights_at_start(max_num_seqs, threads, monkeypatch):
     """``prepare_batching`` (the engine calls it once built) widens what batched decode steps will read,
-    and nothing for an engine of fewer streams than ``int4_gemv``'s rows; the first step reuses it."""
+    and nothing for an engine of fewer streams than ``int4_gemv``'s rows or on one thread (whose steps
+    take the ops layer by layer); the first step reuses it. A stack rebuilt for new caches widens no more."""
     monkeypatch.setenv("EDGELLM_AMX", "0")
-    cpu = CPUBackend(threads=2, warmup=False)
+    cpu = CPUBackend(threads=threads, warmup=False)
     layers = _layers(cpu)
     shape = DecoderShape(H, HKV, D, 1e-5, D ** -0.5)
     meta, caches, h, positions, cos_sin = _step(DECODE_BATCHES[-2], torch.bfloat16)
     cpu.prepare_batching(SimpleNamespace(layers=layers, shape=shape, cos_sin=cos_sin), caches, max_num_seqs)
-    batched = max_num_seqs > cpu._gemv_rows
+    batched = max_num_seqs > cpu._gemv_rows and threads > 1
     assert all(("wide_panels" in w.__dict__) == batched for layer in layers for w in (layer.qkv, layer.down))
     if batched:
         stack = cpu._stacks[(id(layers), True)][2]
         cpu.begin_step(meta)
         cpu.decoder_layers(h, layers, shape, caches, positions, cos_sin, meta)
         assert cpu._stacks[(id(layers), True)][2] is stack
+        per_layer = sum(2 * w.shape[0] * w.shape[1] for w in (layers[0].qkv, layers[0].o_proj, layers[0].gate_up,
+                                                             layers[0].down))
+        monkeypatch.setattr(cpu_backend, "wide_weights_budget", lambda: per_layer)  # one layer's worth
+        cpu._stacks.clear()
+        assert cpu._wide_layers(layers) == 1
 
 
 def test_wide_weights_budget_follows_the_environment(monkeypatch):
