@@ -1,6 +1,6 @@
 """Micro-benchmarks of the CPU kernels against the ATen paths they replace (not a test).
 
-Run ``python -m edgellm.kernels.cpu.bench_kernels [overhead|attention|linear|head|sampled|step|amx]`` (every section
+Run ``python -m edgellm.kernels.cpu.bench_kernels [overhead|attention|linear|head|sampled|step|amx|peak]`` (every section
 without an argument). Times are the best of several runs, because a
 shared machine's other processes only ever make a run slower. GB/s is weight (or KV) bytes read per
 second: the number that bounds decode.
@@ -21,6 +21,7 @@ from edgellm.backends.base import AttentionMetadata
 from edgellm.backends.cpu import CPUBackend, Int4PackedWeight, Q8_0Weight
 from edgellm.backends.torch_ref import TorchBackend
 from edgellm.kernels.cpu.bench_amx import bench_amx
+from edgellm.kernels.cpu.bench_peak import bench_peak
 from edgellm.kernels.cpu.bench_step import bench_step
 from edgellm.kernels.cpu.dpbf16 import bf16_panels_matmul, int8_to_bf16_panels
 from edgellm.kernels.cpu.dpbf16 import supported as dpbf16_supported
@@ -255,7 +256,7 @@ def bench_sampled_head(backend: CPUBackend, n: int = 49152, k: int = 576) -> lis
 
 
 SECTIONS = {"overhead": bench_call_overhead, "attention": bench_attention, "linear": bench_linear, "head": bench_head,
-            "sampled": bench_sampled_head, "step": bench_step, "amx": bench_amx}
+            "sampled": bench_sampled_head, "step": bench_step, "amx": bench_amx, "peak": bench_peak}
 
 
 def _parser() -> argparse.ArgumentParser:
