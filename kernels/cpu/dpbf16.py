@@ -23,7 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import _BFloat, element_ptr, emit_cases
-from edgellm.kernels.cpu.int4_amx import store_bf16_32, widen_group
+from edgellm.kernels.cpu.int4_amx import store_bf16_32, widen_panel
 from edgellm.kernels.cpu.int8_amx import vnni_transpose, widen_int8_32
 from edgellm.kernels.cpu.isa import has
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, emit_prefetch, prefetch_l2
@@ -307,8 +307,7 @@ def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, r
             j = p // 2 - (p0 + 1) // 2
             share0 = nxt_first + j * nxt_lines // starts
             share = nxt_first + (j + 1) * nxt_lines // starts - share0
-        for g in range(groups):
-            widen_group(packed, sz, block, 4 * (p % 2), n0, g, scale, zero, tiles[g])
+        widen_panel(packed, sz, p, scale, zero, tiles)
         for r0 in range(0, m, BLOCK_ROWS):
             rows = min(BLOCK_ROWS, m - r0)
             cur[2] = min(half_k, -(-kv_left // calls_left))
@@ -365,14 +364,10 @@ def int4_to_bf16_panels(packed: np.ndarray, sz: np.ndarray) -> np.ndarray:
     bf16 pairs, the same bits (4x the packed bytes)."""
     n = sz.shape[1]
     k = packed.shape[1]
-    groups = k // GROUP
     wide = np.empty((n // PANEL, k // 2, PANEL), np.uint32)
-    tiles = wide.reshape(n // PANEL, groups, 16, PANEL)
+    tiles = wide.reshape(n // PANEL, k // GROUP, 16, PANEL)
     for p in prange(n // PANEL):
-        scale = np.empty(PANEL, np.float32)
-        zero = np.empty(PANEL, np.float32)
-        for g in range(groups):
-            widen_group(packed, sz, p // 2, 4 * (p % 2), 64 * (p // 2) + 32 * (p % 2), g, scale, zero, tiles[p, g])
+        widen_panel(packed, sz, p, np.empty(PANEL, np.float32), np.empty(PANEL, np.float32), tiles[p])
     return wide
 
 

@@ -168,6 +168,14 @@ def _panel_at(p):
     return p // 2, 4 * (p % 2), 64 * (p // 2) + 32 * (p % 2)
 
 
+@njit(cache=True, inline="always")
+def widen_panel(packed, sz, p, scale, zero, tiles):
+    """Every group of panel ``p`` into ``tiles [K/32, 16, 32]`` (``widen_group``, group by group)."""
+    block, shift, n0 = _panel_at(p)
+    for g in range(tiles.shape[0]):
+        widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, p, scale, zero, cbuf, pend, out):
     """One chunk of up to 32 rows from ``r0`` times panel ``p``'s widened groups ``tiles`` (widened here,
@@ -244,9 +252,7 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
     for run in range(runs):  # runs of panels as even as they come
         q0, q1 = p0 + run * (p1 - p0) // runs, p0 + (run + 1) * (p1 - p0) // runs
         for p in range(q0, q1):
-            block, shift, n0 = _panel_at(p)
-            for g in range(groups):
-                widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[p - q0, g])
+            widen_panel(packed, sz, p, scale, zero, tiles[p - q0])
         for r0 in range(0, m, MAX_ROWS):
             for p in range(q0, q1):
                 _chunk(x, tail, r0, min(MAX_ROWS, m - r0), tiles[p - q0], False, packed, sz, p, scale, zero, cbuf,
