@@ -16,11 +16,15 @@ registers); prompt tiles stay on ``paged_attention._attend_tile``.
 
 Paged blocks are scattered 2 KiB pieces that the hardware prefetchers barely help with, and a decode
 step's cache comes from DRAM. Each block's scoring asks for the K and V rows ``PREFETCH_BLOCKS``
-blocks ahead (into the next item's blocks at an item's end), two cache lines after each key's dot
-products, a share with each query head (``_prefetch_plan``, ``prefetch.spread_prefetches``), into
-L2. Asked for in bursts of a block, the same prefetches stalled the dot products' loads: 32 streams'
-decode attention over a cold cache took 1.45-1.55x as long (``bench_kernels attention``); asked into
-L1 they held its few miss buffers, 1.3-1.4x as long on a Zen 4. An int8 cache
+blocks ahead (into the next item's blocks at an item's end), into L2, between the keys' dot products:
+each query head takes a share of the block's lines (``_prefetch_plan``), and key ``j`` asks for line
+``j`` of that share in K and in V (``prefetch.spread_prefetches``), at offsets fixed when compiled
+from two pointers made once a call. Asked for in bursts of a block, the same prefetches stalled the
+dot products' loads: 32 streams' decode attention over a cold cache took 1.45-1.55x as long
+(``bench_kernels attention``); asked into L1 they held its few miss buffers, 1.3-1.4x as long on a
+Zen 4. Until round 48 every prefetch chose between K and V and computed its address at run time
+(~10 integer instructions a line, 4 lines a key): 32 streams' decode attention over 256 warm keys
+took 1.10x as long on one Zen 4 thread. An int8 cache
 keeps the burst scheme (``_prefetch_blocks``), which measured better for its shorter rows.
 """
 from __future__ import annotations
@@ -76,12 +80,13 @@ def supports(kv: np.ndarray, group: int) -> bool:
 
 
 @intrinsic(prefer_literal=True)
-def _key_scores(typingctx, kv, k0, q2, q0, halves, out, o0, k_byte, v_byte, l0, l1, chunk_lines):
+def _key_scores(typingctx, kv, k0, q2, q0, halves, out, o0, k_byte, v_byte, l0, l1):
     """``out[o0 + j] = sum_p bf16x2(kv32[k0 / 2 + j 16 halves + p]) . (hi + lo)`` for the 16 keys
     ``j`` of a block row run starting at element ``k0`` of the flat bf16 cache ``kv``, where ``hi``
     and ``lo`` are the query's pairs ``q2[q0 + p]`` and ``q2[q0 + 16 halves + p]``, ``p < 16 halves``
     (``halves`` = head size / 32, a compile-time constant). Between the keys it prefetches lines
-    ``l0:l1`` of a later block (``prefetch.spread_prefetches``)."""
+    ``l0:l1`` of a later block's K rows (at byte ``k_byte``) and V rows (``v_byte``)
+    (``prefetch.spread_prefetches``)."""
     if not (isinstance(halves, types.IntegerLiteral) and halves.literal_value in (2, 4)):
         return None
     if not (isinstance(kv, types.Array) and kv.dtype == types.uint16 and isinstance(q2, types.Array)
@@ -119,15 +124,15 @@ def _key_scores(typingctx, kv, k0, q2, q0, halves, out, o0, k_byte, v_byte, l0, 
         builder.store(scores, ptr, align=4)
         return context.get_dummy_value()
 
-    return types.void(kv, k0, q2, q0, halves, out, o0, k_byte, v_byte, l0, l1, chunk_lines), codegen
+    return types.void(kv, k0, q2, q0, halves, out, o0, k_byte, v_byte, l0, l1), codegen
 
 
 @njit(cache=True, inline="always")
 def _block_scores(kv_flat, k0, q2, q0, head_dim, out, o0, pf):
     if head_dim == 64:
-        _key_scores(kv_flat, k0, q2, q0, 2, out, o0, pf[0], pf[1], pf[2], pf[3], pf[4])
+        _key_scores(kv_flat, k0, q2, q0, 2, out, o0, pf[0], pf[1], pf[2], pf[3])
     else:
-        _key_scores(kv_flat, k0, q2, q0, 4, out, o0, pf[0], pf[1], pf[2], pf[3], pf[4])
+        _key_scores(kv_flat, k0, q2, q0, 4, out, o0, pf[0], pf[1], pf[2], pf[3])
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -223,13 +228,14 @@ def _prefetch_blocks_impl(kv, table, bi, first, last, hk, nxt_table, nxt_hk, nxt
 @njit(cache=True, inline="always")
 def _prefetch_plan(kv, block, hk, g, group):
     """Query head ``g``'s share (of ``group``) of prefetching cache block ``block``'s K and V rows of
-    kv head ``hk`` (none for ``block < 0`` or an int8 cache): ``(k_byte, v_byte, l0, l1, chunk_lines)``."""
+    kv head ``hk`` (none for ``block < 0`` or an int8 cache): ``(k_byte, v_byte, l0, l1)``, lines
+    ``l0:l1`` of the K rows at byte ``k_byte`` and of the V rows at ``v_byte``."""
     chunk = kv.shape[3] * kv.shape[4] * kv.itemsize
-    lines = chunk // CACHE_LINE
     if block < 0 or kv.itemsize == 1:
-        return 0, 0, 0, 0, lines
+        return 0, 0, 0, 0
+    lines = chunk // CACHE_LINE
     k_byte = (block * kv.shape[2] + hk) * chunk
-    return k_byte, k_byte + kv.shape[1] * kv.shape[2] * chunk, g * 2 * lines // group, (g + 1) * 2 * lines // group, lines
+    return k_byte, k_byte + kv.shape[1] * kv.shape[2] * chunk, g * lines // group, (g + 1) * lines // group
 
 
 @njit(cache=True, fastmath=FASTMATH)

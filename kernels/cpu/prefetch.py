@@ -29,9 +29,12 @@ def emit_prefetch(builder, ptr, locality: int) -> None:
     builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
 
 
-# Prefetches a decode scoring intrinsic spreads between its 16 keys (two after each): a burst of them
-# stalls the loads of the dot products behind it (``spread_prefetches``).
-SPREAD_PER_KEY = 2
+# A decode scoring intrinsic spreads its prefetches between its 16 keys: a burst of them stalls the
+# loads of the dot products behind it (``spread_prefetches``). Key ``j`` asks for line ``j`` of its
+# share of a later block's K rows and the same line of its V rows, then lines ``j + 16``, ``j + 32``,
+# ... where the share is longer (head size 128, or few query heads a kv head).
+SPREAD_STRIDE = 16
+SPREAD_ROUNDS = 4  # lines a key asks for in K and in V at most; the last key takes any beyond
 # They go into L2 only (``prefetcht1``): one into every level holds an L1 miss buffer until its line
 # arrives, and a core has few of those, so fewer lines were in flight. 32 streams' decode attention over a cold
 # bf16 cache on a Zen 4 (``bench_kernels attention``, 30 layers in turn), three rounds alternating: 401-587
@@ -40,40 +43,44 @@ SPREAD_LOCALITY = 2
 
 
 def spread_plan(context, builder, types_, values):
-    """For intrinsics' codegen: the plan ``(base, k_byte, v_byte, l0, l1, chunk_lines)`` of
-    ``spread_prefetches`` from the intrinsic's arguments ``kv`` (its array), ``k_byte``, ``v_byte``,
-    ``l0``, ``l1``, ``chunk_lines`` (integers)."""
+    """For intrinsics' codegen: the plan ``(k_ptr, v_ptr, n, long)`` of ``spread_prefetches`` from the
+    intrinsic's arguments ``kv`` (its array), ``k_byte``, ``v_byte``, ``l0``, ``l1`` (integers): the
+    first line of the share ``l0:l1`` in K (at byte ``k_byte``) and in V (at ``v_byte``), the share's
+    length, and whether it is longer than ``SPREAD_STRIDE``. Made once, before the keys: per line
+    only a constant offset remains."""
     i8p = ir.IntType(8).as_pointer()
     base = builder.bitcast(context.make_array(types_[0])(context, builder, values[0]).data, i8p)
-    return (base,) + tuple(context.cast(builder, v, t, types.int64) for v, t in zip(values[1:], types_[1:]))
+    k_byte, v_byte, l0, l1 = (context.cast(builder, v, t, types.int64) for v, t in zip(values[1:5], types_[1:5]))
+    first = builder.mul(l0, ir.Constant(ir.IntType(64), CACHE_LINE))
+    n = builder.sub(l1, l0)
+    return (builder.gep(base, [builder.add(k_byte, first)]), builder.gep(base, [builder.add(v_byte, first)]), n,
+            builder.icmp_signed(">", n, ir.Constant(ir.IntType(64), SPREAD_STRIDE)))
 
 
 def spread_prefetches(builder, plan, key: int, keys: int) -> None:
     """For a scoring intrinsic's codegen, after key ``key`` of ``keys``: prefetch (into L2,
-    ``SPREAD_LOCALITY``) its share of cache lines ``l0:l1`` of two chunks of ``chunk_lines`` lines,
-    line ``l`` at byte ``k_byte + 64 l`` while ``l < chunk_lines`` and at ``v_byte + 64 (l -
-    chunk_lines)`` after: a later block's K and V rows, asked for between the dot products instead of
-    in one burst. Each key takes ``SPREAD_PER_KEY`` lines; the last one takes whatever is left."""
-    base, k_byte, v_byte, l0, l1, chunk_lines = plan
+    ``SPREAD_LOCALITY``) lines ``key + SPREAD_STRIDE r`` (``r < SPREAD_ROUNDS``) of the plan's share,
+    those below its length ``n``, in K and in V; after the last key, any lines past those rounds."""
+    k_ptr, v_ptr, n, long = plan
     i64 = ir.IntType(64)
-    line_bytes = ir.Constant(i64, CACHE_LINE)
 
-    def one(line):
-        is_k = builder.icmp_signed("<", line, chunk_lines)
-        at = builder.select(is_k, builder.add(k_byte, builder.mul(line, line_bytes)),
-                            builder.add(v_byte, builder.mul(builder.sub(line, chunk_lines), line_bytes)))
-        emit_prefetch(builder, builder.gep(base, [at]), SPREAD_LOCALITY)
+    def both(line):
+        at = builder.mul(line, ir.Constant(i64, CACHE_LINE))
+        emit_prefetch(builder, builder.gep(k_ptr, [at]), SPREAD_LOCALITY)
+        emit_prefetch(builder, builder.gep(v_ptr, [at]), SPREAD_LOCALITY)
 
-    first = builder.add(l0, ir.Constant(i64, SPREAD_PER_KEY * key))
-    with builder.if_then(builder.icmp_signed("<", first, l1)):
-        for e in range(SPREAD_PER_KEY):
-            line = builder.add(first, ir.Constant(i64, e))
-            with builder.if_then(builder.icmp_signed("<", line, l1)):
-                one(line)
-    if key == keys - 1:  # lines past every key's share, if any
-        start = builder.add(l0, ir.Constant(i64, SPREAD_PER_KEY * keys))
-        with cgutils.for_range_slice(builder, start, l1, ir.Constant(i64, 1), inc=True) as (line, _):
-            one(line)
+    assert keys == SPREAD_STRIDE
+    with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, key), n), likely=True):
+        both(ir.Constant(i64, key))
+    with builder.if_then(long):
+        for r in range(1, SPREAD_ROUNDS):
+            line = ir.Constant(i64, key + SPREAD_STRIDE * r)
+            with builder.if_then(builder.icmp_signed("<", line, n)):
+                both(line)
+        if key == keys - 1:  # lines past every key's rounds, if any
+            start = ir.Constant(i64, SPREAD_STRIDE * SPREAD_ROUNDS)
+            with cgutils.for_range_slice(builder, start, n, ir.Constant(i64, 1), inc=True) as (line, _):
+                both(line)
 
 
 def _prefetch_intrinsic(locality: int, doc: str):
