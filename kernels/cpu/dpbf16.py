@@ -23,7 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import _BFloat, element_ptr, emit_cases
-from edgellm.kernels.cpu.int4_amx import store_bf16_32, widen_panel
+from edgellm.kernels.cpu.int4_amx import panel_at, store_bf16_32, widen_panel
 from edgellm.kernels.cpu.int8_amx import vnni_transpose, widen_int8_32
 from edgellm.kernels.cpu.isa import has
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, emit_prefetch, prefetch_l2
@@ -290,8 +290,7 @@ def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, r
     nxt_sz_flat = nxt_sz.reshape(-1)
     sz_lines = nxt_sz.shape[0] * 2 * (q1 - q0)
     for p in range(p0, p1):
-        block = p // 2
-        n0 = 64 * block + 32 * (p % 2)
+        block, _, n0 = panel_at(p)
         ahead = p % 2 == 1 and p + 1 < p1  # the next block is this worker's too
         if ahead:
             for g in range(groups):

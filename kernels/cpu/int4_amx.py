@@ -163,7 +163,7 @@ def widen_group(packed, sz, block, shift, n0, g, scale, zero, b32):
 
 
 @njit(cache=True, inline="always")
-def _panel_at(p):
+def panel_at(p):
     """``(block, shift, n0)`` of panel ``p``: its 64-column block, nibble half and first column."""
     return p // 2, 4 * (p % 2), 64 * (p // 2) + 32 * (p % 2)
 
@@ -171,7 +171,7 @@ def _panel_at(p):
 @njit(cache=True, inline="always")
 def widen_panel(packed, sz, p, scale, zero, tiles):
     """Every group of panel ``p`` into ``tiles [K/32, 16, 32]`` (``widen_group``, group by group)."""
-    block, shift, n0 = _panel_at(p)
+    block, shift, n0 = panel_at(p)
     for g in range(tiles.shape[0]):
         widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
 
@@ -186,7 +186,7 @@ def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, p, scale, zero, cbuf, pe
     n = out.shape[1]
     groups = k // GROUP
     two = rows > 16
-    block, shift, n0 = _panel_at(p)
+    block, shift, n0 = panel_at(p)
     # A tiles read whole 16-row blocks: a partial last block comes from ``tail``
     a0, o0 = (x, r0 * k) if r0 + 16 <= x.shape[0] else (tail, 0)
     a1, o1 = (x, (r0 + 16) * k) if r0 + 32 <= x.shape[0] else (tail, 0)
