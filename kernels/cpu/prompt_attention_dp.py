@@ -78,8 +78,8 @@ def _gather_kv_impl(kv, table, hk, keys, kt, vp):
 @njit(cache=True)
 def _gather_bf16(kv, table, hk, keys, kt, vp):
     """``_gather_kv`` for a bf16 cache: each block's K rows viewed as pairs (one 32-bit word each) and
-    its V rows interleaved two by two, one view a block instead of two a key (a 512-token prompt's
-    attention on one thread: 1.07-1.10x)."""
+    its V rows interleaved two by two, one view a block instead of two a key (prompts of 512-1,024
+    tokens: their attention 1.08-1.16x; chat-length ones gain nothing, BENCHMARKS.md round 49)."""
     block_size, dim = kv.shape[3], vp.shape[1]
     half = dim // 2
     width = kt.shape[1]
