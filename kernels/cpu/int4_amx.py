@@ -185,10 +185,11 @@ def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, p, scale, zero, cbuf, pe
     not name; the chunk before, which ``pend`` names (``[rows, r0, n0, half]``), is rounded to bf16
     into ``out`` two rows a group meanwhile. ``pend`` then names this one.
 
-    Where ``ahead`` (a next panel to widen), each group also asks for the same group of that panel
-    (``packed1``, ``sz1``: the weight flat) into L2: its two lines of scale-zeros, a row of lines
-    ``N * 4`` bytes apart that no hardware prefetcher follows, and half of its 32 rows of the next
-    block's packed bytes (the second half during the block's second panel)."""
+    Where ``ahead`` (a next panel to widen), each group also asks for its counterparts ahead into L2
+    (``packed1``, ``sz1``: the weight flat): panel ``p + 1``'s two lines of scale-zeros, a row of lines
+    ``N * 4`` bytes apart that no hardware prefetcher follows, and half of the group's 32 rows of the
+    next block's packed bytes (the first half during a block's first panel, the second during its
+    second), which the block's own two panels share."""
     k = x.shape[1]
     n = out.shape[1]
     groups = k // GROUP
