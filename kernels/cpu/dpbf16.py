@@ -277,8 +277,6 @@ def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, r
     groups = 2 * half_k // GROUP
     tiles = np.empty((groups, 16, PANEL), np.uint32)
     cbuf = np.empty((BLOCK_ROWS, PANEL), np.float32)
-    scale = np.empty(PANEL, np.float32)
-    zero = np.empty(PANEL, np.float32)
     sz_flat = sz.reshape(-1)
     block_lines = packed.shape[1] * packed.shape[2] // CACHE_LINE
     # the next weight's share: its packed blocks over the panels that start a block, its scale-zeros
@@ -306,7 +304,7 @@ def _int4_panels(x32, packed, sz, out, p0, p1, nxt_packed, nxt_sz, q0, q1, kv, r
             j = p // 2 - (p0 + 1) // 2
             share0 = nxt_first + j * nxt_lines // starts
             share = nxt_first + (j + 1) * nxt_lines // starts - share0
-        widen_panel(packed, sz, p, scale, zero, tiles)
+        widen_panel(packed, sz, p, tiles)
         for r0 in range(0, m, BLOCK_ROWS):
             rows = min(BLOCK_ROWS, m - r0)
             cur[2] = min(half_k, -(-kv_left // calls_left))
@@ -366,7 +364,7 @@ def int4_to_bf16_panels(packed: np.ndarray, sz: np.ndarray) -> np.ndarray:
     wide = np.empty((n // PANEL, k // 2, PANEL), np.uint32)
     tiles = wide.reshape(n // PANEL, k // GROUP, 16, PANEL)
     for p in prange(n // PANEL):
-        widen_panel(packed, sz, p, np.empty(PANEL, np.float32), np.empty(PANEL, np.float32), tiles[p])
+        widen_panel(packed, sz, p, tiles[p])
     return wide
 
 

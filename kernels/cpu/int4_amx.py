@@ -42,6 +42,10 @@ WIDENED_BYTES = 1 << 20
 # L1 (256 rows x 576: runs of panels 0.79-1.11x a linear)
 X_RUN_BYTES = 512 << 10
 FASTMATH = {"reassoc", "contract"}
+# groups a chunk widens ahead of the one it multiplies: the tile loads then read a group whose stores
+# have long retired (the 120 linears of a 32-row step, cold: 9.90 -> 9.51 ms against widening each
+# group just before its products; 3 ahead: 9.89)
+WIDEN_AHEAD = 2
 
 
 # pairs (row k, row k + 1) of each column, from [16 of row k, 16 of row k + 1]
@@ -49,47 +53,55 @@ _INTERLEAVE = ir.Constant(ir.VectorType(ir.IntType(32), 32), [(j % 2) * 16 + j /
 
 
 @intrinsic
-def _dequant_vnni(typingctx, packed, row0, row1, shift, scale, zero, out, out_index):
-    """VNNI B-tile rows from two weight rows of 32 packed bytes (flat offsets ``row0``, ``row1``):
-    ``out.flat[out_index + i] = bf16(w0[i]) | bf16(w1[i]) << 16`` with ``w = nibble * scale + zero``,
-    for ``i < 32``, in 16-lane AVX-512 vectors; ``vcvtne2ps2bf16`` rounds to nearest even, as
-    ``torch.Tensor.to(torch.bfloat16)`` does."""
-    arrays = (packed, scale, zero, out)
+def _widen_group(typingctx, packed, row0, shift, sz, sz_index, out):
+    """Both B tiles of one group: ``out.flat[32 r + i] = bf16(w(2 r, i)) | bf16(w(2 r + 1, i)) << 16`` for
+    ``r < 16``, ``i < 32`` (VNNI rows of bf16 pairs; tile 0 in ``i < 16``), with ``w(k, i) = nibble *
+    scale[i] + (zero[i] - 8 scale[i])``, the nibbles (half ``shift``) of the 32 weight rows of 32 bytes from
+    flat byte ``row0``, and ``sz.flat[sz_index + i]`` holding column ``i``'s bf16 scale (low half) and zero
+    (high half). The scales and zeros are widened once and held in registers for all 16 row pairs (read
+    per row pair from memory, the widening cost 5 % more); 16-lane AVX-512 vectors, ``vcvtne2ps2bf16``
+    rounding to nearest even, as ``torch.Tensor.to(torch.bfloat16)`` does."""
     if not (isinstance(shift, types.IntegerLiteral) and shift.literal_value in (0, 4)):
         return None  # a constant nibble half: the low one needs only a mask, the high one only a shift
-    if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays) and packed.dtype == types.uint8
-            and scale.dtype == types.float32 and zero.dtype == types.float32 and out.dtype == types.uint32):
+    if not (isinstance(packed, types.Array) and packed.dtype == types.uint8 and packed.layout == "C"
+            and isinstance(sz, types.Array) and sz.dtype == types.uint32 and sz.layout == "C"
+            and isinstance(out, types.Array) and out.dtype == types.uint32 and out.layout == "C"):
         return None
 
     def codegen(context, builder, sig, args):
-        i32, f32 = ir.IntType(32), ir.FloatType()
+        i32, f32, i64 = ir.IntType(32), ir.FloatType(), ir.IntType(64)
         v16 = lambda t: ir.VectorType(t, 16)  # noqa: E731
-        a_packed, a_row0, a_row1, a_shift, a_scale, a_zero, a_out, a_idx = args
-        t_packed, t_row0, t_row1, t_shift, t_scale, t_zero, t_out, t_idx = sig.args
-
+        t_packed, t_row0, t_shift, t_sz, t_szi, t_out = sig.args
+        a_packed, a_row0, _, a_sz, a_szi, a_out = args
         high = t_shift.literal_value == 4
-        four = ir.Constant(v16(i32), [ir.Constant(i32, 4)] * 16)
-        fifteen = ir.Constant(v16(i32), [ir.Constant(i32, 15)] * 16)
+        splat = lambda t, v: ir.Constant(v16(t), [v] * 16)  # noqa: E731
         cvt = cvt_ne2ps2bf16(builder)
-        for h in range(2):
-            off = ir.Constant(ir.IntType(64), 16 * h)
-            s = builder.load(element_ptr(context, builder, t_scale, a_scale, off, types.int64, v16(f32)), align=4)
-            z = builder.load(element_ptr(context, builder, t_zero, a_zero, off, types.int64, v16(f32)), align=4)
-            w = []
-            for row, row_ty in ((a_row0, t_row0), (a_row1, t_row1)):
-                start = builder.add(context.cast(builder, row, row_ty, types.int64), off)
-                b = builder.load(element_ptr(context, builder, t_packed, a_packed, start, types.int64,
-                                             v16(ir.IntType(8))), align=1)
-                wide = builder.zext(b, v16(i32))
-                q = builder.lshr(wide, four) if high else builder.and_(wide, fifteen)
-                w.append(builder.fadd(builder.fmul(builder.uitofp(q, v16(f32)), s, flags=('contract',)), z, flags=('contract',)))
-            both = builder.call(cvt, [w[1], w[0]])  # lanes 0-15: row k, 16-31: row k + 1
-            pairs = builder.bitcast(builder.shuffle_vector(both, both, _INTERLEAVE), v16(i32))
-            dst = builder.add(context.cast(builder, a_idx, t_idx, types.int64), off)
-            builder.store(pairs, element_ptr(context, builder, t_out, a_out, dst, types.int64, v16(i32)), align=4)
+        scales, zeros = [], []
+        for h in range(2):  # columns 16 h .. 16 h + 15
+            v = builder.load(element_ptr(context, builder, t_sz, a_sz, a_szi, t_szi, v16(i32), 16 * h), align=4)
+            sc = builder.bitcast(builder.shl(v, splat(i32, 16)), v16(f32))
+            ze = builder.bitcast(builder.and_(v, splat(i32, 0xFFFF0000 - (1 << 32))), v16(f32))
+            scales.append(sc)
+            zeros.append(builder.fsub(ze, builder.fmul(sc, splat(f32, 8.0))))
+        row0 = context.cast(builder, a_row0, t_row0, types.int64)
+        for r in range(16):
+            for h in range(2):
+                w = []
+                for e in range(2):  # rows 2 r and 2 r + 1
+                    start = builder.add(row0, ir.Constant(i64, 64 * r + 32 * e + 16 * h))
+                    b = builder.load(element_ptr(context, builder, t_packed, a_packed, start, types.int64,
+                                                 v16(ir.IntType(8))), align=1)
+                    wide = builder.zext(b, v16(i32))
+                    q = builder.lshr(wide, splat(i32, 4)) if high else builder.and_(wide, splat(i32, 15))
+                    w.append(builder.fadd(builder.fmul(builder.uitofp(q, v16(f32)), scales[h], flags=('contract',)),
+                                          zeros[h], flags=('contract',)))
+                both = builder.call(cvt, [w[1], w[0]])  # lanes 0-15: row 2 r, 16-31: row 2 r + 1
+                pairs = builder.bitcast(builder.shuffle_vector(both, both, _INTERLEAVE), v16(i32))
+                dst = ir.Constant(i64, 32 * r + 16 * h)
+                builder.store(pairs, element_ptr(context, builder, t_out, a_out, dst, types.int64, v16(i32)), align=4)
         return context.get_dummy_value()
 
-    return types.void(packed, row0, row1, shift, scale, zero, out, out_index), codegen
+    return types.void(packed, row0, shift, sz, sz_index, out), codegen
 
 
 @intrinsic
@@ -115,53 +127,14 @@ def store_bf16_32(typingctx, src, src_index, dst, dst_index):
 
 
 @njit(cache=True, inline="always")
-def _widen_panel(packed, block, shift, k0, scale, zero, b32):
-    """``b32 [16, 32]`` (C-contiguous): both B tiles (VNNI rows of bf16 pairs as uint32; tile 0 in columns 0-15,
-    tile 1 in 16-31) of the dequantized weight rows ``k0:k0+32``, nibble half ``shift``."""
-    rows = packed.shape[1]
-    for r in range(16):
-        row0 = (block * rows + k0 + 2 * r) * 32
-        if shift == 0:
-            _dequant_vnni(packed, row0, row0 + 32, 0, scale, zero, b32, 32 * r)
-        else:
-            _dequant_vnni(packed, row0, row0 + 32, 4, scale, zero, b32, 32 * r)
-
-
-@intrinsic
-def _scale_zero_32(typingctx, sz, index, scale, zero):
-    """``scale[i], zero[i] - 8 scale[i]`` from ``sz.flat[index + i]`` for ``i < 32``: each uint32 holds
-    the bf16 bits of a column's scale (low half) and zero (high half); two 16-lane vectors."""
-    if not (isinstance(sz, types.Array) and sz.dtype == types.uint32 and sz.layout == "C"
-            and all(isinstance(a, types.Array) and a.dtype == types.float32 for a in (scale, zero))):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32, f32 = ir.IntType(32), ir.FloatType()
-        v16 = lambda t: ir.VectorType(t, 16)  # noqa: E731
-        t_sz, t_idx, t_scale, t_zero = sig.args
-        a_sz, a_idx, a_scale, a_zero = args
-        c16 = ir.Constant(v16(i32), [16] * 16)
-        hi = ir.Constant(v16(i32), [0xFFFF0000 - (1 << 32)] * 16)
-        eight = ir.Constant(v16(f32), [8.0] * 16)
-        for h in range(2):
-            p = element_ptr(context, builder, t_sz, a_sz, a_idx, t_idx, v16(i32), 16 * h)
-            v = builder.load(p, align=4)
-            sc = builder.bitcast(builder.shl(v, c16), v16(f32))
-            ze = builder.bitcast(builder.and_(v, hi), v16(f32))
-            ze = builder.fsub(ze, builder.fmul(sc, eight))
-            off = ir.Constant(ir.IntType(64), 16 * h)
-            builder.store(sc, element_ptr(context, builder, t_scale, a_scale, off, types.int64, v16(f32)), align=4)
-            builder.store(ze, element_ptr(context, builder, t_zero, a_zero, off, types.int64, v16(f32)), align=4)
-        return context.get_dummy_value()
-
-    return types.void(sz, index, scale, zero), codegen
-
-
-@njit(cache=True, inline="always")
-def widen_group(packed, sz, block, shift, n0, g, scale, zero, b32):
-    """Group ``g`` of the panel at columns ``n0:n0+32`` into ``b32``, with its scales and zeros."""
-    _scale_zero_32(sz, g * sz.shape[1] + n0, scale, zero)
-    _widen_panel(packed, block, shift, g * GROUP, scale, zero, b32)
+def widen_group(packed, sz, block, shift, n0, g, b32):
+    """Group ``g`` of the panel at columns ``n0:n0+32``, nibble half ``shift`` of 64-column block
+    ``block``, into ``b32 [16, 32]`` (C-contiguous): both its B tiles (``_widen_group``)."""
+    row0 = (block * packed.shape[1] + g * GROUP) * 32
+    if shift == 0:
+        _widen_group(packed, row0, 0, sz, g * sz.shape[1] + n0, b32)
+    else:
+        _widen_group(packed, row0, 4, sz, g * sz.shape[1] + n0, b32)
 
 
 @njit(cache=True, inline="always")
@@ -171,17 +144,17 @@ def panel_at(p):
 
 
 @njit(cache=True, inline="always")
-def widen_panel(packed, sz, p, scale, zero, tiles):
+def widen_panel(packed, sz, p, tiles):
     """Every group of panel ``p`` into ``tiles [K/32, 16, 32]`` (``widen_group``, group by group)."""
     block, shift, n0 = panel_at(p)
     for g in range(tiles.shape[0]):
-        widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
+        widen_group(packed, sz, block, shift, n0, g, tiles[g])
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, p, scale, zero, cbuf, pend, out, ahead, packed1, sz1):
+def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, p, cbuf, pend, out, ahead, packed1, sz1):
     """One chunk of up to 32 rows from ``r0`` times panel ``p``'s widened groups ``tiles`` (widened here,
-    group by group, where ``widen``), its sums stored into the half of ``cbuf`` that ``pend[3]`` does
+    group by group, ``WIDEN_AHEAD`` groups before their products, where ``widen``), its sums stored into the half of ``cbuf`` that ``pend[3]`` does
     not name; the chunk before, which ``pend`` names (``[rows, r0, n0, half]``), is rounded to bf16
     into ``out`` two rows a group meanwhile. ``pend`` then names this one.
 
@@ -201,9 +174,12 @@ def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, p, scale, zero, cbuf, pe
     done_rows, done_r0, done_n0, done = pend[0], pend[1], pend[2], pend[3] * MAX_ROWS * 32
     mine = MAX_ROWS * 32 - done
     zero_accumulators(two)
+    if widen:
+        for g in range(min(WIDEN_AHEAD, groups)):
+            widen_group(packed, sz, block, shift, n0, g, tiles[g])
     for g in range(groups):
-        if widen:
-            widen_group(packed, sz, block, shift, n0, g, scale, zero, tiles[g])
+        if widen and g + WIDEN_AHEAD < groups:
+            widen_group(packed, sz, block, shift, n0, g + WIDEN_AHEAD, tiles[g + WIDEN_AHEAD])
         tile_load(6, tiles, g * 512, 128)
         tile_load(7, tiles, g * 512 + 16, 128)
         tile_load(4, a0, o0 + g * GROUP, 2 * k)
@@ -240,9 +216,11 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
 
     Each panel's weight is widened once, group by group, into 16 x 32 words a group (36 KiB a panel
     at K = 576) and multiplied on up to four accumulator tiles per 32-row chunk of ``x``. Up to 32
-    rows, widening a group overlaps the tile products of the one before (1.35x faster than widening
-    the whole panel first), and asks for the next panel's group (``_chunk``'s ``ahead``): the 120
-    linears of 30 SmolLM2-shaped layers at 32 rows, cold, 12.4-13.5 -> 10.9-11.5 ms. More rows widen
+    rows, groups are widened two ahead of their products, inside the panel's pass (1.35x faster than
+    widening the whole panel first), and each asks for the next panel's group (``_chunk``'s
+    ``ahead``): the 120 linears of 30 SmolLM2-shaped layers at 32 rows, cold, 12.4-13.5 -> 10.9-11.5
+    ms. On the AMX Xeons measured, the tile instructions and the AVX-512 widening do not run at the
+    same time (their costs add up, ~70 ns a group each at 32 rows with real data). More rows widen
     a panel first and take every chunk through it; where ``x`` is over ``X_RUN_BYTES``, as many panels
     as ``WIDENED_BYTES`` holds are widened first and each chunk taken through all of them: ``x`` is
     read once per such run of panels, not once a panel (682 rows: 0.8-2.1 MB, more than L2 holds
@@ -258,24 +236,21 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
     per_run = max(1, WIDENED_BYTES // (groups * 2048)) if big else 1
     tiles = np.empty((min(per_run, p1 - p0), groups, 16, 32), np.uint32)
     cbuf = np.empty((2 * MAX_ROWS, 32), np.float32)  # two chunks' sums: one being stored, one converted
-    scale = np.empty(32, np.float32)
-    zero = np.empty(32, np.float32)
     pend = np.zeros(4, np.int64)
     tile_config(cfg)
     packed1, sz1 = flat(packed), flat(sz)
     if m <= MAX_ROWS:
         for p in range(p0, p1):
-            _chunk(x, tail, 0, m, tiles[0], True, packed, sz, p, scale, zero, cbuf, pend, out, p + 1 < p1, packed1,
-                   sz1)
+            _chunk(x, tail, 0, m, tiles[0], True, packed, sz, p, cbuf, pend, out, p + 1 < p1, packed1, sz1)
     runs = 0 if m <= MAX_ROWS else -(-(p1 - p0) // per_run)
     for run in range(runs):  # runs of panels as even as they come
         q0, q1 = p0 + run * (p1 - p0) // runs, p0 + (run + 1) * (p1 - p0) // runs
         for p in range(q0, q1):
-            widen_panel(packed, sz, p, scale, zero, tiles[p - q0])
+            widen_panel(packed, sz, p, tiles[p - q0])
         for r0 in range(0, m, MAX_ROWS):
             for p in range(q0, q1):
-                _chunk(x, tail, r0, min(MAX_ROWS, m - r0), tiles[p - q0], False, packed, sz, p, scale, zero, cbuf,
-                       pend, out, False, packed1, sz1)
+                _chunk(x, tail, r0, min(MAX_ROWS, m - r0), tiles[p - q0], False, packed, sz, p, cbuf, pend, out,
+                       False, packed1, sz1)
     done = pend[3] * MAX_ROWS * 32
     for i in range(pend[0]):
         store_bf16_32(cbuf, done + 32 * i, out, (pend[1] + i) * out.shape[1] + pend[2])
