@@ -43,8 +43,8 @@ WIDENED_BYTES = 1 << 20
 X_RUN_BYTES = 512 << 10
 FASTMATH = {"reassoc", "contract"}
 # groups a chunk widens ahead of the one it multiplies: the tile loads then read a group whose stores
-# have long retired (the 120 linears of a 32-row step, cold: 9.90 -> 9.51 ms against widening each
-# group just before its products; 3 ahead: 9.89)
+# have long retired (the 120 linears of a 32-row step, cold: 10.12 -> 9.82 ms against widening each
+# group just before its products; 3 ahead: 9.89 against 9.51)
 WIDEN_AHEAD = 2
 
 
@@ -59,7 +59,7 @@ def _widen_group(typingctx, packed, row0, shift, sz, sz_index, out):
     scale[i] + (zero[i] - 8 scale[i])``, the nibbles (half ``shift``) of the 32 weight rows of 32 bytes from
     flat byte ``row0``, and ``sz.flat[sz_index + i]`` holding column ``i``'s bf16 scale (low half) and zero
     (high half). The scales and zeros are widened once and held in registers for all 16 row pairs (read
-    per row pair from memory, the widening cost 5 % more); 16-lane AVX-512 vectors, ``vcvtne2ps2bf16``
+    per row pair from memory, the widening cost 4 % more); 16-lane AVX-512 vectors, ``vcvtne2ps2bf16``
     rounding to nearest even, as ``torch.Tensor.to(torch.bfloat16)`` does."""
     if not (isinstance(shift, types.IntegerLiteral) and shift.literal_value in (0, 4)):
         return None  # a constant nibble half: the low one needs only a mask, the high one only a shift
