@@ -154,9 +154,10 @@ def widen_panel(packed, sz, p, tiles):
 @njit(cache=True, fastmath=FASTMATH, inline="always")
 def _chunk(x, tail, r0, rows, tiles, widen, packed, sz, p, cbuf, pend, out, ahead, packed1, sz1):
     """One chunk of up to 32 rows from ``r0`` times panel ``p``'s widened groups ``tiles`` (widened here,
-    group by group, ``WIDEN_AHEAD`` groups before their products, where ``widen``), its sums stored into the half of ``cbuf`` that ``pend[3]`` does
-    not name; the chunk before, which ``pend`` names (``[rows, r0, n0, half]``), is rounded to bf16
-    into ``out`` two rows a group meanwhile. ``pend`` then names this one.
+    group by group, ``WIDEN_AHEAD`` groups before their products, where ``widen``), its sums stored
+    into the half of ``cbuf`` that ``pend[3]`` does not name; the chunk before, which ``pend`` names
+    (``[rows, r0, n0, half]``), is rounded to bf16 into ``out`` two rows a group meanwhile. ``pend``
+    then names this one.
 
     Where ``ahead`` (a next panel to widen), each group also asks for its counterparts ahead into L2
     (``packed1``, ``sz1``: the weight flat): panel ``p + 1``'s two lines of scale-zeros, a row of lines
@@ -220,7 +221,7 @@ def _panels(x, tail, packed, sz, out, m, cfg, p0, p1):
     widening the whole panel first), and each asks for the next panel's group (``_chunk``'s
     ``ahead``): the 120 linears of 30 SmolLM2-shaped layers at 32 rows, cold, 12.4-13.5 -> 10.9-11.5
     ms. On the AMX Xeons measured, the tile instructions and the AVX-512 widening do not run at the
-    same time (their costs add up, ~70 ns a group each at 32 rows with real data). More rows widen
+    same time (their costs add up: ~71 and ~82 ns a group at 32 rows with real data). More rows widen
     a panel first and take every chunk through it; where ``x`` is over ``X_RUN_BYTES``, as many panels
     as ``WIDENED_BYTES`` holds are widened first and each chunk taken through all of them: ``x`` is
     read once per such run of panels, not once a panel (682 rows: 0.8-2.1 MB, more than L2 holds
