@@ -17,6 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr
+from edgellm.kernels.cpu.expf import exp_poly16
 from edgellm.kernels.cpu.vec16 import splat
 
 F16 = ir.VectorType(ir.FloatType(), 16)
@@ -44,10 +45,7 @@ def vec_exp(builder, x):
     n = builder.call(rnd, [builder.fmul(x, _const(1.44269504)), ir.Constant(ir.IntType(32), 8), x, all_lanes, current])
     r = builder.call(fma, [n, _const(-0.693359375), x])
     r = builder.call(fma, [n, _const(2.12194440e-4), r])
-    p = _const(1.9875691500e-4)
-    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = builder.call(fma, [p, r, _const(k)])
-    e = builder.fadd(builder.call(fma, [builder.fmul(p, r), r, r]), _const(1.0))
+    e = exp_poly16(builder, fma, r)
     return builder.call(scalef, [e, n, e, all_lanes, current])
 
 
