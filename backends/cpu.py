@@ -68,6 +68,7 @@ from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_lim
 from edgellm.kernels.cpu.int8_gemv import runs as int8_gemv_runs
 from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
 from edgellm.kernels.cpu.int8_head_amx import int8_head_amx
+from edgellm.kernels.cpu.int8_head_amx import screen_arrays as amx_head_screen
 from edgellm.kernels.cpu.int8_head_amx import supports as int8_head_supports
 from edgellm.kernels.cpu.int8_head_vnni import int8_head_vnni, quantize_groups
 from edgellm.kernels.cpu.int8_head_vnni import supports as vnni_head_supports
@@ -637,8 +638,8 @@ class CPUBackend(TorchBackend):
         with AVX512-BF16 and without VNNI (or ``EDGELLM_VNNI=0``), ``bf16_panels_matmul`` from 32
         (``int8_dpbf16_matmul`` from 8); else ATen's ``_weight_int8pack_mm`` for a few rows. ``q8_0_rescore`` then recomputes exactly every entry
         that could be a row's maximum, with the activations the kernel used, and returns the exact
-        argmax; after the byte head, which bounds each logit's error as it stores it, only that recompute
-        is left (``q8_0_rescore_screened``).
+        argmax; after the byte head and ``int8_head_amx``, which bound each logit's error as they store
+        it, only that recompute is left (``q8_0_rescore_screened``).
         """
         head = weight.argmax_head if isinstance(weight, Q8_0Weight) else None
         if head is None or self._invariant:
@@ -662,11 +663,15 @@ class CPUBackend(TorchBackend):
             int8_head_vnni(xq, s, off, head.vnni_panels(), head.scale_f32, out.numpy(), self.threads, screen)
         elif vnni or int16_tiles:
             xq, s = quantize_rows_int16(x.numpy(), xq_limit(k))
-            if int16_tiles:
-                int8_head_amx(xq, s, head.qw.numpy(), head.scale_f32, out.numpy(), self._amx_config, self.threads)
+            x_used = xq.astype(np.float32) * s[:, None]
+            if int16_tiles:  # the tiles bound each 16 columns as they store them: only re-scoring is left
+                x_n, act_n = row_norms(x.numpy(), x_used)
+                screen = amx_head_screen(m, n, valid, head.err_norm, head.w_norm, x_n, act_n)
+                int8_head_amx(xq, s, head.qw.numpy(), head.scale_f32, out.numpy(), self._amx_config, self.threads,
+                              screen)
+                lows, highs = screen[5].T[:m], screen[6].T[:m]
             else:
                 int8_gemv(xq, s, head.qw.numpy(), head.scale_f32, out.numpy(), self.threads)
-            x_used = xq.astype(np.float32) * s[:, None]
         else:
             xb = x.to(torch.bfloat16)
             x_used = xb.float().numpy()
@@ -682,9 +687,9 @@ class CPUBackend(TorchBackend):
                 out = torch._weight_int8pack_mm(xb, head.qw, head.scale).float()
         best = torch.empty(m, dtype=torch.int64)
         cap = RESCORE_MAX_CANDIDATES if vnni_bytes else 0
-        if vnni_bytes:
+        if vnni_bytes or int16_tiles:
             q8_0_rescore_screened(x.numpy(), weight.qs, weight.d, head.err_norm, head.w_norm, x_n, act_n, valid,
-                                  out.numpy(), lows, highs, SCREEN_COLS, best.numpy(), cap)
+                                  out.numpy(), lows, highs, SCREEN_COLS if vnni_bytes else 16, best.numpy(), cap)
         else:
             q8_0_rescore(x.numpy(), x_used, weight.qs, weight.d, head.err_norm, head.w_norm, valid, out.numpy(),
                          best.numpy(), cap)

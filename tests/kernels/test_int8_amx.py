@@ -14,7 +14,8 @@ from edgellm.backends import cpu as cpu_backend
 from edgellm.kernels.cpu.amx import amx_int8_supported, make_config, request_amx
 from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
-from edgellm.kernels.cpu.int8_head_amx import STREAM_MIN_BYTES, int8_head_amx
+from edgellm.kernels.cpu.int8_head_amx import STREAM_MIN_BYTES, int8_head_amx, screen_arrays
+from edgellm.kernels.cpu.q8_0 import APPROX_OUT_REL
 from tests.kernels.int8_head_checks import assert_greedy_head_exact, assert_matches_float64, int8_case
 
 pytestmark = pytest.mark.skipif(not request_amx(), reason="this CPU has no AMX-BF16")
@@ -48,8 +49,38 @@ def test_int16_activations_on_int8_tiles_give_int8_gemvs_numbers(m, n, k):
     int8_gemv(xq, s, qw.numpy(), scale.float().numpy(), want, 2)
     for threads in (1, 2, 3):
         out = np.full((m, n), np.nan, np.float32)
-        int8_head_amx(xq, s, qw.numpy(), scale.float().numpy(), out, make_config(), threads)
+        int8_head_amx(xq, s, qw.numpy(), scale.float().numpy(), out, make_config(), threads, _screen(m, n, n))
         assert np.array_equal(out, want)
+
+
+def _screen(m: int, n: int, valid: int) -> tuple:
+    """``screen_arrays`` with random norms (the bounds' inputs), seeded by the shape."""
+    rng = np.random.default_rng(m * 31 + n)
+    err_norm, w_norm = (rng.random(n, dtype=np.float32) for _ in range(2))
+    x_n, act_n = (rng.random(m, dtype=np.float32) * 10 for _ in range(2))
+    return screen_arrays(m, n, valid, err_norm, w_norm, x_n, act_n)
+
+
+@int8_tiles
+@pytest.mark.parametrize("m, n, valid", [(1, 64, 64), (17, 96, 90), (32, 1024, 1000), (40, 2048, 1)])
+def test_int8_tiles_bound_each_16_columns_as_they_store_them(m, n, valid):
+    """``lows[t, r]`` and ``highs[t, r]``: the largest ``v - e`` and ``v + e`` over row ``r``'s columns
+    ``16 t .. 16 t + 15`` below ``valid``, ``e = x_n err_norm + act_n w_norm + |v| 2^-7`` in float32 as
+    written (no fused multiply-adds), -inf for chunks past ``valid``."""
+    k = 128
+    x, qw, scale = int8_case(m, n, k)
+    xq, s = quantize_rows_int16(x.float().numpy() * 50, xq_limit(k))
+    out = np.empty((m, n), np.float32)
+    screen = _screen(m, n, valid)
+    int8_head_amx(xq, s, qw.numpy(), scale.float().numpy(), out, make_config(), 2, screen)
+    _, err_norm, w_norm, x_n, act_n, lows, highs = screen
+    e = (x_n[:m, None] * err_norm[None, :] + act_n[:m, None] * w_norm[None, :]) + np.abs(out) * np.float32(
+        APPROX_OUT_REL)
+    inside = np.arange(n)[None, :] < valid
+    want_lo = np.where(inside, out - e, -np.inf).reshape(m, n // 16, 16).max(-1)
+    want_hi = np.where(inside, out + e, -np.inf).reshape(m, n // 16, 16).max(-1)
+    assert np.array_equal(lows.T[:m], want_lo)
+    assert np.array_equal(highs.T[:m], want_hi)
 
 
 @int8_tiles
@@ -67,7 +98,7 @@ def test_int8_tiles_stream_big_outputs(offset):
     start = (-buf.ctypes.data % 64) // 4 + offset
     out = buf[start:start + m * n].reshape(m, n)
     assert (out.ctypes.data % 64 == 0) == (offset == 0)
-    int8_head_amx(xq, s, qw.numpy(), scale.float().numpy(), out, make_config(), 2)
+    int8_head_amx(xq, s, qw.numpy(), scale.float().numpy(), out, make_config(), 2, _screen(m, n, n))
     assert np.array_equal(out, want)
 
 
