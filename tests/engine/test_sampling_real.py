@@ -105,8 +105,9 @@ def test_greedy_steps_take_the_int8_head_and_keep_every_token(q4_llm, monkeypatc
     import edgellm.backends.cpu as cpu
 
     calls = []
-    rescore = cpu.q8_0_rescore
-    monkeypatch.setattr(cpu, "q8_0_rescore", lambda *a: calls.append(rescore(*a)) or calls[-1])
+    for name in ("q8_0_rescore", "q8_0_rescore_screened"):  # the second after heads that bound as they store
+        rescore = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, f=rescore: calls.append(f(*a)) or calls[-1])
     prompts = [PROMPT, "What is the capital of France?", "Explain recursion to a child.", "List three metals."]
     greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     fast = [o.token_ids for o in q4_llm.generate(prompts, greedy)]
