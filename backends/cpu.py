@@ -67,8 +67,10 @@ from edgellm.kernels.cpu.int8_amx import int8_amx_matmul
 from edgellm.kernels.cpu.int8_gemv import int8_gemv, quantize_rows_int16, xq_limit
 from edgellm.kernels.cpu.int8_gemv import runs as int8_gemv_runs
 from edgellm.kernels.cpu.int8_gemv import supported as vnni_supported
+from edgellm.kernels.cpu.int8_head_amx import SCREEN_COLS as AMX_SCREEN_COLS
 from edgellm.kernels.cpu.int8_head_amx import int8_head_amx
 from edgellm.kernels.cpu.int8_head_amx import screen_arrays as amx_head_screen
+from edgellm.kernels.cpu.int8_head_amx import screen_bounds as amx_screen_bounds
 from edgellm.kernels.cpu.int8_head_amx import supports as int8_head_supports
 from edgellm.kernels.cpu.int8_head_vnni import int8_head_vnni, quantize_groups
 from edgellm.kernels.cpu.int8_head_vnni import supports as vnni_head_supports
@@ -669,7 +671,7 @@ class CPUBackend(TorchBackend):
                 screen = amx_head_screen(m, n, valid, head.err_norm, head.w_norm, x_n, act_n)
                 int8_head_amx(xq, s, head.qw.numpy(), head.scale_f32, out.numpy(), self._amx_config, self.threads,
                               screen)
-                lows, highs = screen[5].T[:m], screen[6].T[:m]
+                lows, highs = amx_screen_bounds(screen, m)
             else:
                 int8_gemv(xq, s, head.qw.numpy(), head.scale_f32, out.numpy(), self.threads)
         else:
@@ -689,7 +691,8 @@ class CPUBackend(TorchBackend):
         cap = RESCORE_MAX_CANDIDATES if vnni_bytes else 0
         if vnni_bytes or int16_tiles:
             q8_0_rescore_screened(x.numpy(), weight.qs, weight.d, head.err_norm, head.w_norm, x_n, act_n, valid,
-                                  out.numpy(), lows, highs, SCREEN_COLS if vnni_bytes else 16, best.numpy(), cap)
+                                  out.numpy(), lows, highs, SCREEN_COLS if vnni_bytes else AMX_SCREEN_COLS, best.numpy(),
+                                  cap)
         else:
             q8_0_rescore(x.numpy(), x_used, weight.qs, weight.d, head.err_norm, head.w_norm, valid, out.numpy(),
                          best.numpy(), cap)

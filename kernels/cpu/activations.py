@@ -39,7 +39,7 @@ def _silu_mul_16(typingctx, x, g0, u0, out, o0):
     """``out[o0 + e] = silu(x[g0 + e]) * x[u0 + e]`` for 16 lanes ``e`` of flat bf16 bits (uint16): the
     same steps as ``_silu_and_mul_row`` in 512-bit vectors. Numba's loop of those steps compiles to
     256-bit vectors on these CPUs (LLVM's preference) around three passes over the row (widen,
-    compute, round): 0.69 ns an element on one core of the AMX Xeon, 0.57 ns here."""
+    compute, round): 0.72 ns an element on one core of the AMX Xeon, 0.53 ns here (560 rows)."""
     if not (isinstance(x, types.Array) and x.dtype == types.uint16 and x.ndim == 1
             and isinstance(out, types.Array) and out.dtype == types.uint16 and out.ndim == 1):
         return None

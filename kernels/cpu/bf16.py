@@ -10,11 +10,11 @@ kernels apply per row), and a store quantizes the row.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
 from edgellm.kernels.cpu.kv_int8 import quantize_row
+from edgellm.kernels.cpu.vec16 import round_bf16, widen_bf16
 
 
 @intrinsic
@@ -27,8 +27,7 @@ def widen_bits(typingctx, bits):
         return None
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
+        return widen_bf16(builder, args[0])
 
     return types.float32(bits), codegen
 
@@ -40,14 +39,7 @@ def round_bits(typingctx, x):
         return None
 
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        c = lambda v: ir.Constant(i32, v)  # noqa: E731
-        bits = builder.bitcast(args[0], i32)
-        high = builder.lshr(bits, c(16))
-        rounded = builder.lshr(builder.add(builder.add(bits, c(0x7FFF)), builder.and_(high, c(1))), c(16))
-        is_nan = builder.icmp_unsigned(">", builder.and_(bits, c(0x7FFFFFFF)), c(0x7F800000))
-        out = builder.select(is_nan, builder.or_(high, c(0x40)), rounded)
-        return builder.trunc(out, ir.IntType(16))
+        return round_bf16(builder, args[0])
 
     return types.uint16(x), codegen
 

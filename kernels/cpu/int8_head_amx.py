@@ -39,6 +39,7 @@ from edgellm.kernels.cpu.q8_0 import APPROX_OUT_REL
 from edgellm.kernels.cpu.vec16 import splat, transpose16
 
 K_TILE = 64  # bytes of K per tile product
+SCREEN_COLS = 16  # columns a bound covers: one C tile's
 # weight tiles (16 rows, 9 KiB at K = 576) asked for ahead, into L2 only: on the AMX Xeon a cold 32-row
 # step over SmolLM2's 28 MB head took 2.08 ms against 2.70 with four tiles into every level (L1's
 # fill buffers then hold up the tile loads); 4 to 16 tiles ahead into L2 all read 2.03-2.19 ms
@@ -235,8 +236,14 @@ def screen_arrays(m: int, n: int, valid: int, err_norm: np.ndarray, w_norm: np.n
     rows = -(-m // 16) * 16
     x_pad, act_pad = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
     x_pad[:m], act_pad[:m] = x_n, act_n
-    lows, highs = (np.empty((n // 16, rows), np.float32) for _ in range(2))
+    lows, highs = (np.empty((n // SCREEN_COLS, rows), np.float32) for _ in range(2))
     return (valid, err_norm, w_norm, x_pad, act_pad, lows, highs)
+
+
+def screen_bounds(screen: tuple, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(lows, highs)`` of ``screen`` after ``int8_head_amx`` as ``[m, n / SCREEN_COLS]`` views, row
+    by row: ``q8_0_rescore_screened``'s."""
+    return screen[5].T[:m], screen[6].T[:m]
 
 
 @njit(cache=True, parallel=True)

@@ -17,7 +17,7 @@ from numba.extending import intrinsic, overload
 from edgellm.kernels.cpu.amx import element_ptr
 from edgellm.kernels.cpu.bf16 import as_f32, load_row, store_row
 from edgellm.kernels.cpu.unmanaged import flat
-from edgellm.kernels.cpu.vec16 import F32X16, I16X16, I32X16, load_f32x16, store_f32x16
+from edgellm.kernels.cpu.vec16 import F32X16, I16X16, I32X16, load_f32x16, splat, store_f32x16
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -33,9 +33,10 @@ def _sum_squares(row: np.ndarray) -> float:
 F64X16 = ir.VectorType(ir.DoubleType(), 16)
 
 
-def _row_pointer(context, builder, aryty, ary, index, itemty):
+def _row_pointer(context, builder, aryty, ary, index):
     """``ary.flat[index]`` as a pointer to 16 lanes: ``<16 x i16>`` for bf16 bits, else ``<16 x float>``."""
-    return element_ptr(context, builder, aryty, ary, index, types.int64, I16X16 if itemty == types.uint16 else F32X16)
+    lanes = I16X16 if aryty.dtype == types.uint16 else F32X16
+    return element_ptr(context, builder, aryty, ary, index, types.int64, lanes)
 
 
 @intrinsic
@@ -56,8 +57,8 @@ def _add_and_square_16(typingctx, x, residual, start, n, has_residual):
         acc = cgutils.alloca_once_value(builder, ir.Constant(F64X16, [0.0] * 16))
         with cgutils.for_range(builder, vectors) as loop:
             at = builder.add(start, builder.mul(loop.index, ir.Constant(i64, 16)))
-            v = load_f32x16(builder, _row_pointer(context, builder, t_x, v_x, at, t_x.dtype), t_x.dtype == types.uint16)
-            rp = _row_pointer(context, builder, t_res, v_res, at, types.float32)
+            v = load_f32x16(builder, _row_pointer(context, builder, t_x, v_x, at), t_x.dtype == types.uint16)
+            rp = _row_pointer(context, builder, t_res, v_res, at)
             v = builder.select(v_has, builder.fadd(v, builder.load(rp, align=4)), v)
             builder.store(v, rp, align=4)
             wide = builder.fpext(v, F64X16)
@@ -86,15 +87,14 @@ def _scale_16(typingctx, residual, start, n, inv, weight, out):
         i64 = ir.IntType(64)
         start = context.cast(builder, v_start, t_start, types.int64)
         vectors = builder.udiv(context.cast(builder, v_n, t_n, types.int64), ir.Constant(i64, 16))
-        inv = builder.shuffle_vector(builder.insert_element(ir.Constant(F32X16, None), v_inv, ir.Constant(
-            ir.IntType(32), 0)), ir.Constant(F32X16, None), ir.Constant(I32X16, [0] * 16))
+        inv = splat(builder, v_inv)
         with cgutils.for_range(builder, vectors) as loop:
             j = builder.mul(loop.index, ir.Constant(i64, 16))
             at = builder.add(start, j)
-            r = builder.load(_row_pointer(context, builder, t_res, v_res, at, types.float32), align=4)
-            w = builder.load(_row_pointer(context, builder, t_w, v_w, j, types.float32), align=4)
+            r = builder.load(_row_pointer(context, builder, t_res, v_res, at), align=4)
+            w = builder.load(_row_pointer(context, builder, t_w, v_w, j), align=4)
             store_f32x16(builder, builder.fmul(builder.fmul(r, inv), w),
-                         _row_pointer(context, builder, t_out, v_out, at, t_out.dtype), t_out.dtype == types.uint16)
+                         _row_pointer(context, builder, t_out, v_out, at), t_out.dtype == types.uint16)
         return context.get_dummy_value()
 
     return types.void(residual, start, n, inv, weight, out), codegen

@@ -33,26 +33,41 @@ def const16(value, vtype=F32X16):
     return ir.Constant(vtype, [value] * 16)
 
 
+def _like(value_type, v):
+    """The constant ``v`` of an integer type or of every lane of an integer vector type."""
+    return ir.Constant(value_type, [v] * value_type.count if isinstance(value_type, ir.VectorType) else v)
+
+
+def widen_bf16(builder, bits):
+    """The float32 (or 16 lanes of them) whose top halves are the bf16 ``bits`` (i16 or <16 x i16>): exact."""
+    vector = isinstance(bits.type, ir.VectorType)
+    i32, f32 = (I32X16, F32X16) if vector else (ir.IntType(32), ir.FloatType())
+    return builder.bitcast(builder.shl(builder.zext(bits, i32), _like(i32, 16)), f32)
+
+
+def round_bf16(builder, value):
+    """``value`` (a float32 or 16 lanes of them) rounded to the nearest even bf16, as i16 bits (or
+    <16 x i16>), as ``torch.Tensor.to(torch.bfloat16)`` rounds; a NaN stays a quiet NaN."""
+    vector = isinstance(value.type, ir.VectorType)
+    i32, i16 = (I32X16, I16X16) if vector else (ir.IntType(32), ir.IntType(16))
+    bits = builder.bitcast(value, i32)
+    high = builder.lshr(bits, _like(i32, 16))
+    rounded = builder.lshr(builder.add(builder.add(bits, _like(i32, 0x7FFF)), builder.and_(high, _like(i32, 1))),
+                           _like(i32, 16))
+    nan = builder.icmp_unsigned(">", builder.and_(bits, _like(i32, 0x7FFFFFFF)), _like(i32, 0x7F800000))
+    return builder.trunc(builder.select(nan, builder.or_(high, _like(i32, 0x40)), rounded), i16)
+
+
 def load_f32x16(builder, ptr, bf16: bool):
     """16 float32 lanes from ``ptr`` (a ``<16 x i16>*`` of bf16 bits, widened exactly, where ``bf16``;
     else a ``<16 x float>*``)."""
-    if not bf16:
-        return builder.load(ptr, align=4)
-    wide = builder.zext(builder.load(ptr, align=2), I32X16)
-    return builder.bitcast(builder.shl(wide, const16(16, I32X16)), F32X16)
+    return widen_bf16(builder, builder.load(ptr, align=2)) if bf16 else builder.load(ptr, align=4)
 
 
 def store_f32x16(builder, value, ptr, bf16: bool):
-    """Store 16 float32 lanes to ``ptr``: as they are (``<16 x float>*``), or where ``bf16`` rounded to
-    the nearest even bf16 (a NaN stays a quiet NaN), as ``bf16.round_bits`` rounds each, into a
-    ``<16 x i16>*``."""
-    if not bf16:
+    """Store 16 float32 lanes to ``ptr``: as they are (``<16 x float>*``), or where ``bf16`` rounded
+    (``round_bf16``) into a ``<16 x i16>*``."""
+    if bf16:
+        builder.store(round_bf16(builder, value), ptr, align=2)
+    else:
         builder.store(value, ptr, align=4)
-        return
-    bits = builder.bitcast(value, I32X16)
-    high = builder.lshr(bits, const16(16, I32X16))
-    odd = builder.and_(high, const16(1, I32X16))
-    rounded = builder.lshr(builder.add(builder.add(bits, const16(0x7FFF, I32X16)), odd), const16(16, I32X16))
-    nan = builder.icmp_unsigned(">", builder.and_(bits, const16(0x7FFFFFFF, I32X16)), const16(0x7F800000, I32X16))
-    out = builder.select(nan, builder.or_(high, const16(0x40, I32X16)), rounded)
-    builder.store(builder.trunc(out, I16X16), ptr, align=2)
