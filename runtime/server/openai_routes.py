@@ -31,7 +31,7 @@ from edgellm.server.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
-from edgellm.server.streaming import SSE_DONE, sse, sse_response
+from edgellm.server.streaming import SSE_DONE, SplicedEvents, sse, sse_response
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ async def _completion_events(ctx: ServerContext, body: CompletionRequest, gens: 
                              rid: str) -> AsyncIterator[str]:
     created, model = int(time.time()), ctx.card.id
     track, offsets, finals = _ChoiceTracker(), {}, {}
+    tokens = SplicedEvents(lambda idx: CompletionResponse(id=rid, created=created, model=model, choices=[
+        CompletionChoice(index=idx, text=SplicedEvents.SPLICE)]))
     try:
         async for i, out in gens.outputs():
             if out.finished:
@@ -149,6 +151,9 @@ async def _completion_events(ctx: ServerContext, body: CompletionRequest, gens: 
                 if body.logprobs is not None:
                     lp = completion_logprobs(c.delta_logprobs or [], offsets.get(idx, 0))
                 offsets[idx] = offsets.get(idx, 0) + len(text)
+                if lp is None and c.finish_reason is None:  # a token's text: the common event, spliced
+                    yield tokens.event(idx, text)
+                    continue
                 yield sse(CompletionResponse(id=rid, created=created, model=model, choices=[
                     CompletionChoice(index=idx, text=text, logprobs=lp, finish_reason=c.finish_reason,
                                      stop_reason=c.stop_reason)]))
@@ -199,6 +204,8 @@ async def _chat_events(ctx: ServerContext, body: ChatCompletionRequest, gens: Ge
     def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
         return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
 
+    tokens = SplicedEvents(lambda key: ChatCompletionChunk(id=rid, created=created, model=model, choices=[
+        ChatChunkChoice(index=key[0], delta=DeltaMessage(content=SplicedEvents.SPLICE), finish_reason=key[1])]))
     track, final = _ChoiceTracker(), None
     try:
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -207,6 +214,9 @@ async def _chat_events(ctx: ServerContext, body: ChatCompletionRequest, gens: Ge
             final = out
             for c in out.outputs:
                 if not track.fresh(c.index, c):
+                    continue
+                if c.delta_text and not body.logprobs:  # a token's text: the common event, spliced
+                    yield tokens.event((c.index, c.finish_reason), c.delta_text)
                     continue
                 lp = chat_logprobs(c.delta_logprobs or []) if body.logprobs else None
                 yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(content=c.delta_text or None),
