@@ -53,7 +53,7 @@ class SplicedEvents:
         template = self._templates.get(key)
         if template is None:
             head, mark, tail = sse(self._make(key)).partition(json.dumps(self.SPLICE))
-            if not mark or self.SPLICE in tail:
+            if not mark or mark in tail:
                 raise ValueError("the model must hold the splice string exactly once")
             template = self._templates[key] = (head, tail)
         return template[0] + json.dumps(text, ensure_ascii=False) + template[1]

@@ -44,7 +44,11 @@ def test_every_character_is_escaped_as_pydantic_escapes_it() -> None:
         assert events.event((0, None), text) == sse(_chat(0, None, text)), hex(start)
 
 
-def test_a_model_without_the_splice_string_is_refused() -> None:
+def test_a_model_without_the_splice_string_or_with_two_is_refused() -> None:
     events = SplicedEvents(lambda k: _chat(0, None, "no mark"))
     with pytest.raises(ValueError, match="exactly once"):
         events.event((0, None), "x")
+    two = ChatCompletionChunk(id="c", created=1, model="m", choices=[
+        ChatChunkChoice(index=i, delta=DeltaMessage(content=SplicedEvents.SPLICE)) for i in range(2)])
+    with pytest.raises(ValueError, match="exactly once"):
+        SplicedEvents(lambda k: two).event(0, "x")
