@@ -21,9 +21,18 @@ from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr
 from edgellm.kernels.cpu.q8_0 import APPROX_OUT_REL, _approx_error
-from edgellm.kernels.cpu.vec16 import splat
+from edgellm.kernels.cpu.vec16 import F32X16, const16, splat
 
 COLS = 48  # columns a store covers: three 16-lane vectors, a panel of ``int8_head_vnni``
+
+
+def bounds16(builder, val, x_n, err_norm, act_n, w_norm):
+    """For intrinsics' codegen: ``(v - e, v + e)`` of 16 lanes of logits ``val``, ``e = x_n err_norm +
+    act_n w_norm + |v| 2^-7`` (each argument 16 float32 lanes), in this order of operations."""
+    fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(F32X16, [F32X16]), "llvm.fabs.v16f32")
+    e = builder.fadd(builder.fadd(builder.fmul(x_n, err_norm), builder.fmul(act_n, w_norm)),
+                     builder.fmul(builder.call(fabs, [val]), const16(APPROX_OUT_REL)))
+    return builder.fsub(val, e), builder.fadd(val, e)
 
 
 def _f32_arrays(*ts) -> bool:
@@ -59,7 +68,6 @@ def store_screened(typingctx, cbuf, rows, scale, n0, out, r0, err_norm, w_norm, 
         def fn(name, ret, params):
             return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
 
-        fabs = fn("llvm.fabs.v16f32", v16f, [v16f])
         vmax = fn("llvm.maxnum.v16f32", v16f, [v16f, v16f])
         hmax = fn("llvm.vector.reduce.fmax.v16f32", f32, [v16f])
         n0, r0 = int64("n0"), int64("r0")
@@ -67,7 +75,6 @@ def store_screened(typingctx, cbuf, rows, scale, n0, out, r0, err_norm, w_norm, 
             context, builder, ty["out"][1]).shape, 1), types.intp, types.int64)
         scale = [builder.load(ptr("scale", n0, v16f, 16 * v), align=4) for v in range(3)]
         if screen:
-            rel = ir.Constant(v16f, [ir.Constant(f32, APPROX_OUT_REL)] * 16)
             en = [builder.load(ptr("en", n0, v16f, 16 * v), align=4) for v in range(3)]
             wn = [builder.load(ptr("wn", n0, v16f, 16 * v), align=4) for v in range(3)]
             h_cols = context.cast(builder, builder.extract_value(context.make_array(ty["lows"][0])(
@@ -84,9 +91,7 @@ def store_screened(typingctx, cbuf, rows, scale, n0, out, r0, err_norm, w_norm, 
                 val = builder.fmul(acc, scale[v])
                 builder.store(val, ptr("out", builder.add(builder.mul(row, n_cols), n0), v16f, 16 * v), align=4)
                 if screen:
-                    e = builder.fadd(builder.fadd(builder.fmul(xn, en[v]), builder.fmul(an, wn[v])),
-                                     builder.fmul(builder.call(fabs, [val]), rel))
-                    low, high = builder.fsub(val, e), builder.fadd(val, e)
+                    low, high = bounds16(builder, val, xn, en[v], an, wn[v])
                     lo = low if lo is None else builder.call(vmax, [lo, low])
                     hi = high if hi is None else builder.call(vmax, [hi, high])
             if screen:

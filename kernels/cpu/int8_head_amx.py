@@ -34,9 +34,9 @@ from edgellm.kernels.cpu.amx import (
     tile_store,
     zero_accumulators,
 )
+from edgellm.kernels.cpu.head_screen import bounds16
 from edgellm.kernels.cpu.prefetch import CACHE_LINE, prefetch_l2
-from edgellm.kernels.cpu.q8_0 import APPROX_OUT_REL
-from edgellm.kernels.cpu.vec16 import splat, transpose16
+from edgellm.kernels.cpu.vec16 import F32X16, const16, splat, transpose16
 
 K_TILE = 64  # bytes of K per tile product
 SCREEN_COLS = 16  # columns a bound covers: one C tile's
@@ -134,7 +134,6 @@ def _screen_tile(context, builder, cols, a_c0, t_c0, t_scale, a_scale, a_n0, t_n
     """``_store_tile``'s bounds: ``cols[i]`` holds column ``n0 + i`` for the tile's 16 rows (before
     its scale)."""
     f32, i64 = ir.FloatType(), ir.IntType(64)
-    f16 = ir.VectorType(f32, 16)
     items = [builder.extract_value(a_screen, j) for j in range(7)]
     t_items = list(t_screen)
     valid = context.cast(builder, items[0], t_items[0], types.int64)
@@ -144,29 +143,26 @@ def _screen_tile(context, builder, cols, a_c0, t_c0, t_scale, a_scale, a_n0, t_n
     def ptr(j, index, pointee, offset=0):
         return element_ptr(context, builder, t_items[j], items[j], index, types.int64, pointee, offset)
 
-    fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f16, [f16]), "llvm.fabs.v16f32")
-    vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f16, [f16, f16]), "llvm.maxnum.v16f32")
-    x_n = builder.load(ptr(3, c0, f16), align=4)
-    act_n = builder.load(ptr(4, c0, f16), align=4)
-    rel = ir.Constant(f16, [ir.Constant(f32, APPROX_OUT_REL)] * 16)
-    minus_inf = ir.Constant(f16, [float("-inf")] * 16)
-    lo = hi = minus_inf
+    vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(F32X16, [F32X16, F32X16]),
+                                          "llvm.maxnum.v16f32")
+    x_n = builder.load(ptr(3, c0, F32X16), align=4)
+    act_n = builder.load(ptr(4, c0, F32X16), align=4)
+    lo = hi = const16(float("-inf"))
     for i in range(16):
         n = builder.add(n0, ir.Constant(i64, i))
         scale = splat(builder, builder.load(element_ptr(context, builder, t_scale, a_scale, n, types.int64, f32)))
         v = builder.fmul(cols[i], scale)
         err = splat(builder, builder.load(ptr(1, n, f32)))
         wn = splat(builder, builder.load(ptr(2, n, f32)))
-        e = builder.fadd(builder.fadd(builder.fmul(x_n, err), builder.fmul(act_n, wn)),
-                         builder.fmul(builder.call(fabs, [v]), rel))
+        low, high = bounds16(builder, v, x_n, err, act_n, wn)
         inside = builder.icmp_signed("<", n, valid)
-        lo = builder.select(inside, builder.call(vmax, [lo, builder.fsub(v, e)]), lo)
-        hi = builder.select(inside, builder.call(vmax, [hi, builder.fadd(v, e)]), hi)
+        lo = builder.select(inside, builder.call(vmax, [lo, low]), lo)
+        hi = builder.select(inside, builder.call(vmax, [hi, high]), hi)
     rows = context.cast(builder, builder.extract_value(context.make_array(t_items[5])(
         context, builder, items[5]).shape, 1), types.intp, types.int64)
     at = builder.add(builder.mul(builder.udiv(n0, ir.Constant(i64, 16)), rows), c0)
-    builder.store(lo, ptr(5, at, f16), align=4)
-    builder.store(hi, ptr(6, at, f16), align=4)
+    builder.store(lo, ptr(5, at, F32X16), align=4)
+    builder.store(hi, ptr(6, at, F32X16), align=4)
 
 
 @intrinsic

@@ -17,7 +17,7 @@ from numba.extending import intrinsic, overload
 from edgellm.kernels.cpu.amx import element_ptr
 from edgellm.kernels.cpu.bf16 import as_f32, load_row, store_row
 from edgellm.kernels.cpu.unmanaged import flat
-from edgellm.kernels.cpu.vec16 import F32X16, I16X16, I32X16, load_f32x16, splat, store_f32x16
+from edgellm.kernels.cpu.vec16 import F32X16, I16X16, hreduce, load_f32x16, splat, store_f32x16
 
 
 @numba.njit(cache=True, fastmath={"reassoc"})
@@ -63,10 +63,7 @@ def _add_and_square_16(typingctx, x, residual, start, n, has_residual):
             builder.store(v, rp, align=4)
             wide = builder.fpext(v, F64X16)
             builder.store(builder.fadd(builder.load(acc), builder.fmul(wide, wide)), acc)
-        total = builder.load(acc)
-        for half in (8, 4, 2, 1):
-            total = builder.fadd(total, builder.shuffle_vector(total, total, ir.Constant(
-                I32X16, [(i + half) % 16 for i in range(16)])))
+        total = hreduce(builder, builder.load(acc), builder.fadd)
         return builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
 
     return types.float64(x, residual, start, n, has_residual), codegen

@@ -18,10 +18,8 @@ from numba.extending import intrinsic
 
 from edgellm.kernels.cpu.amx import element_ptr
 from edgellm.kernels.cpu.expf import exp_poly16
-from edgellm.kernels.cpu.vec16 import splat
+from edgellm.kernels.cpu.vec16 import F32X16, I32X16, const16, hreduce, splat
 
-F16 = ir.VectorType(ir.FloatType(), 16)
-I16 = ir.VectorType(ir.IntType(32), 16)
 _MASKED = -1.0e4  # what a masked score reads as: exp underflows to exactly zero
 
 
@@ -29,31 +27,20 @@ def _fn(builder, name, ret, params):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
 
 
-def _const(v) -> ir.Constant:
-    return ir.Constant(F16, [v] * 16)
-
-
 def vec_exp(builder, x):
     """``exp(x)`` on 16 lanes for ``x <= 0``; below about -103 it is 0."""
-    fma = _fn(builder, "llvm.fma.v16f32", F16, [F16] * 3)
-    rnd = _fn(builder, "llvm.x86.avx512.mask.rndscale.ps.512", F16,
-              [F16, ir.IntType(32), F16, ir.IntType(16), ir.IntType(32)])
-    scalef = _fn(builder, "llvm.x86.avx512.mask.scalef.ps.512", F16,
-                 [F16, F16, F16, ir.IntType(16), ir.IntType(32)])
+    fma = _fn(builder, "llvm.fma.v16f32", F32X16, [F32X16] * 3)
+    rnd = _fn(builder, "llvm.x86.avx512.mask.rndscale.ps.512", F32X16,
+              [F32X16, ir.IntType(32), F32X16, ir.IntType(16), ir.IntType(32)])
+    scalef = _fn(builder, "llvm.x86.avx512.mask.scalef.ps.512", F32X16,
+                 [F32X16, F32X16, F32X16, ir.IntType(16), ir.IntType(32)])
     all_lanes, current = ir.Constant(ir.IntType(16), -1), ir.Constant(ir.IntType(32), 4)
     # nearest, precision exception suppressed
-    n = builder.call(rnd, [builder.fmul(x, _const(1.44269504)), ir.Constant(ir.IntType(32), 8), x, all_lanes, current])
-    r = builder.call(fma, [n, _const(-0.693359375), x])
-    r = builder.call(fma, [n, _const(2.12194440e-4), r])
+    n = builder.call(rnd, [builder.fmul(x, const16(1.44269504)), ir.Constant(ir.IntType(32), 8), x, all_lanes, current])
+    r = builder.call(fma, [n, const16(-0.693359375), x])
+    r = builder.call(fma, [n, const16(2.12194440e-4), r])
     e = exp_poly16(builder, fma, r)
     return builder.call(scalef, [e, n, e, all_lanes, current])
-
-
-def _hreduce(builder, v, op):
-    """Every lane of ``v`` combined by ``op`` (each lane ends up holding the result)."""
-    for half in (8, 4, 2, 1):
-        v = op(v, builder.shuffle_vector(v, v, ir.Constant(I16, [(i + half) % 16 for i in range(16)])))
-    return v
 
 
 @intrinsic
@@ -71,27 +58,27 @@ def softmax_row(typingctx, s, row, limit, width):
         n_vec = builder.udiv(context.cast(builder, args[3], sig.args[3], types.int64), ir.Constant(i64, 16))
         n_full = builder.udiv(limit_v, ir.Constant(i64, 16))  # vectors every lane of which the row sees
         lim = splat(builder, builder.trunc(limit_v, ir.IntType(32)))
-        iota = ir.Constant(I16, list(range(16)))
+        iota = ir.Constant(I32X16, list(range(16)))
 
         def ptr(k):
             return element_ptr(context, builder, sig.args[0], args[0],
-                               builder.add(row_v, builder.mul(k, ir.Constant(i64, 16))), types.int64, F16)
+                               builder.add(row_v, builder.mul(k, ir.Constant(i64, 16))), types.int64, F32X16)
 
         def masked(k, v):  # lanes at or past ``limit`` read as _MASKED
             at = builder.add(iota, splat(builder, builder.trunc(builder.mul(k, ir.Constant(i64, 16)),
                                                                       ir.IntType(32))))
-            return builder.select(builder.icmp_signed("<", at, lim), v, _const(_MASKED))
+            return builder.select(builder.icmp_signed("<", at, lim), v, const16(_MASKED))
 
         def vmax(a, b):
             return builder.select(builder.fcmp_ordered(">", a, b), a, b)
 
-        acc = cgutils.alloca_once_value(builder, _const(_MASKED))
+        acc = cgutils.alloca_once_value(builder, const16(_MASKED))
         with cgutils.for_range(builder, n_full) as loop:
             builder.store(vmax(builder.load(acc), builder.load(ptr(loop.index), align=4)), acc)
         with cgutils.for_range_slice(builder, n_full, n_vec, ir.Constant(i64, 1), inc=True) as (k, _):
             builder.store(vmax(builder.load(acc), masked(k, builder.load(ptr(k), align=4))), acc)
-        m = _hreduce(builder, builder.load(acc), vmax)
-        tot = cgutils.alloca_once_value(builder, _const(0.0))
+        m = hreduce(builder, builder.load(acc), vmax)
+        tot = cgutils.alloca_once_value(builder, const16(0.0))
 
         def step(k, mask):
             x = builder.load(ptr(k), align=4)
@@ -103,7 +90,7 @@ def softmax_row(typingctx, s, row, limit, width):
             step(loop.index, False)
         with cgutils.for_range_slice(builder, n_full, n_vec, ir.Constant(i64, 1), inc=True) as (k, _):
             step(k, True)
-        t = _hreduce(builder, builder.load(tot), builder.fadd)
+        t = hreduce(builder, builder.load(tot), builder.fadd)
         return builder.extract_element(t, ir.Constant(ir.IntType(32), 0))
 
     return types.float32(s, row, limit, width), codegen

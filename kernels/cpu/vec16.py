@@ -33,6 +33,14 @@ def const16(value, vtype=F32X16):
     return ir.Constant(vtype, [value] * 16)
 
 
+def hreduce(builder, v, op):
+    """Every lane of the 16-lane ``v`` combined by ``op`` (``builder.fadd``, a max...) in a fixed tree of
+    rotations; each lane ends up holding the result."""
+    for half in (8, 4, 2, 1):
+        v = op(v, builder.shuffle_vector(v, v, ir.Constant(I32X16, [(i + half) % 16 for i in range(16)])))
+    return v
+
+
 def _like(value_type, v):
     """The constant ``v`` of an integer type or of every lane of an integer vector type."""
     return ir.Constant(value_type, [v] * value_type.count if isinstance(value_type, ir.VectorType) else v)
